@@ -1,0 +1,287 @@
+//! The ApiDefinition resource: one API served by the gateway.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Duration, ResourceError};
+
+/// One API: where it listens, where it forwards to, how callers authenticate and which
+/// plugins run in its chain.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "gatehouse.dev",
+    version = "v1alpha1",
+    kind = "ApiDefinition",
+    namespaced,
+    shortname = "apidef",
+    status = "ApiDefinitionStatus",
+    printcolumn = r#"{"name":"Listen Path","type":"string","jsonPath":".spec.listenPath"}"#,
+    printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".spec.upstream.url"}"#,
+    printcolumn = r#"{"name":"Programmed","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiDefinitionSpec {
+    /// Display name; defaults to metadata.name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Inactive APIs are not served.
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Path prefix this API owns; the longest matching prefix wins.
+    pub listen_path: String,
+    /// Remove the listen path before forwarding.
+    #[serde(default = "yes")]
+    pub strip_listen_path: bool,
+    /// Host header values this API answers to; empty means any host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub auth: Auth,
+    /// API-wide rate limit, counted over all callers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub middleware: Middleware,
+    /// Free-form data plugins can read (Tyk's `config_data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form")]
+    pub config_data: Option<serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Schema for user data the API server must keep as written.
+pub(crate) fn free_form(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Upstream {
+    /// A single upstream base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Several base URLs, used round robin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+    /// A Kubernetes Service whose endpoints the controller resolves into targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+    /// Time allowed for the upstream's response headers; 30s when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRef {
+    pub name: String,
+    pub port: u16,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Auth {
+    #[serde(rename = "type", default)]
+    pub kind: AuthType,
+    #[serde(default)]
+    pub auth_token: AuthToken,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthType {
+    /// No key needed; key checks are skipped.
+    #[default]
+    Keyless,
+    /// A key from a key Secret, sent in a header, query parameter or cookie.
+    AuthToken,
+    /// The `middleware.authCheck` plugin hook decides and may create the session.
+    Plugin,
+}
+
+/// Where the client's key is looked for, in this order; an empty name is not looked at.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthToken {
+    #[serde(default = "authorization")]
+    pub header: String,
+    #[serde(default)]
+    pub query: String,
+    #[serde(default)]
+    pub cookie: String,
+}
+
+fn authorization() -> String {
+    "Authorization".to_owned()
+}
+
+impl Default for AuthToken {
+    fn default() -> Self {
+        Self {
+            header: authorization(),
+            query: String::new(),
+            cookie: String::new(),
+        }
+    }
+}
+
+/// `rate` requests every `per`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    #[schemars(range(min = 1))]
+    pub rate: u64,
+    pub per: Duration,
+}
+
+/// Plugin hooks per phase, in Tyk's `custom_middleware` order.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Middleware {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre: Vec<PluginRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_check: Option<PluginRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post_key_auth: Vec<PluginRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<PluginRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response: Vec<PluginRef>,
+}
+
+impl Middleware {
+    /// Every plugin reference with the field path it sits at.
+    pub fn refs(&self) -> impl Iterator<Item = (String, &PluginRef)> {
+        let mut out: Vec<(String, &PluginRef)> = Vec::new();
+        for (name, v) in [
+            ("pre", &self.pre),
+            ("postKeyAuth", &self.post_key_auth),
+            ("post", &self.post),
+            ("response", &self.response),
+        ] {
+            out.extend(
+                v.iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("spec.middleware.{name}[{i}]"), r)),
+            );
+        }
+        if let Some(r) = &self.auth_check {
+            out.push(("spec.middleware.authCheck".to_owned(), r));
+        }
+        out.into_iter()
+    }
+}
+
+/// One hook in the chain: the exported `symbol` of the Plugin named `plugin`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginRef {
+    pub plugin: String,
+    pub symbol: String,
+    /// Handed to the plugin once, when the chain is built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form")]
+    pub config: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiDefinitionStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl ApiDefinitionSpec {
+    /// Checks what the types alone cannot; `resource` names the ApiDefinition in errors.
+    pub fn validate(&self, resource: &str) -> Vec<ResourceError> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, reason: String| errors.push(ResourceError::new(resource, field, reason));
+        if !self.listen_path.starts_with('/') {
+            err(
+                "spec.listenPath",
+                format!("must start with '/', got {:?}", self.listen_path),
+            );
+        }
+        let u = &self.upstream;
+        let set = usize::from(u.url.is_some()) + usize::from(!u.targets.is_empty()) + usize::from(u.service.is_some());
+        if set != 1 {
+            err(
+                "spec.upstream",
+                "exactly one of url, targets, service must be set".to_owned(),
+            );
+        }
+        if let Some(url) = &u.url {
+            if let Err(reason) = check_upstream_url(url) {
+                err("spec.upstream.url", reason);
+            }
+        }
+        for (i, t) in u.targets.iter().enumerate() {
+            if let Err(reason) = check_upstream_url(t) {
+                err(&format!("spec.upstream.targets[{i}]"), reason);
+            }
+        }
+        if u.timeout.is_some_and(|t| t.0.is_zero()) {
+            err("spec.upstream.timeout", "must be greater than zero".to_owned());
+        }
+        if let Some(rl) = &self.rate_limit {
+            if rl.rate == 0 {
+                err("spec.rateLimit.rate", "must be at least 1".to_owned());
+            }
+            if rl.per.0.is_zero() {
+                err("spec.rateLimit.per", "must be greater than zero".to_owned());
+            }
+        }
+        match (self.auth.kind, &self.middleware.auth_check) {
+            (AuthType::Plugin, None) => err(
+                "spec.middleware.authCheck",
+                "is required when spec.auth.type is plugin".to_owned(),
+            ),
+            (AuthType::Keyless | AuthType::AuthToken, Some(_)) => err(
+                "spec.middleware.authCheck",
+                "is only used when spec.auth.type is plugin".to_owned(),
+            ),
+            _ => {}
+        }
+        let t = &self.auth.auth_token;
+        if self.auth.kind == AuthType::AuthToken && t.header.is_empty() && t.query.is_empty() && t.cookie.is_empty() {
+            err(
+                "spec.auth.authToken",
+                "needs at least one of header, query, cookie".to_owned(),
+            );
+        }
+        for (field, r) in self.middleware.refs() {
+            if r.plugin.is_empty() {
+                err(&format!("{field}.plugin"), "must name a Plugin".to_owned());
+            }
+            if r.symbol.is_empty() {
+                err(&format!("{field}.symbol"), "must name an exported symbol".to_owned());
+            }
+        }
+        errors
+    }
+}
+
+/// Only plain `http://host:port[/base]` upstreams: TLS to upstreams is not supported yet.
+fn check_upstream_url(url: &str) -> Result<(), String> {
+    let parsed: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if parsed.scheme_str() != Some("http") {
+        return Err(format!("{url:?} must start with http://"));
+    }
+    if parsed.authority().is_none() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if parsed.query().is_some() {
+        return Err(format!("{url:?} must not have a query"));
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! Gatehouse's resources (ApiDefinition, Plugin, key Secrets), their validation, and the
+//! config snapshot that the controller compiles and the dataplane serves.
+//!
+//! This crate knows nothing about HTTP servers or Kubernetes clients: both the controller
+//! and the dataplane (standalone or not) depend on it, and share nothing else.
+#![forbid(unsafe_code)]
+
+mod api;
+mod duration;
+mod error;
+mod key;
+pub mod manifest;
+mod plugin;
+pub mod snapshot;
+
+pub use api::{
+    ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, Auth, AuthToken, AuthType, Middleware, PluginRef, RateLimit,
+    ServiceRef, Upstream,
+};
+pub use duration::Duration;
+pub use error::ResourceError;
+pub use key::{KEY_LABEL, KeySession, key_hash};
+pub use plugin::{ConfigMapKeyRef, FailurePolicy, Plugin, PluginSpec, PluginStatus};
+
+/// The API group of every Gatehouse resource.
+pub const GROUP: &str = "gatehouse.dev";
