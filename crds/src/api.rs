@@ -220,10 +220,10 @@ impl ApiDefinitionSpec {
                 "exactly one of url, targets, service must be set".to_owned(),
             );
         }
-        if let Some(url) = &u.url {
-            if let Err(reason) = check_upstream_url(url) {
-                err("spec.upstream.url", reason);
-            }
+        if let Some(url) = &u.url
+            && let Err(reason) = check_upstream_url(url)
+        {
+            err("spec.upstream.url", reason);
         }
         for (i, t) in u.targets.iter().enumerate() {
             if let Err(reason) = check_upstream_url(t) {

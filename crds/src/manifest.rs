@@ -49,6 +49,8 @@ pub struct KeySecret {
     pub session: KeySession,
 }
 
+// Resources are read once per config change, never per request: size does not matter here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Resource {
     Api(ApiDefinition),
@@ -112,6 +114,7 @@ pub fn parse(origin: &str, text: &str) -> Parsed {
 
 type DocResult = Result<Option<(ResourceId, Resource)>, (Option<ResourceId>, ResourceError)>;
 
+#[allow(clippy::result_large_err)] // once per document, off the request path
 fn parse_document(doc: Value) -> DocResult {
     let no_id = |field: &str, reason: String| (None, ResourceError::new("", field, reason));
     let Value::Object(map) = &doc else {

@@ -71,10 +71,10 @@ impl PluginSpec {
                 format!("must be an absolute path, got {:?}", self.path),
             ));
         }
-        if let Some(sum) = &self.sha256 {
-            if sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
-                errors.push(ResourceError::new(resource, "spec.sha256", "must be 64 hex digits"));
-            }
+        if let Some(sum) = &self.sha256
+            && (sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            errors.push(ResourceError::new(resource, "spec.sha256", "must be 64 hex digits"));
         }
         errors
     }

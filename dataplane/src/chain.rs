@@ -1,0 +1,173 @@
+//! The middleware chain, top to bottom, in DESIGN.md's order. Each step may end the
+//! request; whatever ends it, step 10 records it.
+//!
+//! ```text
+//!  1 route ─ 2 pre ─ 3 API rate limit ─ 4 auth ─ 5 postKeyAuth ─ 6 key checks ─ 7 post
+//!    ─ 8 upstream ─ 9 response ─ 10 analytics + metrics
+//! ```
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use gatehouse_crds::AuthType;
+use http::{HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use crate::{
+    analytics::Record,
+    auth::{self, QuotaLeft},
+    body::ProxyBody,
+    gateway::Gateway,
+    limits::{CounterStore, Decision},
+    proxy,
+    reply::GatewayError,
+    runtime::{Api, Runtime, Session},
+};
+
+/// What the chain learnt about a request, for step 10.
+#[derive(Default)]
+struct Exchange {
+    api: Option<Arc<Api>>,
+    session: Option<Arc<Session>>,
+    upstream_latency: Option<std::time::Duration>,
+    error: Option<GatewayError>,
+    plugin_answered: bool,
+}
+
+static RATE_LIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static RATE_LIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+
+impl Gateway {
+    /// Serves one request. Never fails: every failure becomes a response.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let rt = self.runtime();
+        let mut ex = Exchange::default();
+        // Only read for analytics, so copied only when a sink is on.
+        let seen = self.analytics.enabled().then(|| {
+            (
+                req.method().to_string(),
+                req.uri().path().to_owned(),
+                content_length(req.headers()),
+            )
+        });
+        let response = match self.run(&rt, &mut ex, req.map(ProxyBody::Stream), peer).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                ex.error = Some(e);
+                e.into_response()
+            }
+        };
+        self.record(&ex, &response, started, peer, seen);
+        response
+    }
+
+    async fn run(
+        &self,
+        rt: &Runtime,
+        ex: &mut Exchange,
+        req: Request<ProxyBody>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        // 1. Route: Host, then the longest listen path.
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host());
+        let api = rt.router.route(host, req.uri().path()).ok_or(GatewayError::NoRoute)?;
+        ex.api = Some(api.clone());
+
+        // 2. `pre` plugins.
+
+        // 3. API-wide rate limit, before any key lookup so floods stay cheap.
+        if let Some(rl) = api.entry.spec.rate_limit {
+            let d = self
+                .counters
+                .rate(&api.rate_key, rl.rate, rl.per.as_std())
+                .await
+                .map_err(auth::store_down)?;
+            if let Decision::Denied { retry_after } = d {
+                return Err(GatewayError::ApiRateLimited { retry_after });
+            }
+        }
+
+        // 4. Auth. Keyless APIs skip 4-6.
+        let (parts, body) = req.into_parts();
+        match api.entry.spec.auth.kind {
+            AuthType::Keyless => {}
+            AuthType::AuthToken => ex.session = Some(auth::authenticate(rt, &api.entry.spec.auth.auth_token, &parts)?),
+            // The authCheck hook decides; until a plugin host serves it, refuse.
+            AuthType::Plugin => return Err(GatewayError::PluginFailure),
+        }
+
+        // 5. `postKeyAuth` plugins.
+
+        // 6. Key checks: expiry, access rights, per-key rate limit, quota.
+        let mut quota: Option<QuotaLeft> = None;
+        if let Some(s) = &ex.session {
+            quota = auth::check_key(&self.counters, api, s).await?;
+        }
+
+        // 7. `post` plugins.
+
+        // 8. Upstream.
+        let (mut resp, took) = proxy::forward(&self.client, api, Request::from_parts(parts, body), peer).await?;
+        ex.upstream_latency = Some(took);
+
+        // 9. `response` plugins, then the answer.
+        if let Some(q) = quota {
+            let h = resp.headers_mut();
+            h.insert(RATE_LIMIT_LIMIT.clone(), HeaderValue::from(q.limit));
+            h.insert(RATE_LIMIT_REMAINING.clone(), HeaderValue::from(q.remaining));
+        }
+        Ok(resp)
+    }
+
+    /// 10. Metrics always; an analytics record when a sink is on.
+    fn record(
+        &self,
+        ex: &Exchange,
+        resp: &Response<ProxyBody>,
+        started: Instant,
+        peer: SocketAddr,
+        seen: Option<(String, String, Option<u64>)>,
+    ) {
+        let took = started.elapsed();
+        let status = resp.status().as_u16();
+        let m = ex.api.as_ref().map_or(&self.metrics.unrouted, |a| &a.metrics);
+        m.count(status);
+        m.duration.observe(took.as_secs_f64());
+        if let Some(u) = ex.upstream_latency {
+            m.upstream.observe(u.as_secs_f64());
+        }
+        if let Some(e) = ex.error {
+            m.reject(e);
+        }
+        let Some((method, path, request_bytes)) = seen else {
+            return;
+        };
+        self.analytics.send(Record {
+            time: jiff::Timestamp::now().to_string(),
+            api_id: ex.api.as_ref().map(|a| a.id.clone()),
+            api_name: ex.api.as_ref().map(|a| a.display_name.clone()),
+            method,
+            path,
+            status,
+            latency_total_ms: took.as_secs_f64() * 1e3,
+            latency_upstream_ms: ex.upstream_latency.map(|d| d.as_secs_f64() * 1e3),
+            key_hash: ex.session.as_ref().map(|s| s.hash.clone()),
+            key_alias: ex.session.as_ref().map(|s| s.alias.clone()),
+            client_ip: peer.ip().to_string(),
+            request_bytes,
+            response_bytes: http_body::Body::size_hint(resp.body())
+                .exact()
+                .or_else(|| content_length(resp.headers())),
+            plugin_answered: ex.plugin_answered,
+            error: ex.error.map(GatewayError::reason),
+        });
+    }
+}
+
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}

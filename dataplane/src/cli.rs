@@ -1,0 +1,49 @@
+//! Command-line flags, as DESIGN.md names them.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gatehouse-dataplane", version, about = "The Gatehouse API gateway dataplane")]
+pub struct Cli {
+    /// Address the gateway serves clients on (HTTP/1.1 and HTTP/2 cleartext).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Address of the admin port: /metrics, /healthz, /readyz, /config.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Standalone mode: a YAML file, or a directory of YAML files, holding ApiDefinition,
+    /// Plugin and key Secret manifests. Watched: changes are applied without a restart.
+    #[arg(long, value_name = "PATH")]
+    pub config: PathBuf,
+    /// Where analytics records go: `none`, `stdout`, or `file:PATH` (JSON lines).
+    #[arg(long, default_value = "none", value_parser = parse_analytics)]
+    pub analytics: AnalyticsSink,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnalyticsSink {
+    None,
+    Stdout,
+    File(PathBuf),
+}
+
+fn parse_analytics(s: &str) -> Result<AnalyticsSink, String> {
+    match s {
+        "none" => Ok(AnalyticsSink::None),
+        "stdout" => Ok(AnalyticsSink::Stdout),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(AnalyticsSink::File(PathBuf::from(p))),
+            _ => Err(format!("{s:?}: expected none, stdout or file:PATH")),
+        },
+    }
+}

@@ -1,0 +1,66 @@
+//! What every request shares: the config being served, the upstream pool, the counters,
+//! the analytics sink and the metrics.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use arc_swap::ArcSwap;
+use gatehouse_crds::snapshot::Snapshot;
+
+use crate::{analytics::Analytics, limits::MemoryStore, metrics::Metrics, proxy::UpstreamClient, runtime::Runtime};
+
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    ready: AtomicBool,
+    /// Problems found in the config source (unreadable files, invalid resources); the
+    /// resources concerned keep their last good version where they had one.
+    source_errors: ArcSwap<Vec<String>>,
+    pub client: UpstreamClient,
+    pub counters: MemoryStore,
+    pub analytics: Analytics,
+    pub metrics: Metrics,
+}
+
+impl Gateway {
+    pub fn new(metrics: Metrics, analytics: Analytics) -> Self {
+        let empty = Runtime::build(&Snapshot::default(), &metrics);
+        Self {
+            runtime: ArcSwap::from_pointee(empty),
+            ready: AtomicBool::new(false),
+            source_errors: ArcSwap::from_pointee(Vec::new()),
+            client: crate::proxy::client(),
+            counters: MemoryStore::default(),
+            analytics,
+            metrics,
+        }
+    }
+
+    /// The config for a new request; the request keeps it until it ends.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Swaps in a new config: requests in flight finish on the old one.
+    pub fn apply(&self, snapshot: &Snapshot) {
+        let rt = Runtime::build(snapshot, &self.metrics);
+        self.metrics
+            .config_version
+            .set(i64::try_from(rt.version).unwrap_or(i64::MAX));
+        self.runtime.store(Arc::new(rt));
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn set_source_errors(&self, errors: Vec<String>) {
+        self.source_errors.store(Arc::new(errors));
+    }
+
+    pub fn source_errors(&self) -> Arc<Vec<String>> {
+        self.source_errors.load_full()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,112 @@
+//! The Gatehouse dataplane: a reverse proxy whose middleware chain runs authentication,
+//! limits and native plugins in front of upstream services.
+//!
+//! `run` wires the pieces: config source → [`gateway::Gateway`] → [`server`] for clients
+//! and for the admin port. The chain itself reads top to bottom in [`chain`].
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod analytics;
+pub mod auth;
+pub mod body;
+pub mod chain;
+mod cli;
+pub mod gateway;
+pub mod limits;
+pub mod metrics;
+pub mod proxy;
+pub mod reply;
+pub mod router;
+pub mod runtime;
+pub mod server;
+pub mod standalone;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+pub use cli::{AnalyticsSink, Cli, LogFormat};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone::Standalone};
+
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
+    let gw = Arc::new(Gateway::new(metrics, analytics));
+
+    let source = Standalone::new(cli.config.clone())?;
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("--listen {}", cli.listen))?;
+    let admin = TcpListener::bind(cli.admin_listen)
+        .await
+        .with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %cli.config.display(), "gatehouse dataplane starting");
+
+    let (stop_tx, stop) = watch::channel(false);
+    let watcher = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            if let Err(e) = source.run(gw).await {
+                tracing::error!(error = %format!("{e:#}"), "config watcher stopped; serving the last applied config");
+            }
+        })
+    };
+    let proxy = tokio::spawn(server::serve(
+        listener,
+        {
+            let gw = gw.clone();
+            move |req, peer| {
+                let gw = gw.clone();
+                async move { gw.handle(req, peer).await }
+            }
+        },
+        stop.clone(),
+    ));
+    let admin = tokio::spawn(server::serve(
+        admin,
+        {
+            let gw = gw.clone();
+            move |req, _| {
+                let gw = gw.clone();
+                async move { admin::serve(&gw, &req) }
+            }
+        },
+        stop,
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining requests in flight");
+    let _ = stop_tx.send(true);
+    watcher.abort();
+    let _ = tokio::join!(proxy, admin);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

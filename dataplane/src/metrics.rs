@@ -1,0 +1,161 @@
+//! Prometheus metrics. Per-API handles are resolved when a config is built, so the request
+//! path only touches atomics: no label lookup, no lock, no allocation.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::reply::GatewayError;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream: HistogramVec,
+    rejections: IntCounterVec,
+    pub config_version: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub analytics_dropped: IntCounter,
+    /// Handles for requests that matched no API.
+    pub unrouted: ApiMetrics,
+}
+
+/// One API's series, resolved once per config build.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    /// By status class: 1xx..5xx.
+    requests: [IntCounter; 5],
+    pub duration: Histogram,
+    pub upstream: Histogram,
+    rejections: IntCounterVec,
+    api: String,
+}
+
+impl ApiMetrics {
+    pub fn count(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.requests[class].inc();
+    }
+
+    /// Rejections are rare; resolving the label here keeps the config build small.
+    pub fn reject(&self, e: GatewayError) {
+        self.rejections
+            .with_label_values(&[self.api.as_str(), e.reason()])
+            .inc();
+    }
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Only fails on malformed names or duplicate registration, both fixed at compile time.
+    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+        let requests = must(IntCounterVec::new(
+            Opts::new("gatehouse_requests_total", "Requests answered, by API and status class"),
+            &["api", "code"],
+        ));
+        let duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_request_duration_seconds",
+                "Time from request to response headers",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        ));
+        let upstream = must(HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_upstream_duration_seconds",
+                "Time the upstream took to send headers",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        ));
+        let rejections = must(IntCounterVec::new(
+            Opts::new(
+                "gatehouse_rejections_total",
+                "Requests the gateway ended itself, by reason",
+            ),
+            &["api", "reason"],
+        ));
+        let config_version = must(IntGauge::new(
+            "gatehouse_config_version",
+            "Version of the config being served",
+        ));
+        let config_reloads = must(IntCounterVec::new(
+            Opts::new("gatehouse_config_reloads_total", "Config loads, by result"),
+            &["result"],
+        ));
+        let analytics_dropped = must(IntCounter::new(
+            "gatehouse_analytics_dropped_total",
+            "Analytics records dropped because the sink fell behind",
+        ));
+        reg(Box::new(requests.clone()));
+        reg(Box::new(duration.clone()));
+        reg(Box::new(upstream.clone()));
+        reg(Box::new(rejections.clone()));
+        reg(Box::new(config_version.clone()));
+        reg(Box::new(config_reloads.clone()));
+        reg(Box::new(analytics_dropped.clone()));
+        Self {
+            unrouted: ApiMetrics::resolve(&requests, &duration, &upstream, &rejections, ""),
+            registry,
+            requests,
+            duration,
+            upstream,
+            rejections,
+            config_version,
+            config_reloads,
+            analytics_dropped,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn for_api(&self, api: &str) -> ApiMetrics {
+        ApiMetrics::resolve(&self.requests, &self.duration, &self.upstream, &self.rejections, api)
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a failure would be a malformed family.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiMetrics {
+    fn resolve(
+        requests: &IntCounterVec,
+        duration: &HistogramVec,
+        upstream: &HistogramVec,
+        rejections: &IntCounterVec,
+        api: &str,
+    ) -> Self {
+        let class = |c: &str| requests.with_label_values(&[api, c]);
+        Self {
+            requests: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: duration.with_label_values(&[api]),
+            upstream: upstream.with_label_values(&[api]),
+            rejections: rejections.clone(),
+            api: api.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Step 8 of the chain: forward to the upstream over pooled keep-alive connections and
+//! stream both bodies through.
+
+use std::{net::SocketAddr, time::Duration};
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header,
+    uri::{PathAndQuery, Scheme},
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use crate::{body::ProxyBody, reply::GatewayError, router::prefix_key, runtime::Api};
+
+pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+
+pub fn client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Sends `req` to one of the API's targets; the answer's headers must come within the
+/// API's timeout. Returns the upstream's response and how long its headers took.
+pub async fn forward(
+    client: &UpstreamClient,
+    api: &Api,
+    mut req: Request<ProxyBody>,
+    peer: SocketAddr,
+) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
+    let target = api.pick_target();
+    let uri = upstream_uri(api, &target.authority, &target.base_path, req.uri())?;
+    let original_host = req.headers_mut().remove(header::HOST).or_else(|| {
+        // HTTP/2 clients send :authority instead of Host.
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    append_forwarded_for(headers, peer);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = original_host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+
+    let started = std::time::Instant::now();
+    let resp = match tokio::time::timeout(api.timeout, client.request(req)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
+            return Err(GatewayError::UpstreamUnreachable);
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let took = started.elapsed();
+    let mut resp = resp.map(ProxyBody::Stream);
+    strip_hop_by_hop(resp.headers_mut());
+    Ok((resp, took))
+}
+
+/// `base path + request path (less the listen path if stripped) + query`.
+fn upstream_uri(api: &Api, authority: &http::uri::Authority, base: &str, incoming: &Uri) -> Result<Uri, GatewayError> {
+    let path = incoming.path();
+    let rest = if api.entry.spec.strip_listen_path {
+        // The router matched this prefix, so slicing at its length is on a boundary.
+        path.get(prefix_key(&api.entry.spec.listen_path).len()..).unwrap_or("")
+    } else {
+        path
+    };
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let mut pq = String::with_capacity(base.len() + rest.len() + incoming.query().map_or(0, |q| q.len() + 1));
+    pq.push_str(base);
+    pq.push_str(rest);
+    if let Some(q) = incoming.query() {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let pq = PathAndQuery::try_from(pq).map_err(|_| GatewayError::UpstreamUnreachable)?;
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| GatewayError::UpstreamUnreachable)
+}
+
+/// Headers meant for one hop only (RFC 9110 7.6.1), and any the Connection header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.remove(header::CONNECTION)
+        && let Ok(names) = conn.to_str()
+    {
+        for name in names.split(',') {
+            h.remove(name.trim());
+        }
+    }
+    for name in [
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+}
+
+fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::try_from(value) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::tests::api;
+
+    fn mapped(listen: &str, strip: bool, incoming: &str) -> String {
+        let a = api("a", listen, &[]);
+        let mut a = std::sync::Arc::into_inner(a).expect("sole owner");
+        a.entry.spec.strip_listen_path = strip;
+        let t = a.pick_target();
+        upstream_uri(&a, &t.authority, &t.base_path, &incoming.parse().expect("uri"))
+            .expect("maps")
+            .to_string()
+    }
+
+    #[test]
+    fn strips_listen_path_and_keeps_base_and_query() {
+        assert_eq!(mapped("/a/", true, "/a/get?x=1"), "http://127.0.0.1:1/base/get?x=1");
+        assert_eq!(mapped("/a/", true, "/a"), "http://127.0.0.1:1/base/");
+        assert_eq!(mapped("/a/", false, "/a/get"), "http://127.0.0.1:1/base/a/get");
+        assert_eq!(mapped("/", true, "/x/y"), "http://127.0.0.1:1/base/x/y");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1:5".parse().expect("addr"));
+        append_forwarded_for(&mut h, "127.0.0.1:6".parse().expect("addr"));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+}

@@ -1,0 +1,139 @@
+//! Answers the gateway gives itself: a status and a JSON `{"error": "..."}` body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ProxyBody;
+
+/// Every way the gateway ends a request itself. Each maps to one status, one message and
+/// one metric label, so a rejection is visible in /metrics and analytics alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no API matches this request")]
+    NoRoute,
+    #[error("authorization field missing")]
+    MissingKey,
+    #[error("key not authorised")]
+    UnknownKey,
+    #[error("access to this API has been disallowed")]
+    AccessDenied,
+    #[error("key has expired, please renew")]
+    KeyExpired,
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after: Duration },
+    #[error("API rate limit exceeded")]
+    ApiRateLimited { retry_after: Duration },
+    #[error("quota exceeded")]
+    QuotaExceeded { retry_after: Duration },
+    #[error("upstream unreachable")]
+    UpstreamUnreachable,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("plugin failure")]
+    PluginFailure,
+    #[error("counter store unavailable")]
+    StoreUnavailable,
+}
+
+impl GatewayError {
+    pub fn status(self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            NoRoute => StatusCode::NOT_FOUND,
+            MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
+            AccessDenied | KeyExpired => StatusCode::FORBIDDEN,
+            RateLimited { .. } | ApiRateLimited { .. } | QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            PluginFailure | StoreUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `reason` label of `gatehouse_rejections_total`.
+    pub fn reason(self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            NoRoute => "no_route",
+            MissingKey => "auth_missing",
+            UnknownKey => "auth_unknown",
+            AccessDenied => "access_denied",
+            KeyExpired => "key_expired",
+            RateLimited { .. } => "rate_limit",
+            ApiRateLimited { .. } => "api_rate_limit",
+            QuotaExceeded { .. } => "quota",
+            UpstreamUnreachable => "upstream_unreachable",
+            UpstreamTimeout => "upstream_timeout",
+            PluginFailure => "plugin_failure",
+            StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            NoRoute => r#"{"error":"no API matches this request"}"#,
+            MissingKey => r#"{"error":"authorization field missing"}"#,
+            UnknownKey => r#"{"error":"key not authorised"}"#,
+            AccessDenied => r#"{"error":"access to this API has been disallowed"}"#,
+            KeyExpired => r#"{"error":"key has expired, please renew"}"#,
+            RateLimited { .. } => r#"{"error":"rate limit exceeded"}"#,
+            ApiRateLimited { .. } => r#"{"error":"API rate limit exceeded"}"#,
+            QuotaExceeded { .. } => r#"{"error":"quota exceeded"}"#,
+            UpstreamUnreachable => r#"{"error":"upstream unreachable"}"#,
+            UpstreamTimeout => r#"{"error":"upstream timed out"}"#,
+            PluginFailure => r#"{"error":"plugin failure"}"#,
+            StoreUnavailable => r#"{"error":"counter store unavailable"}"#,
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut resp = json(self.status(), Bytes::from_static(self.body().as_bytes()));
+        if let GatewayError::RateLimited { retry_after }
+        | GatewayError::ApiRateLimited { retry_after }
+        | GatewayError::QuotaExceeded { retry_after } = self
+        {
+            // Whole seconds, rounded up, as RFC 9110 wants.
+            let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+pub fn json(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_body_is_json_with_its_message() {
+        use GatewayError::*;
+        let d = Duration::from_secs(1);
+        for e in [
+            NoRoute,
+            MissingKey,
+            UnknownKey,
+            AccessDenied,
+            KeyExpired,
+            RateLimited { retry_after: d },
+            ApiRateLimited { retry_after: d },
+            QuotaExceeded { retry_after: d },
+            UpstreamUnreachable,
+            UpstreamTimeout,
+            PluginFailure,
+            StoreUnavailable,
+        ] {
+            let v: serde_json::Value = serde_json::from_str(e.body()).expect("json");
+            assert_eq!(v["error"], e.to_string());
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The config a dataplane serves, compiled from a snapshot into what the request path
+//! needs: a router, parsed upstreams, key lookups by hash, resolved metric handles.
+//!
+//! A `Runtime` never changes once built; a new config builds a new one and swaps it in,
+//! and each request keeps the one it started with.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use gatehouse_crds::{
+    KeySession,
+    snapshot::{ApiEntry, KeyEntry, Snapshot},
+};
+use http::uri::Authority;
+use serde::Serialize;
+
+use crate::{
+    metrics::{ApiMetrics, Metrics},
+    router::Router,
+};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Runtime {
+    pub version: u64,
+    pub router: Router,
+    keys: HashMap<[u8; 32], Arc<Session>>,
+    /// Per-resource results, for /config and acknowledgements.
+    pub report: Report,
+}
+
+pub struct Api {
+    pub id: Arc<str>,
+    pub display_name: Arc<str>,
+    pub entry: ApiEntry,
+    targets: Vec<Target>,
+    next_target: AtomicUsize,
+    pub timeout: Duration,
+    /// Counter-store key of the API-wide rate limit.
+    pub rate_key: Arc<str>,
+    pub metrics: ApiMetrics,
+}
+
+pub struct Target {
+    pub authority: Authority,
+    /// Path of the upstream URL without its trailing slash ("" for none).
+    pub base_path: String,
+}
+
+/// A key's session, looked up by the SHA-256 of the key.
+pub struct Session {
+    /// `namespace/name` of the key Secret.
+    pub alias: Arc<str>,
+    pub hash: Arc<str>,
+    pub namespace: String,
+    pub session: KeySession,
+    pub rate_key: Arc<str>,
+    pub quota_key: Arc<str>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub version: u64,
+    pub apis: Vec<ApiReport>,
+    pub keys: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiReport {
+    pub id: String,
+    pub name: String,
+    pub listen_path: String,
+    /// `serving`, `inactive`, or why it is not served.
+    pub state: String,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// Round robin over the targets.
+    pub fn pick_target(&self) -> &Target {
+        let i = self.next_target.fetch_add(1, Ordering::Relaxed);
+        &self.targets[i % self.targets.len()]
+    }
+
+    fn compile(entry: &ApiEntry, metrics: &Metrics) -> Result<Self, String> {
+        let id: Arc<str> = Arc::from(entry.id());
+        let targets = entry
+            .targets
+            .iter()
+            .map(|t| parse_target(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        if targets.is_empty() {
+            return Err("spec.upstream: no targets".to_owned());
+        }
+        Ok(Self {
+            display_name: Arc::from(entry.display_name()),
+            targets,
+            next_target: AtomicUsize::new(0),
+            timeout: entry.spec.upstream.timeout.map_or(DEFAULT_TIMEOUT, |t| t.as_std()),
+            rate_key: Arc::from(format!("api:{id}")),
+            metrics: metrics.for_api(&id),
+            entry: entry.clone(),
+            id,
+        })
+    }
+}
+
+fn parse_target(url: &str) -> Result<Target, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("spec.upstream: {url:?}: {e}"))?;
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
+    Ok(Target {
+        authority,
+        base_path: uri.path().trim_end_matches('/').to_owned(),
+    })
+}
+
+impl Session {
+    fn compile(k: &KeyEntry) -> Option<([u8; 32], Self)> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&k.hash, &mut digest).ok()?;
+        Some((
+            digest,
+            Self {
+                alias: Arc::from(k.id()),
+                hash: Arc::from(k.hash.as_str()),
+                namespace: k.namespace.clone(),
+                session: k.session.clone(),
+                rate_key: Arc::from(format!("key:{}", k.hash)),
+                quota_key: Arc::from(format!("quota:{}", k.hash)),
+            },
+        ))
+    }
+
+    /// Keys grant APIs by name, in their own namespace only.
+    pub fn may_access(&self, api: &Api) -> bool {
+        self.namespace == api.entry.namespace && self.session.access_rights.contains(&api.entry.name)
+    }
+}
+
+impl Runtime {
+    pub fn build(snapshot: &Snapshot, metrics: &Metrics) -> Self {
+        let mut router = Router::default();
+        let mut report = Report {
+            version: snapshot.version,
+            ..Default::default()
+        };
+        for entry in snapshot.apis.values() {
+            let mut state = "serving".to_owned();
+            if !entry.spec.active {
+                state = "inactive".to_owned();
+            } else {
+                match Api::compile(entry, metrics) {
+                    Ok(api) => {
+                        if let Err(holder) = router.insert(&Arc::new(api)) {
+                            state = format!(
+                                "spec.listenPath: {} is already served by {}",
+                                entry.spec.listen_path, holder.id
+                            );
+                        }
+                    }
+                    Err(e) => state = e,
+                }
+            }
+            if state != "serving" && state != "inactive" {
+                tracing::warn!(api = %entry.id(), reason = %state, "API not served");
+            }
+            report.apis.push(ApiReport {
+                id: entry.id(),
+                name: entry.display_name().to_owned(),
+                listen_path: entry.spec.listen_path.clone(),
+                state,
+            });
+        }
+        let keys: HashMap<_, _> = snapshot
+            .keys
+            .values()
+            .filter_map(|k| Session::compile(k).map(|(h, s)| (h, Arc::new(s))))
+            .collect();
+        report.keys = keys.len();
+        Self {
+            version: snapshot.version,
+            router,
+            keys,
+            report,
+        }
+    }
+
+    pub fn session(&self, key_sha256: &[u8; 32]) -> Option<&Arc<Session>> {
+        self.keys.get(key_sha256)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn api(name: &str, listen_path: &str, hosts: &[&str]) -> Arc<Api> {
+        let yaml = format!(
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: {name}}}\nspec:\n  listenPath: {listen_path}\n  hosts: {hosts:?}\n  upstream: {{url: 'http://127.0.0.1:1/base/'}}\n"
+        );
+        let parsed = gatehouse_crds::manifest::parse("test", &yaml);
+        let Some((_, gatehouse_crds::manifest::Resource::Api(a))) = parsed.resources.into_iter().next() else {
+            panic!("bad test API: {:?}", parsed.rejected)
+        };
+        let entry = ApiEntry::compile(&a, None).expect("compiles");
+        Arc::new(Api::compile(&entry, &Metrics::new()).expect("compiles"))
+    }
+
+    #[test]
+    fn targets_keep_base_path_without_trailing_slash() {
+        let a = api("a", "/a/", &[]);
+        assert_eq!(a.pick_target().base_path, "/base");
+        assert_eq!(a.pick_target().authority.as_str(), "127.0.0.1:1");
+    }
+}
