@@ -139,7 +139,11 @@ fn parse_document(doc: Value) -> DocResult {
         }
     };
     if name.is_empty() {
-        return Err(no_id("metadata.name", "is missing".to_owned()));
+        let reason = match meta.and_then(|m| m.get("name")) {
+            None | Some(Value::Null) => "is missing".to_owned(),
+            Some(v) => format!("must be a string, got {v} (quote it: YAML reads off, no, yes, on as booleans)"),
+        };
+        return Err(no_id("metadata.name", reason));
     }
     let id = ResourceId { kind, namespace, name };
     let fail = |field: &str, reason: String| (Some(id.clone()), ResourceError::new(id.to_string(), field, reason));
@@ -337,6 +341,13 @@ stringData: {password: x}
         );
         assert_eq!(e.resource, "apis.yaml: Secret default/k");
         assert_eq!(e.field, "data.session.yaml: per");
+    }
+
+    #[test]
+    fn a_name_yaml_reads_as_boolean_gets_a_hint() {
+        let e = one_error("apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: off}\n");
+        assert_eq!(e.field, "metadata.name");
+        assert!(e.reason.contains("quote it"), "{e}");
     }
 
     #[test]

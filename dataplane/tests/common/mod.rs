@@ -1,0 +1,441 @@
+//! Test harness: the real `gatehouse-dataplane` binary, real upstreams on loopback, and a
+//! plain HTTP client. Nothing here is a mock.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    convert::Infallible,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Channel, Full, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::sync::Notify;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Waits up to this long for anything the tests wait on (config applied, a line written).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------- upstream
+
+/// An upstream server on loopback. Routes:
+/// - `/slow?ms=N`: answers after N ms
+/// - `/big?bytes=N`: streams N bytes (`b'x'`) in 64 KiB chunks
+/// - `/upload`: reads the whole body, answers with its length
+/// - `/echo`: streams the request body back
+/// - `/gate`: streams "one", waits for the test to open the gate, then "two"
+/// - anything else: JSON with the method, path, query, headers and the upstream's name
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub gate: Arc<Notify>,
+    /// Set when `/gate-in` has seen the first chunk of a request body.
+    pub first_chunk_seen: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(name: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Notify::new());
+        let first_chunk_seen = Arc::new(Notify::new());
+        let (h, g, f) = (hits.clone(), gate.clone(), first_chunk_seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, g, f) = (h.clone(), g.clone(), f.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        upstream_route(name, req, g.clone(), f.clone())
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            hits,
+            gate,
+            first_chunk_seen,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .and_then(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn upstream_route(
+    name: &'static str,
+    req: Request<Incoming>,
+    gate: Arc<Notify>,
+    first_chunk_seen: Arc<Notify>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let resp = match path.as_str() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;
+            text(format!("slept {name}"))
+        }
+        "/big" => {
+            let total = query_num(&req, "bytes");
+            let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
+            tokio::spawn(async move {
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(64 * 1024);
+                    left -= n;
+                    if tx.send_data(Bytes::from(vec![b'x'; n as usize])).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::new(body.boxed())
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut len = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    len += d.len();
+                }
+            }
+            text(len.to_string())
+        }
+        "/gate-in" => {
+            // Signals once the first chunk arrives; a gateway that buffered the whole body
+            // would never deliver it, because the client sends the rest only afterwards.
+            let mut body = req.into_body();
+            let mut got = Vec::new();
+            let mut signalled = false;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    got.extend_from_slice(d);
+                    if !signalled {
+                        signalled = true;
+                        first_chunk_seen.notify_one();
+                    }
+                }
+            }
+            text(String::from_utf8_lossy(&got).into_owned())
+        }
+        "/gate" => {
+            let (mut tx, body) = Channel::<Bytes, Infallible>::new(2);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from_static(b"one")).await;
+                gate.notified().await;
+                let _ = tx.send_data(Bytes::from_static(b"two")).await;
+            });
+            Response::new(body.boxed())
+        }
+        _ => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
+            let body = serde_json::json!({
+                "upstream": name,
+                "method": req.method().as_str(),
+                "path": path,
+                "query": req.uri().query(),
+                "headers": headers,
+            });
+            text(body.to_string())
+        }
+    };
+    Ok(resp)
+}
+
+fn text(s: String) -> Response<Body> {
+    Response::new(Full::new(Bytes::from(s)).boxed())
+}
+
+// ---------------------------------------------------------------- gateway
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gatehouse-dataplane"))
+}
+
+/// A running `gatehouse-dataplane` process. Ports are chosen by the OS and read back from
+/// the gateway's own startup log line, so tests never race for a port.
+pub struct Gatehouse {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Drop for Gatehouse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gatehouse {
+    pub async fn start(config: &Path, extra: &[&str]) -> Self {
+        let gw = Self::spawn(config, extra);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts without waiting for a config to be applied.
+    pub fn spawn(config: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--config",
+            ])
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("TOKIO_WORKER_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start gatehouse-dataplane");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let l = logs.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent && line.contains("gatehouse dataplane starting") {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                    let f = &v["fields"];
+                    let parse = |k: &str| f[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    let _ = addr_tx.send((parse("listen"), parse("admin")));
+                    sent = true;
+                }
+                l.lock().unwrap().push(line);
+            }
+        });
+        let (addr, admin) = match addr_rx.recv_timeout(PATIENCE) {
+            Ok(a) => a,
+            Err(_) => panic!("gateway did not start; logs:\n{}", logs.lock().unwrap().join("\n")),
+        };
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Self {
+            child,
+            addr,
+            admin,
+            logs,
+            client,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(Request::get(self.url(path)).body(empty()).unwrap()).await
+    }
+
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut b = Request::get(self.url(path));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(empty()).unwrap()).await
+    }
+
+    pub async fn send(&self, req: Request<Body>) -> Reply {
+        let resp = self.client.request(req).await.expect("gateway answers");
+        Reply::read(resp).await
+    }
+
+    pub async fn admin(&self, path: &str) -> Reply {
+        let req = Request::get(format!("http://{}{path}", self.admin))
+            .body(empty())
+            .unwrap();
+        Reply::read(self.client.request(req).await.expect("admin answers")).await
+    }
+
+    pub async fn config(&self) -> serde_json::Value {
+        self.admin("/config").await.json()
+    }
+
+    pub async fn wait_ready(&self) {
+        self.wait_until("the gateway to be ready", async || {
+            self.admin("/readyz").await.status == StatusCode::OK
+        })
+        .await;
+    }
+
+    /// Waits until the served config version reaches `v`.
+    pub async fn wait_version(&self, v: u64) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        for _ in 0..(PATIENCE.as_millis() / 50) {
+            last = self.config().await;
+            if last["version"].as_u64().unwrap_or(0) >= v {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "config version {v} never applied; last /config: {last}\nlogs:\n{}",
+            self.logs()
+        );
+    }
+
+    pub async fn wait_until(&self, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+        for _ in 0..(PATIENCE.as_millis() / 50) {
+            if cond().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}; logs:\n{}", self.logs());
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        let text = self.admin("/metrics").await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+pub fn empty() -> Body {
+    Full::new(Bytes::new()).boxed()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    async fn read(resp: Response<Incoming>) -> Self {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    /// The gateway's own JSON error message.
+    pub fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+// ---------------------------------------------------------------- config
+
+/// A config directory the test writes manifests into.
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl ConfigDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file atomically (write + rename), the way editors and ConfigMaps do.
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
+    }
+}
+
+pub fn api(name: &str, listen_path: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: {name}}}\nspec:\n  listenPath: {listen_path}\n  upstream: {{url: \"{upstream}\"}}\n{extra}"
+    )
+}
+
+pub fn key(name: &str, token: &str, session: &str) -> String {
+    let session: String = session.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, labels: {{gatehouse.dev/key: \"true\"}}}}\nstringData:\n  key: {token}\n  session.yaml: |\n{session}"
+    )
+}
