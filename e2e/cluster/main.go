@@ -28,6 +28,9 @@
 //	                     atomically only once GET /readyz answers 200, and removed on
 //	                     shutdown, so callers can wait for it to appear
 //
+// Build it with ../cluster.sh, which also stamps the Kubernetes version into
+// the binary via -ldflags (otherwise /version reports v0.0.0-master).
+//
 // The process runs until SIGTERM or SIGINT, then shuts the API server down
 // gracefully and closes etcd (a second signal exits at once).
 //
