@@ -1,0 +1,143 @@
+/*
+ * Gatehouse native plugin ABI, version 1.0.
+ *
+ * A plugin is a shared object that exports:
+ *   - `gatehouse_plugin`, a `gh_plugin` declaration (exactly one), and
+ *   - one `gh_hook` per hook, under the name ApiDefinitions use as `symbol`.
+ *
+ * The host reads the declaration before running anything, and refuses a different
+ * `abi_major`, a plugin without GH_PLUGIN_PANIC_SAFE, or a missing symbol. Within a major
+ * version, structs only grow at the end and tables start with their size.
+ *
+ * Threads: hooks run concurrently on the gateway's worker threads; shared state must be
+ * thread-safe. A hook blocks its worker thread while it runs: keep hooks short.
+ * Memory: gh_str views the host returns stay valid until the hook returns or the same item
+ * is changed. Views a plugin passes in need only live for the call; the host copies them.
+ * Kept in sync with plugins/sdk/src/abi.rs by plugins/sdk/tests/header.rs.
+ */
+#ifndef GATEHOUSE_PLUGIN_H
+#define GATEHOUSE_PLUGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define GH_MAGIC 0x47415445484F5553ULL /* "GATEHOUS" */
+#define GH_ABI_MAJOR 1
+#define GH_ABI_MINOR 0
+
+/* gh_plugin.flags */
+#define GH_PLUGIN_PANIC_SAFE 1u /* never unwinds into the host nor aborts (C: always) */
+
+/* gh_hook.flags: buffer the body before the hook runs, so body_get returns it */
+#define GH_HOOK_REQUEST_BODY 1u
+#define GH_HOOK_RESPONSE_BODY 2u
+
+typedef int32_t gh_status;
+#define GH_CONTINUE 0 /* go on with the chain */
+#define GH_RESPOND 1  /* send the response the hook set up; the upstream is not called */
+#define GH_ERROR 2    /* fail: the gateway answers 500 (set_error gives the reason) */
+#define GH_PANIC 3    /* a caught panic: 500, counted */
+
+typedef uint32_t gh_target;
+#define GH_REQUEST 0
+#define GH_RESPONSE 1
+
+typedef uint32_t gh_level;
+#define GH_LOG_ERROR 1
+#define GH_LOG_WARN 2
+#define GH_LOG_INFO 3
+#define GH_LOG_DEBUG 4
+
+typedef struct gh_str {
+  const uint8_t *ptr;
+  size_t len;
+} gh_str;
+
+/* A host-owned buffer for an error message: write up to `cap` bytes, set `len`. */
+typedef struct gh_buf {
+  uint8_t *ptr;
+  size_t cap;
+  size_t len;
+} gh_buf;
+
+typedef struct gh_call gh_call; /* opaque: one hook call */
+typedef struct gh_host_api gh_host_api;
+
+typedef struct gh_plugin {
+  uint64_t magic;
+  uint16_t abi_major;
+  uint16_t abi_minor;
+  uint32_t flags;
+  gh_str sdk; /* who built it, shown in errors */
+  /* once per load, before any hook; non-zero (with err filled) refuses the load */
+  int32_t (*init)(const gh_host_api *host, gh_buf *err);
+} gh_plugin;
+
+typedef struct gh_hook {
+  uint32_t size;
+  uint32_t flags;
+  /* once per ApiDefinition entry, with its `config` as JSON ("null" when unset); may be NULL */
+  int32_t (*create)(gh_str config, void **instance, gh_buf *err);
+  void (*destroy)(void *instance); /* may be NULL */
+  /* pre, authCheck, postKeyAuth, post; NULL if not handled */
+  gh_status (*on_request)(void *instance, gh_call *call);
+  /* response; NULL if not handled */
+  gh_status (*on_response)(void *instance, gh_call *call);
+} gh_hook;
+
+typedef struct gh_session_init {
+  uint32_t size;
+  uint32_t _reserved;
+  gh_str id;             /* rate limits and quotas count per id */
+  uint64_t rate;         /* rate requests every per_ms; 0 = none */
+  uint64_t per_ms;
+  int64_t quota_max;     /* per quota_renewal_ms; -1 = unlimited */
+  uint64_t quota_renewal_ms;
+  const gh_str *access_rights; /* ApiDefinition names; none = the API being called */
+  size_t access_rights_len;
+} gh_session_init;
+
+typedef void (*gh_header_cb)(void *ctx, gh_str name, gh_str value);
+
+/* i32 results: 1 found/done, 0 absent, -1 invalid here (bad header, wrong phase). */
+struct gh_host_api {
+  uint32_t size;
+  uint32_t abi_minor;
+  void (*log)(gh_call *call, gh_level level, gh_str msg); /* call may be NULL */
+  void (*set_error)(gh_call *call, gh_str msg);
+  gh_str (*request_method)(gh_call *call);
+  gh_str (*request_path)(gh_call *call);
+  gh_str (*request_query)(gh_call *call);
+  gh_str (*client_ip)(gh_call *call);
+  int32_t (*header_get)(gh_call *call, gh_target target, gh_str name, size_t index, gh_str *out);
+  void (*headers_each)(gh_call *call, gh_target target, void *ctx, gh_header_cb cb);
+  int32_t (*header_set)(gh_call *call, gh_target target, gh_str name, gh_str value);
+  int32_t (*header_add)(gh_call *call, gh_target target, gh_str name, gh_str value);
+  int32_t (*header_remove)(gh_call *call, gh_target target, gh_str name);
+  int32_t (*body_get)(gh_call *call, gh_target target, gh_str *out);
+  int32_t (*body_set)(gh_call *call, gh_target target, gh_str body);
+  uint16_t (*response_status)(gh_call *call);
+  int32_t (*response_set_status)(gh_call *call, uint16_t status);
+  int32_t (*session_id)(gh_call *call, gh_str *out);
+  int32_t (*session_json)(gh_call *call, gh_str *out);
+  int32_t (*session_meta_get)(gh_call *call, gh_str key, gh_str *out);
+  int32_t (*session_meta_set)(gh_call *call, gh_str key, gh_str value);
+  int32_t (*session_create)(gh_call *call, const gh_session_init *init);
+  gh_str (*api_id)(gh_call *call);
+  gh_str (*api_name)(gh_call *call);
+  gh_str (*api_listen_path)(gh_call *call);
+  gh_str (*api_config_data)(gh_call *call);
+  gh_str (*api_spec)(gh_call *call);
+};
+
+/* Convenience: a gh_str from a C string literal. */
+#define GH_STR(lit) ((gh_str){(const uint8_t *)(lit), sizeof(lit) - 1})
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* GATEHOUSE_PLUGIN_H */

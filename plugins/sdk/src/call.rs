@@ -1,0 +1,426 @@
+//! Safe views of one hook call. Every raw pointer stays in this module and `rt`.
+#![allow(unsafe_code)]
+
+use std::{ffi::c_void, marker::PhantomData, time::Duration};
+
+use crate::{Flow, abi::*};
+
+/// A live hook call: the host's handle plus its function table. Views borrowed from it end
+/// with the hook, which the lifetime `'a` expresses.
+#[derive(Clone, Copy)]
+pub(crate) struct Call<'a> {
+    raw: *mut gh_call,
+    host: &'static gh_host_api,
+    config: &'a str,
+    _call: PhantomData<&'a mut gh_call>,
+}
+
+fn view(s: &str) -> gh_str {
+    gh_str::new(s.as_bytes())
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn new(raw: *mut gh_call, host: &'static gh_host_api, config: &'a str) -> Self {
+        Self {
+            raw,
+            host,
+            config,
+            _call: PhantomData,
+        }
+    }
+
+    /// Text the host returned. Host views live until the hook returns or the item changes;
+    /// callers tie the result to a borrow of the wrapper, which `&mut` methods end.
+    fn text<'s>(&'s self, s: gh_str) -> &'s str {
+        // SAFETY: the host guarantees `s` is readable until this hook returns or the item
+        // changes; the returned borrow is bounded by `&self`, and changes need `&mut`.
+        std::str::from_utf8(unsafe { s.as_bytes() }).unwrap_or("")
+    }
+
+    fn bytes<'s>(&'s self, s: gh_str) -> &'s [u8] {
+        // SAFETY: as in `text`.
+        unsafe { s.as_bytes() }
+    }
+
+    fn get(&self, f: unsafe extern "C" fn(*mut gh_call) -> gh_str) -> &str {
+        // SAFETY: `raw` is the live call the host passed to this hook; `f` is from its table.
+        let s = unsafe { f(self.raw) };
+        self.text(s)
+    }
+
+    fn header(&self, target: gh_target, name: &str) -> Option<&str> {
+        let mut out = gh_str::EMPTY;
+        // SAFETY: live call; `name` outlives the call; `out` is a valid place to write.
+        let found = unsafe { (self.host.header_get)(self.raw, target, view(name), 0, &mut out) };
+        if found != 1 {
+            return None;
+        }
+        // SAFETY: as in `text`.
+        std::str::from_utf8(unsafe { out.as_bytes() }).ok()
+    }
+
+    fn headers(&self, target: gh_target) -> Vec<(String, String)> {
+        unsafe extern "C" fn collect(ctx: *mut c_void, name: gh_str, value: gh_str) {
+            // SAFETY: `ctx` is the Vec passed below, alive and exclusively ours during the
+            // call; `name` and `value` are readable for the callback's duration.
+            let (all, name, value) = unsafe {
+                (
+                    &mut *ctx.cast::<Vec<(String, String)>>(),
+                    name.as_bytes(),
+                    value.as_bytes(),
+                )
+            };
+            all.push((
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            ));
+        }
+        let mut all: Vec<(String, String)> = Vec::new();
+        // SAFETY: live call; the callback only runs during this call, while `all` lives.
+        unsafe { (self.host.headers_each)(self.raw, target, (&raw mut all).cast(), collect) };
+        all
+    }
+
+    fn set_header(&mut self, target: gh_target, name: &str, value: &str, add: bool) -> bool {
+        let f = if add {
+            self.host.header_add
+        } else {
+            self.host.header_set
+        };
+        // SAFETY: live call; both views outlive the call (the host copies them).
+        unsafe { f(self.raw, target, view(name), view(value)) == 1 }
+    }
+
+    fn remove_header(&mut self, target: gh_target, name: &str) {
+        // SAFETY: live call; `name` outlives the call.
+        unsafe { (self.host.header_remove)(self.raw, target, view(name)) };
+    }
+
+    fn body(&self, target: gh_target) -> Option<&[u8]> {
+        let mut out = gh_str::EMPTY;
+        // SAFETY: live call; `out` is a valid place to write.
+        let found = unsafe { (self.host.body_get)(self.raw, target, &mut out) };
+        (found == 1).then(|| self.bytes(out))
+    }
+
+    fn set_body(&mut self, target: gh_target, body: &[u8]) {
+        // SAFETY: live call; `body` outlives the call (the host copies it).
+        unsafe { (self.host.body_set)(self.raw, target, gh_str::new(body)) };
+    }
+
+    fn out_str(&self, f: unsafe extern "C" fn(*mut gh_call, *mut gh_str) -> i32) -> Option<&str> {
+        let mut out = gh_str::EMPTY;
+        // SAFETY: live call; `out` is a valid place to write.
+        let found = unsafe { f(self.raw, &mut out) };
+        (found == 1).then(|| self.text(out))
+    }
+
+    fn session(&self) -> Option<Session<'_>> {
+        self.out_str(self.host.session_id)?;
+        Some(Session {
+            call: *self,
+            _borrow: PhantomData,
+        })
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> bool {
+        // SAFETY: live call; both views outlive the call.
+        unsafe { (self.host.session_meta_set)(self.raw, view(key), view(value)) == 1 }
+    }
+
+    fn api(&self) -> Api<'_> {
+        Api {
+            call: *self,
+            _borrow: PhantomData,
+        }
+    }
+
+    fn set_status(&mut self, status: u16) {
+        // SAFETY: live call.
+        unsafe { (self.host.response_set_status)(self.raw, status) };
+    }
+}
+
+/// The request, in `pre`, `authCheck`, `postKeyAuth` and `post` hooks.
+pub struct Request<'a> {
+    call: Call<'a>,
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(call: Call<'a>) -> Self {
+        Self { call }
+    }
+
+    pub fn method(&self) -> &str {
+        self.call.get(self.call.host.request_method)
+    }
+    pub fn path(&self) -> &str {
+        self.call.get(self.call.host.request_path)
+    }
+    /// The query string without `?`, empty if none.
+    pub fn query(&self) -> &str {
+        self.call.get(self.call.host.request_query)
+    }
+    pub fn client_ip(&self) -> &str {
+        self.call.get(self.call.host.client_ip)
+    }
+    /// The first value of a header (case-insensitive name), if it is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.call.header(GH_REQUEST, name)
+    }
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.call.headers(GH_REQUEST)
+    }
+    /// Replaces every value of the header; false if the name or value is not valid.
+    pub fn set_header(&mut self, name: &str, value: &str) -> bool {
+        self.call.set_header(GH_REQUEST, name, value, false)
+    }
+    pub fn add_header(&mut self, name: &str, value: &str) -> bool {
+        self.call.set_header(GH_REQUEST, name, value, true)
+    }
+    pub fn remove_header(&mut self, name: &str) {
+        self.call.remove_header(GH_REQUEST, name)
+    }
+    /// The body, for hooks exported with `request(body)` or `REQUEST_BODY`.
+    pub fn body(&self) -> Option<&[u8]> {
+        self.call.body(GH_REQUEST)
+    }
+    /// Replaces the body sent upstream (Content-Length follows).
+    pub fn set_body(&mut self, body: impl AsRef<[u8]>) {
+        self.call.set_body(GH_REQUEST, body.as_ref())
+    }
+    /// The key's session, once auth has run (or an `authCheck` hook created one).
+    pub fn session(&self) -> Option<Session<'_>> {
+        self.call.session()
+    }
+    /// Sets session metadata for the rest of this request (later hooks, analytics).
+    pub fn set_session_meta(&mut self, key: &str, value: &str) -> bool {
+        self.call.set_meta(key, value)
+    }
+    /// `authCheck` hooks: the session the gateway then enforces (rate, quota, access).
+    pub fn create_session(&mut self, s: &SessionInit<'_>) -> Result<(), String> {
+        let rights: Vec<gh_str> = s.access_rights.iter().map(|r| view(r)).collect();
+        let (rate, per) = s.rate.map_or((0, 0), |(n, per)| (n, per.as_millis() as u64));
+        let (quota_max, renewal) = s.quota.map_or((-1, 0), |(n, r)| {
+            (i64::try_from(n).unwrap_or(i64::MAX), r.as_millis() as u64)
+        });
+        let init = gh_session_init {
+            size: size_of::<gh_session_init>() as u32,
+            _reserved: 0,
+            id: view(s.id),
+            rate,
+            per_ms: per,
+            quota_max,
+            quota_renewal_ms: renewal,
+            access_rights: rights.as_ptr(),
+            access_rights_len: rights.len(),
+        };
+        // SAFETY: live call; `init` and the views it holds outlive the call.
+        match unsafe { (self.call.host.session_create)(self.call.raw, &init) } {
+            1 => Ok(()),
+            _ => Err("session_create is only allowed in authCheck hooks, with a non-empty id".to_owned()),
+        }
+    }
+    pub fn api(&self) -> Api<'_> {
+        self.call.api()
+    }
+    /// This entry's `config` from the ApiDefinition, as JSON (`null` when unset).
+    pub fn config(&self) -> &str {
+        self.call.config
+    }
+    /// Starts the response this hook will send instead of calling the upstream; finish it
+    /// with [`Reply::body`], [`Reply::json`] or [`Reply::send`], and return that `Flow`.
+    pub fn respond(&mut self, status: u16) -> Reply<'_> {
+        self.call.set_status(status);
+        Reply {
+            call: self.call,
+            _borrow: PhantomData,
+        }
+    }
+}
+
+/// A response a request hook is building.
+pub struct Reply<'r> {
+    call: Call<'r>,
+    _borrow: PhantomData<&'r mut ()>,
+}
+
+impl Reply<'_> {
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.call.set_header(GH_RESPONSE, name, value, true);
+        self
+    }
+    pub fn body(mut self, body: impl AsRef<[u8]>) -> Flow {
+        self.call.set_body(GH_RESPONSE, body.as_ref());
+        Flow::Respond
+    }
+    /// Sets `Content-Type: application/json` and the body.
+    pub fn json(self, body: impl AsRef<[u8]>) -> Flow {
+        self.header("content-type", "application/json").body(body)
+    }
+    pub fn send(self) -> Flow {
+        Flow::Respond
+    }
+}
+
+/// The upstream's response, in `response` hooks.
+pub struct Response<'a> {
+    call: Call<'a>,
+}
+
+impl<'a> Response<'a> {
+    pub(crate) fn new(call: Call<'a>) -> Self {
+        Self { call }
+    }
+    pub fn status(&self) -> u16 {
+        // SAFETY: live call.
+        unsafe { (self.call.host.response_status)(self.call.raw) }
+    }
+    pub fn set_status(&mut self, status: u16) {
+        self.call.set_status(status)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.call.header(GH_RESPONSE, name)
+    }
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.call.headers(GH_RESPONSE)
+    }
+    pub fn set_header(&mut self, name: &str, value: &str) -> bool {
+        self.call.set_header(GH_RESPONSE, name, value, false)
+    }
+    pub fn add_header(&mut self, name: &str, value: &str) -> bool {
+        self.call.set_header(GH_RESPONSE, name, value, true)
+    }
+    pub fn remove_header(&mut self, name: &str) {
+        self.call.remove_header(GH_RESPONSE, name)
+    }
+    /// The upstream body, for hooks exported with `response(body)` or `RESPONSE_BODY`.
+    pub fn body(&self) -> Option<&[u8]> {
+        self.call.body(GH_RESPONSE)
+    }
+    /// Replaces the body sent to the client (Content-Length follows).
+    pub fn set_body(&mut self, body: impl AsRef<[u8]>) {
+        self.call.set_body(GH_RESPONSE, body.as_ref())
+    }
+    /// The request this response answers (read-only).
+    pub fn request(&self) -> RequestView<'_> {
+        RequestView {
+            call: self.call,
+            _borrow: PhantomData,
+        }
+    }
+    pub fn session(&self) -> Option<Session<'_>> {
+        self.call.session()
+    }
+    pub fn api(&self) -> Api<'_> {
+        self.call.api()
+    }
+    pub fn config(&self) -> &str {
+        self.call.config
+    }
+}
+
+/// The request, as a response hook sees it.
+pub struct RequestView<'c> {
+    call: Call<'c>,
+    _borrow: PhantomData<&'c ()>,
+}
+
+impl RequestView<'_> {
+    pub fn method(&self) -> &str {
+        self.call.get(self.call.host.request_method)
+    }
+    pub fn path(&self) -> &str {
+        self.call.get(self.call.host.request_path)
+    }
+    pub fn query(&self) -> &str {
+        self.call.get(self.call.host.request_query)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.call.header(GH_REQUEST, name)
+    }
+}
+
+/// The API definition the request was routed to.
+pub struct Api<'c> {
+    call: Call<'c>,
+    _borrow: PhantomData<&'c ()>,
+}
+
+impl Api<'_> {
+    /// `namespace/name`.
+    pub fn id(&self) -> &str {
+        self.call.get(self.call.host.api_id)
+    }
+    /// `spec.name`, or `metadata.name`.
+    pub fn name(&self) -> &str {
+        self.call.get(self.call.host.api_name)
+    }
+    pub fn listen_path(&self) -> &str {
+        self.call.get(self.call.host.api_listen_path)
+    }
+    /// `spec.configData` as JSON (`null` when unset).
+    pub fn config_data(&self) -> &str {
+        self.call.get(self.call.host.api_config_data)
+    }
+    /// The whole spec as JSON.
+    pub fn spec(&self) -> &str {
+        self.call.get(self.call.host.api_spec)
+    }
+}
+
+/// The session of the key that authenticated the request.
+pub struct Session<'c> {
+    call: Call<'c>,
+    _borrow: PhantomData<&'c ()>,
+}
+
+impl Session<'_> {
+    /// The key Secret's `namespace/name`, or the id an auth hook gave.
+    pub fn id(&self) -> &str {
+        self.call.out_str(self.call.host.session_id).unwrap_or("")
+    }
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        let mut out = gh_str::EMPTY;
+        // SAFETY: live call; `key` outlives the call; `out` is a valid place to write.
+        let found = unsafe { (self.call.host.session_meta_get)(self.call.raw, view(key), &mut out) };
+        (found == 1).then(|| self.call.text(out))
+    }
+    /// The whole session as JSON: id, rate, per, quota, access rights, metadata, expiry.
+    pub fn json(&self) -> &str {
+        self.call.out_str(self.call.host.session_json).unwrap_or("null")
+    }
+}
+
+/// A session an `authCheck` hook creates.
+#[derive(Debug, Clone, Default)]
+pub struct SessionInit<'s> {
+    pub id: &'s str,
+    pub rate: Option<(u64, Duration)>,
+    pub quota: Option<(u64, Duration)>,
+    pub access_rights: &'s [&'s str],
+}
+
+impl<'s> SessionInit<'s> {
+    pub fn new(id: &'s str) -> Self {
+        Self {
+            id,
+            ..Default::default()
+        }
+    }
+    /// At most `n` requests every `per`.
+    pub fn rate(mut self, n: u64, per: Duration) -> Self {
+        self.rate = Some((n, per));
+        self
+    }
+    /// At most `n` requests per `renewal` window.
+    pub fn quota(mut self, n: u64, renewal: Duration) -> Self {
+        self.quota = Some((n, renewal));
+        self
+    }
+    /// ApiDefinition names; none means only the API being called.
+    pub fn access_rights(mut self, apis: &'s [&'s str]) -> Self {
+        self.access_rights = apis;
+        self
+    }
+}

@@ -1,0 +1,205 @@
+//! Write Gatehouse plugins in Rust without touching a raw pointer.
+//!
+//! A plugin is a `cdylib` crate that declares itself once and exports hooks under the
+//! names ApiDefinitions use as `symbol`:
+//!
+//! ```ignore
+//! use gatehouse_plugin::{Flow, Request, declare_plugin, hook, info};
+//!
+//! declare_plugin!();
+//! hook!(request AddFooBarHeader = add_foo_bar_header);
+//!
+//! fn add_foo_bar_header(req: &mut Request) -> Flow {
+//!     info!("Processing HTTP request in Rust plugin!!");
+//!     req.add_header("Foo", "Bar");
+//!     Flow::Continue
+//! }
+//! ```
+//!
+//! Hooks run concurrently on the gateway's threads: state shared between calls lives in
+//! `declare_plugin!(state: T = init_fn)` (built once per load, `T: Send + Sync`) or in
+//! statics. A panic in a hook is caught here and answered with a 500 by the gateway, which
+//! keeps serving.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod abi;
+mod call;
+#[doc(hidden)]
+pub mod rt;
+pub mod testing;
+
+pub use call::{Api, Reply, Request, RequestView, Response, Session, SessionInit};
+
+/// The SDK's version, carried in every plugin's declaration.
+pub const SDK_VERSION: &str = concat!("gatehouse-plugin ", env!("CARGO_PKG_VERSION"));
+
+/// What a hook tells the gateway to do next.
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on with the chain.
+    Continue,
+    /// Send the response this hook set up (see [`Request::respond`]); the upstream is not
+    /// called and later hooks do not run. Analytics still record the request.
+    Respond,
+    /// Fail the request with a 500; the message goes to the gateway's log.
+    Error(String),
+}
+
+impl Flow {
+    pub fn error(msg: impl Into<String>) -> Self {
+        Flow::Error(msg.into())
+    }
+}
+
+/// A hook with per-entry state built from the ApiDefinition entry's `config` (JSON).
+/// Both phases default to `Continue`; export with `hook!(Name: Type)`.
+pub trait Hook: Sized + Send + Sync + 'static {
+    /// Buffer the request body so [`Request::body`] returns it.
+    const REQUEST_BODY: bool = false;
+    /// Buffer the upstream response body so [`Response::body`] returns it.
+    const RESPONSE_BODY: bool = false;
+    /// `config` is the entry's `config` as JSON, `null` when unset. An error refuses the
+    /// entry: the API answers 500, or skips the hook under `failurePolicy: Ignore`.
+    fn new(config: &str) -> Result<Self, String>;
+    fn on_request(&self, _req: &mut Request<'_>) -> Flow {
+        Flow::Continue
+    }
+    fn on_response(&self, _resp: &mut Response<'_>) -> Flow {
+        Flow::Continue
+    }
+}
+
+/// Declares the plugin: exactly once per plugin crate.
+///
+/// - `declare_plugin!();`
+/// - `declare_plugin!(state: T = build);` where `fn build() -> Result<T, String>` runs once
+///   per load; hooks reach the value with `state()`.
+#[macro_export]
+macro_rules! declare_plugin {
+    () => {
+        $crate::__declaration!(|| ::std::result::Result::Ok(()));
+    };
+    (state: $ty:ty = $build:expr) => {
+        static __GATEHOUSE_STATE: ::std::sync::OnceLock<$ty> = ::std::sync::OnceLock::new();
+        /// The plugin's state, built once when the gateway loaded it.
+        fn state() -> &'static $ty {
+            // Initialised by the declaration's init, which the host runs before any hook.
+            __GATEHOUSE_STATE
+                .get()
+                .expect("gatehouse: plugin state used before init")
+        }
+        $crate::__declaration!(|| {
+            let value: $ty = ($build)()?;
+            __GATEHOUSE_STATE
+                .set(value)
+                .map_err(|_| "plugin initialised twice".to_owned())
+        });
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __declaration {
+    ($init:expr) => {
+        #[allow(non_upper_case_globals)]
+        #[unsafe(no_mangle)]
+        pub static gatehouse_plugin: $crate::abi::gh_plugin = $crate::abi::gh_plugin {
+            magic: $crate::abi::GH_MAGIC,
+            abi_major: $crate::abi::GH_ABI_MAJOR,
+            abi_minor: $crate::abi::GH_ABI_MINOR,
+            flags: if cfg!(panic = "unwind") {
+                $crate::abi::GH_PLUGIN_PANIC_SAFE
+            } else {
+                0
+            },
+            sdk: $crate::abi::gh_str::from_static($crate::SDK_VERSION),
+            init: {
+                unsafe extern "C" fn init(host: *const $crate::abi::gh_host_api, err: *mut $crate::abi::gh_buf) -> i32 {
+                    $crate::rt::init(host, err, $init)
+                }
+                Some(init)
+            },
+        };
+    };
+}
+
+/// Exports a hook under `Name`, the `symbol` an ApiDefinition names.
+///
+/// - `hook!(request Name = f);` with `fn f(&mut Request) -> Flow`, for `pre`,
+///   `authCheck`, `postKeyAuth` and `post`.
+/// - `hook!(response Name = f);` with `fn f(&mut Response) -> Flow`, for `response`.
+/// - `hook!(request(body) Name = f);` / `hook!(response(body) Name = f);` also buffer the
+///   body so the hook can read it.
+/// - `hook!(Name: T);` with `T: Hook`, for per-entry state from the entry's `config`.
+#[macro_export]
+macro_rules! hook {
+    (request $name:ident = $f:path) => { $crate::hook!(@fn $name, 0, request, $f); };
+    (request(body) $name:ident = $f:path) => { $crate::hook!(@fn $name, $crate::abi::GH_HOOK_REQUEST_BODY, request, $f); };
+    (response $name:ident = $f:path) => { $crate::hook!(@fn $name, 0, response, $f); };
+    (response(body) $name:ident = $f:path) => { $crate::hook!(@fn $name, $crate::abi::GH_HOOK_RESPONSE_BODY, response, $f); };
+    (@fn $name:ident, $flags:expr, request, $f:path) => {
+        $crate::hook!(@table $name, $flags, $crate::rt::create_config, $crate::rt::destroy_config, {
+            unsafe extern "C" fn on_request(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
+                $crate::rt::on_request_fn(i, c, $f)
+            }
+            Some(on_request)
+        }, None);
+    };
+    (@fn $name:ident, $flags:expr, response, $f:path) => {
+        $crate::hook!(@table $name, $flags, $crate::rt::create_config, $crate::rt::destroy_config, None, {
+            unsafe extern "C" fn on_response(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
+                $crate::rt::on_response_fn(i, c, $f)
+            }
+            Some(on_response)
+        });
+    };
+    ($name:ident : $ty:ty) => {
+        $crate::hook!(@table $name,
+            (if <$ty as $crate::Hook>::REQUEST_BODY { $crate::abi::GH_HOOK_REQUEST_BODY } else { 0 })
+                | (if <$ty as $crate::Hook>::RESPONSE_BODY { $crate::abi::GH_HOOK_RESPONSE_BODY } else { 0 }),
+            $crate::rt::create_hook::<$ty>, $crate::rt::destroy_hook::<$ty>,
+            {
+                unsafe extern "C" fn on_request(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
+                    $crate::rt::on_request_hook::<$ty>(i, c)
+                }
+                Some(on_request)
+            },
+            {
+                unsafe extern "C" fn on_response(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
+                    $crate::rt::on_response_hook::<$ty>(i, c)
+                }
+                Some(on_response)
+            });
+    };
+    (@table $name:ident, $flags:expr, $create:expr, $destroy:expr, $on_request:expr, $on_response:expr) => {
+        #[allow(non_upper_case_globals)]
+        #[unsafe(no_mangle)]
+        pub static $name: $crate::abi::gh_hook = $crate::abi::gh_hook {
+            size: ::std::mem::size_of::<$crate::abi::gh_hook>() as u32,
+            flags: $flags,
+            create: Some($create),
+            destroy: Some($destroy),
+            on_request: $on_request,
+            on_response: $on_response,
+        };
+    };
+}
+
+/// Logs through the gateway's logger, tagged with the plugin and the hook being run.
+#[macro_export]
+macro_rules! info {
+    ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_INFO, &::std::format!($($t)*)) };
+}
+#[macro_export]
+macro_rules! warn {
+    ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_WARN, &::std::format!($($t)*)) };
+}
+#[macro_export]
+macro_rules! error {
+    ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_ERROR, &::std::format!($($t)*)) };
+}
+#[macro_export]
+macro_rules! debug {
+    ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_DEBUG, &::std::format!($($t)*)) };
+}

@@ -1,0 +1,311 @@
+//! A stand-in host for unit tests of plugins: run a hook against a request you describe
+//! and look at what it did, without a gateway.
+//!
+//! ```
+//! use gatehouse_plugin::{Flow, Request, testing::TestCall};
+//!
+//! fn add_header(req: &mut Request) -> Flow {
+//!     req.add_header("Foo", "Bar");
+//!     Flow::Continue
+//! }
+//!
+//! let mut call = TestCall::new("GET", "/x");
+//! assert_eq!(call.request(add_header), Flow::Continue);
+//! assert_eq!(call.request_header("foo"), Some("Bar"));
+//! ```
+#![allow(unsafe_code)]
+
+use std::{collections::BTreeMap, ffi::c_void};
+
+use crate::{
+    Flow,
+    abi::*,
+    call::{Call, Request, Response},
+};
+
+/// One request (and, for response hooks, its response) as a test describes it.
+#[derive(Debug, Clone, Default)]
+pub struct TestCall {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub request_headers: Vec<(String, String)>,
+    pub request_body: Option<Vec<u8>>,
+    pub status: u16,
+    pub response_headers: Vec<(String, String)>,
+    pub response_body: Option<Vec<u8>>,
+    /// `(id, metadata)` of the session, if the request has one.
+    pub session: Option<(String, BTreeMap<String, String>)>,
+    pub api_name: String,
+    pub config: String,
+    pub logs: Vec<String>,
+    pub error: Option<String>,
+    scratch: String,
+}
+
+impl TestCall {
+    pub fn new(method: &str, path: &str) -> Self {
+        Self {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status: 200,
+            api_name: "test-api".to_owned(),
+            config: "null".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_session(mut self, id: &str, meta: &[(&str, &str)]) -> Self {
+        self.session = Some((
+            id.to_owned(),
+            meta.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ));
+        self
+    }
+
+    /// Runs a request hook the way the gateway would, panics caught included.
+    pub fn request(&mut self, f: fn(&mut Request<'_>) -> Flow) -> Flow {
+        let config = self.config.clone();
+        self.run(|raw, host| f(&mut Request::new(Call::new(raw, host, &config))))
+    }
+
+    /// Runs a response hook the way the gateway would.
+    pub fn response(&mut self, f: fn(&mut Response<'_>) -> Flow) -> Flow {
+        let config = self.config.clone();
+        self.run(|raw, host| f(&mut Response::new(Call::new(raw, host, &config))))
+    }
+
+    fn run(&mut self, f: impl FnOnce(*mut gh_call, &'static gh_host_api) -> Flow) -> Flow {
+        crate::rt::set_host(&TEST_HOST);
+        let raw = (self as *mut TestCall).cast::<gh_call>();
+        match crate::rt::run(raw, |host| f(raw, host)) {
+            GH_CONTINUE => Flow::Continue,
+            GH_RESPOND => Flow::Respond,
+            _ => Flow::Error(self.error.clone().unwrap_or_default()),
+        }
+    }
+
+    pub fn request_header(&self, name: &str) -> Option<&str> {
+        find(&self.request_headers, name)
+    }
+
+    pub fn response_header(&self, name: &str) -> Option<&str> {
+        find(&self.response_headers, name)
+    }
+}
+
+fn find<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// # Safety
+/// `call` is the `TestCall` a `TestCall::request`/`response` passed to the hook.
+unsafe fn me<'a>(call: *mut gh_call) -> &'a mut TestCall {
+    // SAFETY: per the contract; the TestCall outlives the hook call it was made for.
+    unsafe { &mut *call.cast::<TestCall>() }
+}
+
+fn text(s: gh_str) -> String {
+    // SAFETY: hooks pass views valid for the duration of the call.
+    String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned()
+}
+
+fn out(s: &str, o: *mut gh_str) -> i32 {
+    // SAFETY: hooks pass a valid place to write.
+    unsafe { *o = gh_str::new(s.as_bytes()) };
+    1
+}
+
+unsafe extern "C" fn log(call: *mut gh_call, _level: gh_level, msg: gh_str) {
+    if !call.is_null() {
+        // SAFETY: as `me`.
+        unsafe { me(call) }.logs.push(text(msg));
+    }
+}
+unsafe extern "C" fn set_error(call: *mut gh_call, msg: gh_str) {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.error = Some(text(msg));
+}
+unsafe extern "C" fn request_method(call: *mut gh_call) -> gh_str {
+    // SAFETY: as `me`; the string lives in the TestCall.
+    gh_str::new(unsafe { me(call) }.method.as_bytes())
+}
+unsafe extern "C" fn request_path(call: *mut gh_call) -> gh_str {
+    // SAFETY: as `request_method`.
+    gh_str::new(unsafe { me(call) }.path.as_bytes())
+}
+unsafe extern "C" fn request_query(call: *mut gh_call) -> gh_str {
+    // SAFETY: as `request_method`.
+    gh_str::new(unsafe { me(call) }.query.as_bytes())
+}
+unsafe extern "C" fn client_ip(_: *mut gh_call) -> gh_str {
+    gh_str::from_static("127.0.0.1")
+}
+fn headers(c: &mut TestCall, target: gh_target) -> &mut Vec<(String, String)> {
+    if target == GH_REQUEST {
+        &mut c.request_headers
+    } else {
+        &mut c.response_headers
+    }
+}
+unsafe extern "C" fn header_get(
+    call: *mut gh_call,
+    target: gh_target,
+    name: gh_str,
+    index: usize,
+    o: *mut gh_str,
+) -> i32 {
+    // SAFETY: as `me`.
+    let c = unsafe { me(call) };
+    let name = text(name);
+    let found = headers(c, target)
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(&name))
+        .nth(index);
+    found.map_or(0, |(_, v)| out(v, o))
+}
+unsafe extern "C" fn headers_each(call: *mut gh_call, target: gh_target, ctx: *mut c_void, cb: gh_header_cb) {
+    // SAFETY: as `me`; the callback gets views that live through the call.
+    for (k, v) in headers(unsafe { me(call) }, target).iter() {
+        unsafe { cb(ctx, gh_str::new(k.as_bytes()), gh_str::new(v.as_bytes())) };
+    }
+}
+unsafe extern "C" fn header_set(call: *mut gh_call, target: gh_target, name: gh_str, value: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    let h = headers(unsafe { me(call) }, target);
+    let name = text(name);
+    h.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
+    h.push((name, text(value)));
+    1
+}
+unsafe extern "C" fn header_add(call: *mut gh_call, target: gh_target, name: gh_str, value: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    headers(unsafe { me(call) }, target).push((text(name), text(value)));
+    1
+}
+unsafe extern "C" fn header_remove(call: *mut gh_call, target: gh_target, name: gh_str) -> i32 {
+    let name = text(name);
+    // SAFETY: as `me`.
+    headers(unsafe { me(call) }, target).retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
+    1
+}
+unsafe extern "C" fn body_get(call: *mut gh_call, target: gh_target, o: *mut gh_str) -> i32 {
+    // SAFETY: as `me`.
+    let c = unsafe { me(call) };
+    let body = if target == GH_REQUEST {
+        &c.request_body
+    } else {
+        &c.response_body
+    };
+    match body {
+        // SAFETY: `o` is a valid place to write; the body lives in the TestCall.
+        Some(b) => unsafe {
+            *o = gh_str::new(b);
+            1
+        },
+        None => 0,
+    }
+}
+unsafe extern "C" fn body_set(call: *mut gh_call, target: gh_target, body: gh_str) -> i32 {
+    // SAFETY: as `me`; `body` is readable for the call.
+    let (c, b) = unsafe { (me(call), body.as_bytes().to_vec()) };
+    if target == GH_REQUEST {
+        c.request_body = Some(b)
+    } else {
+        c.response_body = Some(b)
+    }
+    1
+}
+unsafe extern "C" fn response_status(call: *mut gh_call) -> u16 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.status
+}
+unsafe extern "C" fn response_set_status(call: *mut gh_call, status: u16) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.status = status;
+    1
+}
+unsafe extern "C" fn session_id(call: *mut gh_call, o: *mut gh_str) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.session.as_ref().map_or(0, |(id, _)| out(id, o))
+}
+unsafe extern "C" fn session_json(call: *mut gh_call, o: *mut gh_str) -> i32 {
+    // SAFETY: as `me`.
+    let c = unsafe { me(call) };
+    let Some((id, meta)) = &c.session else { return 0 };
+    let meta: Vec<String> = meta.iter().map(|(k, v)| format!("{k:?}:{v:?}")).collect();
+    c.scratch = format!("{{\"id\":{id:?},\"meta_data\":{{{}}}}}", meta.join(","));
+    out(&c.scratch, o)
+}
+unsafe extern "C" fn session_meta_get(call: *mut gh_call, key: gh_str, o: *mut gh_str) -> i32 {
+    // SAFETY: as `me`.
+    let c = unsafe { me(call) };
+    c.session
+        .as_ref()
+        .and_then(|(_, m)| m.get(&text(key)))
+        .map_or(0, |v| out(v, o))
+}
+unsafe extern "C" fn session_meta_set(call: *mut gh_call, key: gh_str, value: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    match &mut unsafe { me(call) }.session {
+        Some((_, m)) => {
+            m.insert(text(key), text(value));
+            1
+        }
+        None => 0,
+    }
+}
+unsafe extern "C" fn session_create(call: *mut gh_call, init: *const gh_session_init) -> i32 {
+    // SAFETY: as `me`; `init` is valid for the call.
+    let (c, init) = unsafe { (me(call), &*init) };
+    c.session = Some((text(init.id), BTreeMap::new()));
+    1
+}
+unsafe extern "C" fn api_id(_: *mut gh_call) -> gh_str {
+    gh_str::from_static("default/test-api")
+}
+unsafe extern "C" fn api_name(call: *mut gh_call) -> gh_str {
+    // SAFETY: as `request_method`.
+    gh_str::new(unsafe { me(call) }.api_name.as_bytes())
+}
+unsafe extern "C" fn api_listen_path(_: *mut gh_call) -> gh_str {
+    gh_str::from_static("/test/")
+}
+unsafe extern "C" fn api_config_data(_: *mut gh_call) -> gh_str {
+    gh_str::from_static("null")
+}
+unsafe extern "C" fn api_spec(_: *mut gh_call) -> gh_str {
+    gh_str::from_static("{}")
+}
+
+static TEST_HOST: gh_host_api = gh_host_api {
+    size: size_of::<gh_host_api>() as u32,
+    abi_minor: GH_ABI_MINOR as u32,
+    log,
+    set_error,
+    request_method,
+    request_path,
+    request_query,
+    client_ip,
+    header_get,
+    headers_each,
+    header_set,
+    header_add,
+    header_remove,
+    body_get,
+    body_set,
+    response_status,
+    response_set_status,
+    session_id,
+    session_json,
+    session_meta_get,
+    session_meta_set,
+    session_create,
+    api_id,
+    api_name,
+    api_listen_path,
+    api_config_data,
+    api_spec,
+};
