@@ -124,11 +124,7 @@ fn authorization() -> String {
 
 impl Default for AuthToken {
     fn default() -> Self {
-        Self {
-            header: authorization(),
-            query: String::new(),
-            cookie: String::new(),
-        }
+        Self { header: authorization(), query: String::new(), cookie: String::new() }
     }
 }
 
@@ -167,11 +163,7 @@ impl Middleware {
             ("post", &self.post),
             ("response", &self.response),
         ] {
-            out.extend(
-                v.iter()
-                    .enumerate()
-                    .map(|(i, r)| (format!("spec.middleware.{name}[{i}]"), r)),
-            );
+            out.extend(v.iter().enumerate().map(|(i, r)| (format!("spec.middleware.{name}[{i}]"), r)));
         }
         if let Some(r) = &self.auth_check {
             out.push(("spec.middleware.authCheck".to_owned(), r));
@@ -207,18 +199,12 @@ impl ApiDefinitionSpec {
         let mut errors = Vec::new();
         let mut err = |field: &str, reason: String| errors.push(ResourceError::new(resource, field, reason));
         if !self.listen_path.starts_with('/') {
-            err(
-                "spec.listenPath",
-                format!("must start with '/', got {:?}", self.listen_path),
-            );
+            err("spec.listenPath", format!("must start with '/', got {:?}", self.listen_path));
         }
         let u = &self.upstream;
         let set = usize::from(u.url.is_some()) + usize::from(!u.targets.is_empty()) + usize::from(u.service.is_some());
         if set != 1 {
-            err(
-                "spec.upstream",
-                "exactly one of url, targets, service must be set".to_owned(),
-            );
+            err("spec.upstream", "exactly one of url, targets, service must be set".to_owned());
         }
         if let Some(url) = &u.url
             && let Err(reason) = check_upstream_url(url)
@@ -242,22 +228,17 @@ impl ApiDefinitionSpec {
             }
         }
         match (self.auth.kind, &self.middleware.auth_check) {
-            (AuthType::Plugin, None) => err(
-                "spec.middleware.authCheck",
-                "is required when spec.auth.type is plugin".to_owned(),
-            ),
-            (AuthType::Keyless | AuthType::AuthToken, Some(_)) => err(
-                "spec.middleware.authCheck",
-                "is only used when spec.auth.type is plugin".to_owned(),
-            ),
+            (AuthType::Plugin, None) => {
+                err("spec.middleware.authCheck", "is required when spec.auth.type is plugin".to_owned())
+            }
+            (AuthType::Keyless | AuthType::AuthToken, Some(_)) => {
+                err("spec.middleware.authCheck", "is only used when spec.auth.type is plugin".to_owned())
+            }
             _ => {}
         }
         let t = &self.auth.auth_token;
         if self.auth.kind == AuthType::AuthToken && t.header.is_empty() && t.query.is_empty() && t.cookie.is_empty() {
-            err(
-                "spec.auth.authToken",
-                "needs at least one of header, query, cookie".to_owned(),
-            );
+            err("spec.auth.authToken", "needs at least one of header, query, cookie".to_owned());
         }
         for (field, r) in self.middleware.refs() {
             if r.plugin.is_empty() {

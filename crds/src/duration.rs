@@ -114,13 +114,7 @@ mod tests {
 
     #[test]
     fn parses_gateway_api_forms() {
-        for (s, ms) in [
-            ("500ms", 500),
-            ("1s", 1000),
-            ("2m", 120_000),
-            ("1h", 3_600_000),
-            ("1m30s", 90_000),
-        ] {
+        for (s, ms) in [("500ms", 500), ("1s", 1000), ("2m", 120_000), ("1h", 3_600_000), ("1m30s", 90_000)] {
             assert_eq!(s.parse::<Duration>().map(|d| d.0.as_millis()), Ok(ms), "{s}");
         }
     }

@@ -15,11 +15,7 @@ pub struct ResourceError {
 
 impl ResourceError {
     pub fn new(resource: impl Into<String>, field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            resource: resource.into(),
-            field: field.into(),
-            reason: reason.into(),
-        }
+        Self { resource: resource.into(), field: field.into(), reason: reason.into() }
     }
 }
 

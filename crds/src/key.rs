@@ -70,10 +70,7 @@ impl KeySession {
             err("session.yaml.quotaMax", "must be -1 (unlimited) or at least 0");
         }
         if self.quota_max >= 0 && self.quota_renewal.is_none_or(|r| r.0.is_zero()) {
-            err(
-                "session.yaml.quotaRenewal",
-                "must be set (and above zero) when quotaMax is not -1",
-            );
+            err("session.yaml.quotaRenewal", "must be set (and above zero) when quotaMax is not -1");
         }
         errors
     }

@@ -83,10 +83,8 @@ pub fn parse(origin: &str, text: &str) -> Parsed {
     let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
         Ok(d) => d,
         Err(e) => {
-            out.rejected.push(Rejected {
-                id: None,
-                error: ResourceError::new(origin, "", format!("not valid YAML: {e}")),
-            });
+            out.rejected
+                .push(Rejected { id: None, error: ResourceError::new(origin, "", format!("not valid YAML: {e}")) });
             return out;
         }
     };
@@ -96,10 +94,9 @@ pub fn parse(origin: &str, text: &str) -> Parsed {
         }
         match parse_document(doc) {
             Ok(Some((id, r))) => out.resources.push((id, r)),
-            Ok(None) => out.ignored.push(format!(
-                "{origin}: document {}: a Secret without label {KEY_LABEL}=true",
-                i + 1
-            )),
+            Ok(None) => {
+                out.ignored.push(format!("{origin}: document {}: a Secret without label {KEY_LABEL}=true", i + 1))
+            }
             Err((id, mut error)) => {
                 error.resource = match &id {
                     Some(id) => format!("{origin}: {id}"),
@@ -132,10 +129,7 @@ fn parse_document(doc: Value) -> DocResult {
         "Secret" => (Kind::Key, "v1"),
         "" => return Err(no_id("kind", "is missing".to_owned())),
         other => {
-            return Err(no_id(
-                "kind",
-                format!("{other:?} is not one of ApiDefinition, Plugin, Secret"),
-            ));
+            return Err(no_id("kind", format!("{other:?} is not one of ApiDefinition, Plugin, Secret")));
         }
     };
     if name.is_empty() {
@@ -148,17 +142,11 @@ fn parse_document(doc: Value) -> DocResult {
     let id = ResourceId { kind, namespace, name };
     let fail = |field: &str, reason: String| (Some(id.clone()), ResourceError::new(id.to_string(), field, reason));
     if api_version != want_version {
-        return Err(fail(
-            "apiVersion",
-            format!("must be {want_version}, got {api_version:?}"),
-        ));
+        return Err(fail("apiVersion", format!("must be {want_version}, got {api_version:?}")));
     }
     if kind == Kind::Key {
-        let labelled = meta
-            .and_then(|m| m.get("labels"))
-            .and_then(|l| l.get(KEY_LABEL))
-            .and_then(Value::as_str)
-            == Some("true");
+        let labelled =
+            meta.and_then(|m| m.get("labels")).and_then(|l| l.get(KEY_LABEL)).and_then(Value::as_str) == Some("true");
         if !labelled {
             return Ok(None);
         }
@@ -219,17 +207,10 @@ pub fn key_from_secret(s: &Secret) -> Result<KeySecret, ResourceError> {
                 .map_err(|_| ResourceError::new(&resource, "data.session.yaml", "is not UTF-8"))?;
             let v: Value = serde_saphyr::from_str(&text)
                 .map_err(|e| ResourceError::new(&resource, "data.session.yaml", format!("not valid YAML: {e}")))?;
-            let v = if v.is_null() {
-                Value::Object(Default::default())
-            } else {
-                v
-            };
+            let v = if v.is_null() { Value::Object(Default::default()) } else { v };
             let session: KeySession = typed(v).map_err(|(f, r)| {
-                let field = if f.is_empty() {
-                    "data.session.yaml".to_owned()
-                } else {
-                    format!("data.session.yaml: {f}")
-                };
+                let field =
+                    if f.is_empty() { "data.session.yaml".to_owned() } else { format!("data.session.yaml: {f}") };
                 ResourceError::new(&resource, field, r)
             })?;
             if let Some(mut e) = session.validate(&resource).into_iter().next() {
@@ -239,12 +220,7 @@ pub fn key_from_secret(s: &Secret) -> Result<KeySecret, ResourceError> {
             session
         }
     };
-    Ok(KeySecret {
-        namespace,
-        name,
-        hash: key_hash(&raw),
-        session,
-    })
+    Ok(KeySecret { namespace, name, hash: key_hash(&raw), session })
 }
 
 #[cfg(test)]
@@ -288,9 +264,7 @@ stringData: {password: x}
         assert!(p.rejected.is_empty(), "{:?}", p.rejected);
         assert_eq!(p.resources.len(), 2);
         assert_eq!(p.ignored.len(), 1);
-        let Resource::Key(k) = &p.resources[1].1 else {
-            panic!("not a key")
-        };
+        let Resource::Key(k) = &p.resources[1].1 else { panic!("not a key") };
         assert_eq!(k.hash, key_hash(b"secret-token"));
         assert_eq!(k.session.rate, Some(10));
     }

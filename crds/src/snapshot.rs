@@ -88,13 +88,7 @@ impl ApiEntry {
                 ));
             }
         };
-        Ok(Self {
-            namespace,
-            name,
-            generation: api.metadata.generation.unwrap_or(0),
-            spec: api.spec.clone(),
-            targets,
-        })
+        Ok(Self { namespace, name, generation: api.metadata.generation.unwrap_or(0), spec: api.spec.clone(), targets })
     }
 }
 
@@ -115,12 +109,7 @@ impl PluginEntry {
 
 impl From<KeySecret> for KeyEntry {
     fn from(k: KeySecret) -> Self {
-        Self {
-            namespace: k.namespace,
-            name: k.name,
-            hash: k.hash,
-            session: k.session,
-        }
+        Self { namespace: k.namespace, name: k.name, hash: k.hash, session: k.session }
     }
 }
 
@@ -134,10 +123,7 @@ impl Snapshot {
     /// Compiles standalone resources; those that cannot be compiled come back as errors
     /// and are left out, never blocking the others.
     pub fn compile(version: u64, resources: impl IntoIterator<Item = Resource>) -> (Self, Vec<ResourceError>) {
-        let mut snap = Snapshot {
-            version,
-            ..Default::default()
-        };
+        let mut snap = Snapshot { version, ..Default::default() };
         let mut errors = Vec::new();
         for r in resources {
             match r {

@@ -31,11 +31,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn echo(req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
-        .collect();
+    let headers: serde_json::Map<String, serde_json::Value> =
+        req.headers().iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into())).collect();
     let body = serde_json::json!({
         "method": req.method().as_str(),
         "path": req.uri().path(),
@@ -43,9 +40,6 @@ fn echo(req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "headers": headers,
     });
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
 }

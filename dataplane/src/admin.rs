@@ -11,18 +11,14 @@ pub fn serve(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
     match req.uri().path() {
         "/metrics" => {
             let mut r = Response::new(ProxyBody::from(Bytes::from(gw.metrics.render())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static(prometheus::TEXT_FORMAT),
-            );
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(prometheus::TEXT_FORMAT));
             r
         }
         "/healthz" => reply::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
         "/readyz" if gw.is_ready() => reply::json(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#)),
-        "/readyz" => reply::json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from_static(br#"{"status":"no config applied yet"}"#),
-        ),
+        "/readyz" => {
+            reply::json(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(br#"{"status":"no config applied yet"}"#))
+        }
         "/config" => {
             let rt = gw.runtime();
             let body = json!({

@@ -45,16 +45,12 @@ fn find_token<'a>(cfg: &AuthToken, req: &'a Parts) -> Option<&'a str> {
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|line| {
-            line.split(';').find_map(|c| {
-                let (k, v) = c.trim().split_once('=')?;
-                (k == name && !v.is_empty()).then_some(v)
-            })
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+        line.split(';').find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then_some(v)
         })
+    })
 }
 
 /// What the quota left, for the `X-RateLimit-*` response headers.
@@ -80,11 +76,7 @@ pub async fn check_key(store: &impl CounterStore, api: &Api, s: &Session) -> Res
         }
     }
     match (u64::try_from(k.quota_max), k.quota_renewal) {
-        (Ok(max), Some(renewal)) => match store
-            .quota(&s.quota_key, max, renewal.as_std())
-            .await
-            .map_err(store_down)?
-        {
+        (Ok(max), Some(renewal)) => match store.quota(&s.quota_key, max, renewal.as_std()).await.map_err(store_down)? {
             Decision::Denied { retry_after } => Err(GatewayError::QuotaExceeded { retry_after }),
             Decision::Allowed { remaining } => Ok(Some(QuotaLeft { limit: max, remaining })),
         },
@@ -110,11 +102,7 @@ mod tests {
     }
 
     fn cfg(header: &str, query: &str, cookie: &str) -> AuthToken {
-        AuthToken {
-            header: header.into(),
-            query: query.into(),
-            cookie: cookie.into(),
-        }
+        AuthToken { header: header.into(), query: query.into(), cookie: cookie.into() }
     }
 
     #[test]
@@ -132,10 +120,7 @@ mod tests {
     #[test]
     fn bearer_prefix_is_optional_and_empty_names_are_not_looked_at() {
         let c = cfg("Authorization", "", "");
-        assert_eq!(
-            find_token(&c, &parts("/", &[("authorization", "Bearer  tok")])),
-            Some("tok")
-        );
+        assert_eq!(find_token(&c, &parts("/", &[("authorization", "Bearer  tok")])), Some("tok"));
         assert_eq!(find_token(&c, &parts("/", &[("authorization", "tok")])), Some("tok"));
         assert_eq!(find_token(&c, &parts("/?=x", &[])), None);
     }

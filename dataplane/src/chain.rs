@@ -8,8 +8,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
+use bytes::Bytes;
 use gatehouse_crds::AuthType;
 use http::{HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::{
@@ -18,6 +20,7 @@ use crate::{
     body::ProxyBody,
     gateway::Gateway,
     limits::{CounterStore, Decision},
+    plugins::{self, Exchange as PluginExchange, Next, RequestState, ResponseState},
     proxy,
     reply::GatewayError,
     runtime::{Api, Runtime, Session},
@@ -43,13 +46,10 @@ impl Gateway {
         let rt = self.runtime();
         let mut ex = Exchange::default();
         // Only read for analytics, so copied only when a sink is on.
-        let seen = self.analytics.enabled().then(|| {
-            (
-                req.method().to_string(),
-                req.uri().path().to_owned(),
-                content_length(req.headers()),
-            )
-        });
+        let seen = self
+            .analytics
+            .enabled()
+            .then(|| (req.method().to_string(), req.uri().path().to_owned(), content_length(req.headers())));
         let response = match self.run(&rt, &mut ex, req.map(ProxyBody::Stream), peer).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -69,38 +69,59 @@ impl Gateway {
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         // 1. Route: Host, then the longest listen path.
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().host());
+        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
         let api = rt.router.route(host, req.uri().path()).ok_or(GatewayError::NoRoute)?;
         ex.api = Some(api.clone());
+        let plugins = &api.plugins;
+        if plugins.unavailable.is_some() {
+            return Err(GatewayError::PluginFailure);
+        }
+
+        let (parts, body) = req.into_parts();
+        let mut req = RequestState { parts, body: None, body_set: false };
+        let mut body = Some(body);
+        if plugins.request_body {
+            req.body = Some(buffer(body.take(), GatewayError::BadBody).await?);
+        }
+        let mut reply = ResponseState::default();
+        macro_rules! hooks {
+            ($hooks:expr) => {{
+                let mut x = PluginExchange { req: &mut req, resp: &mut reply, session: &mut ex.session, api, peer };
+                if let Next::Respond = plugins::run_phase($hooks, &mut x)? {
+                    ex.plugin_answered = true;
+                    return Ok(into_response(reply, None));
+                }
+            }};
+        }
 
         // 2. `pre` plugins.
+        hooks!(&plugins.pre);
 
         // 3. API-wide rate limit, before any key lookup so floods stay cheap.
         if let Some(rl) = api.entry.spec.rate_limit {
-            let d = self
-                .counters
-                .rate(&api.rate_key, rl.rate, rl.per.as_std())
-                .await
-                .map_err(auth::store_down)?;
+            let d = self.counters.rate(&api.rate_key, rl.rate, rl.per.as_std()).await.map_err(auth::store_down)?;
             if let Decision::Denied { retry_after } = d {
                 return Err(GatewayError::ApiRateLimited { retry_after });
             }
         }
 
         // 4. Auth. Keyless APIs skip 4-6.
-        let (parts, body) = req.into_parts();
         match api.entry.spec.auth.kind {
             AuthType::Keyless => {}
-            AuthType::AuthToken => ex.session = Some(auth::authenticate(rt, &api.entry.spec.auth.auth_token, &parts)?),
-            // The authCheck hook decides; until a plugin host serves it, refuse.
-            AuthType::Plugin => return Err(GatewayError::PluginFailure),
+            AuthType::AuthToken => {
+                ex.session = Some(auth::authenticate(rt, &api.entry.spec.auth.auth_token, &req.parts)?);
+            }
+            AuthType::Plugin => {
+                // The hook creates the session (or answers itself); none means refused.
+                hooks!(plugins.auth_check.as_slice());
+                if ex.session.is_none() {
+                    return Err(GatewayError::UnknownKey);
+                }
+            }
         }
 
         // 5. `postKeyAuth` plugins.
+        hooks!(&plugins.post_key_auth);
 
         // 6. Key checks: expiry, access rights, per-key rate limit, quota.
         let mut quota: Option<QuotaLeft> = None;
@@ -109,12 +130,36 @@ impl Gateway {
         }
 
         // 7. `post` plugins.
+        hooks!(&plugins.post);
 
-        // 8. Upstream.
-        let (mut resp, took) = proxy::forward(&self.client, api, Request::from_parts(parts, body), peer).await?;
+        // 8. Upstream. Response hooks see the request too, so they get a copy of it.
+        let seen_by_response_hooks = (!plugins.response.is_empty()).then(|| copy_request(&req.parts));
+        let body = match (req.body, body) {
+            (Some(b), _) => {
+                fix_length(&mut req.parts.headers, b.len());
+                ProxyBody::from(b)
+            }
+            (None, Some(stream)) => stream,
+            (None, None) => ProxyBody::empty(),
+        };
+        let (mut resp, took) = proxy::forward(&self.client, api, Request::from_parts(req.parts, body), peer).await?;
         ex.upstream_latency = Some(took);
 
         // 9. `response` plugins, then the answer.
+        if let Some(parts) = seen_by_response_hooks {
+            let (head, body) = resp.into_parts();
+            let mut upstream =
+                ResponseState { status: head.status, headers: head.headers, body: None, body_set: false };
+            let mut body = Some(body);
+            if plugins.response_body {
+                upstream.body = Some(buffer(body.take(), GatewayError::UpstreamUnreachable).await?);
+            }
+            let mut req = RequestState { parts, body: None, body_set: false };
+            let mut x = PluginExchange { req: &mut req, resp: &mut upstream, session: &mut ex.session, api, peer };
+            // A response hook cannot answer instead of the upstream: it already answered.
+            let _ = plugins::run_phase(&plugins.response, &mut x)?;
+            resp = into_response(upstream, body);
+        }
         if let Some(q) = quota {
             let h = resp.headers_mut();
             h.insert(RATE_LIMIT_LIMIT.clone(), HeaderValue::from(q.limit));
@@ -159,13 +204,53 @@ impl Gateway {
             key_alias: ex.session.as_ref().map(|s| s.alias.clone()),
             client_ip: peer.ip().to_string(),
             request_bytes,
-            response_bytes: http_body::Body::size_hint(resp.body())
-                .exact()
-                .or_else(|| content_length(resp.headers())),
+            response_bytes: http_body::Body::size_hint(resp.body()).exact().or_else(|| content_length(resp.headers())),
             plugin_answered: ex.plugin_answered,
             error: ex.error.map(GatewayError::reason),
         });
     }
+}
+
+/// Bodies hooks read are held in memory; past this the request is refused with 413.
+const BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+async fn buffer(body: Option<ProxyBody>, on_error: GatewayError) -> Result<Bytes, GatewayError> {
+    let Some(body) = body else { return Ok(Bytes::new()) };
+    match Limited::new(body, BODY_LIMIT).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(GatewayError::BodyTooLarge),
+        Err(_) => Err(on_error),
+    }
+}
+
+/// After a body was buffered or replaced: its length is known, so say it.
+fn fix_length(h: &mut http::HeaderMap, len: usize) {
+    h.remove(http::header::TRANSFER_ENCODING);
+    h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+/// A response from hook state: a body a hook set or buffered wins over the stream.
+fn into_response(mut r: ResponseState, stream: Option<ProxyBody>) -> Response<ProxyBody> {
+    let body = match (r.body, stream) {
+        (Some(b), _) => {
+            fix_length(&mut r.headers, b.len());
+            ProxyBody::from(b)
+        }
+        (None, Some(s)) => s,
+        (None, None) => ProxyBody::empty(),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = r.status;
+    *resp.headers_mut() = r.headers;
+    resp
+}
+
+fn copy_request(p: &http::request::Parts) -> http::request::Parts {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = p.method.clone();
+    parts.uri = p.uri.clone();
+    parts.headers = p.headers.clone();
+    parts
 }
 
 fn content_length(h: &http::HeaderMap) -> Option<u64> {

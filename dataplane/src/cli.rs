@@ -20,6 +20,10 @@ pub struct Cli {
     /// Where analytics records go: `none`, `stdout`, or `file:PATH` (JSON lines).
     #[arg(long, default_value = "none", value_parser = parse_analytics)]
     pub analytics: AnalyticsSink,
+    /// Where plugin libraries are copied, by content hash, before loading. Must be
+    /// writable; in a pod, an emptyDir.
+    #[arg(long, value_name = "DIR", default_value = "/tmp/gatehouse/plugins")]
+    pub plugin_dir: PathBuf,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

@@ -9,7 +9,10 @@ use std::sync::{
 use arc_swap::ArcSwap;
 use gatehouse_crds::snapshot::Snapshot;
 
-use crate::{analytics::Analytics, limits::MemoryStore, metrics::Metrics, proxy::UpstreamClient, runtime::Runtime};
+use crate::{
+    analytics::Analytics, limits::MemoryStore, metrics::Metrics, plugins::Loader, proxy::UpstreamClient,
+    runtime::Runtime,
+};
 
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
@@ -21,11 +24,12 @@ pub struct Gateway {
     pub counters: MemoryStore,
     pub analytics: Analytics,
     pub metrics: Metrics,
+    pub loader: Loader,
 }
 
 impl Gateway {
-    pub fn new(metrics: Metrics, analytics: Analytics) -> Self {
-        let empty = Runtime::build(&Snapshot::default(), &metrics);
+    pub fn new(metrics: Metrics, analytics: Analytics, loader: Loader) -> Self {
+        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader);
         Self {
             runtime: ArcSwap::from_pointee(empty),
             ready: AtomicBool::new(false),
@@ -34,6 +38,7 @@ impl Gateway {
             counters: MemoryStore::default(),
             analytics,
             metrics,
+            loader,
         }
     }
 
@@ -44,12 +49,19 @@ impl Gateway {
 
     /// Swaps in a new config: requests in flight finish on the old one.
     pub fn apply(&self, snapshot: &Snapshot) {
-        let rt = Runtime::build(snapshot, &self.metrics);
-        self.metrics
-            .config_version
-            .set(i64::try_from(rt.version).unwrap_or(i64::MAX));
+        let rt = Runtime::build(snapshot, &self.metrics, &self.loader);
+        self.metrics.config_version.set(i64::try_from(rt.version).unwrap_or(i64::MAX));
         self.runtime.store(Arc::new(rt));
         self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether a plugin file now holds other content than the one being served.
+    pub fn plugins_changed(&self) -> bool {
+        self.runtime
+            .load()
+            .plugin_files
+            .iter()
+            .any(|(path, served)| crate::plugins::Loader::file_hash(std::path::Path::new(path)).ok() != *served)
     }
 
     pub fn set_source_errors(&self, errors: Vec<String>) {

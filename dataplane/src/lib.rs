@@ -3,7 +3,9 @@
 //!
 //! `run` wires the pieces: config source → [`gateway::Gateway`] → [`server`] for clients
 //! and for the admin port. The chain itself reads top to bottom in [`chain`].
-#![forbid(unsafe_code)]
+// `unsafe` only at the plugin boundary: `plugins::ffi` allows it, with a SAFETY comment on
+// every block.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod analytics;
@@ -14,6 +16,7 @@ mod cli;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
+pub mod plugins;
 pub mod proxy;
 pub mod reply;
 pub mod router;
@@ -32,9 +35,7 @@ use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -44,15 +45,12 @@ pub fn init_logging(format: LogFormat) {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
-    let gw = Arc::new(Gateway::new(metrics, analytics));
+    let gw = Arc::new(Gateway::new(metrics, analytics, plugins::Loader::new(cli.plugin_dir.clone())));
 
     let source = Standalone::new(cli.config.clone())?;
-    let listener = TcpListener::bind(cli.listen)
-        .await
-        .with_context(|| format!("--listen {}", cli.listen))?;
-    let admin = TcpListener::bind(cli.admin_listen)
-        .await
-        .with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
+    let listener = TcpListener::bind(cli.listen).await.with_context(|| format!("--listen {}", cli.listen))?;
+    let admin =
+        TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %cli.config.display(), "gatehouse dataplane starting");
 
     let (stop_tx, stop) = watch::channel(false);

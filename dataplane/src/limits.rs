@@ -60,11 +60,7 @@ struct QuotaWindow {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self {
-            epoch: Instant::now(),
-            rates: DashMap::new(),
-            quotas: DashMap::new(),
-        }
+        Self { epoch: Instant::now(), rates: DashMap::new(), quotas: DashMap::new() }
     }
 }
 
@@ -79,14 +75,10 @@ impl MemoryStore {
         let decide = |tat: &mut u64| {
             let next = (*tat).max(now) + interval;
             if next - now > per {
-                Decision::Denied {
-                    retry_after: Duration::from_nanos(next - per - now),
-                }
+                Decision::Denied { retry_after: Duration::from_nanos(next - per - now) }
             } else {
                 *tat = next;
-                Decision::Allowed {
-                    remaining: (per - (next - now)) / interval,
-                }
+                Decision::Allowed { remaining: (per - (next - now)) / interval }
             }
         };
         if let Some(mut tat) = self.rates.get_mut(key) {
@@ -104,20 +96,13 @@ impl MemoryStore {
         let renewal = renewal.as_nanos() as u64;
         let decide = |w: &mut QuotaWindow| {
             if now >= w.ends {
-                *w = QuotaWindow {
-                    used: 0,
-                    ends: now + renewal,
-                };
+                *w = QuotaWindow { used: 0, ends: now + renewal };
             }
             if w.used >= max {
-                Decision::Denied {
-                    retry_after: Duration::from_nanos(w.ends - now),
-                }
+                Decision::Denied { retry_after: Duration::from_nanos(w.ends - now) }
             } else {
                 w.used += 1;
-                Decision::Allowed {
-                    remaining: max - w.used,
-                }
+                Decision::Allowed { remaining: max - w.used }
             }
         };
         if let Some(mut w) = self.quotas.get_mut(key) {
@@ -151,19 +136,11 @@ mod tests {
         let m = MemoryStore::default();
         let per = Duration::from_secs(1);
         for i in 0..5 {
-            assert!(
-                matches!(m.rate_at("k", 5, per, 10 * S), Decision::Allowed { .. }),
-                "request {i}"
-            );
+            assert!(matches!(m.rate_at("k", 5, per, 10 * S), Decision::Allowed { .. }), "request {i}");
         }
-        let Decision::Denied { retry_after } = m.rate_at("k", 5, per, 10 * S) else {
-            panic!("6th allowed")
-        };
+        let Decision::Denied { retry_after } = m.rate_at("k", 5, per, 10 * S) else { panic!("6th allowed") };
         assert_eq!(retry_after, Duration::from_millis(200));
-        assert!(
-            matches!(m.rate_at("other", 5, per, 10 * S), Decision::Allowed { .. }),
-            "keys are independent"
-        );
+        assert!(matches!(m.rate_at("other", 5, per, 10 * S), Decision::Allowed { .. }), "keys are independent");
         for _ in 0..5 {
             assert!(matches!(m.rate_at("k", 5, per, 11 * S), Decision::Allowed { .. }));
         }
@@ -172,18 +149,9 @@ mod tests {
     #[test]
     fn rate_reports_remaining() {
         let m = MemoryStore::default();
-        assert_eq!(
-            m.rate_at("k", 3, Duration::from_secs(3), S),
-            Decision::Allowed { remaining: 2 }
-        );
-        assert_eq!(
-            m.rate_at("k", 3, Duration::from_secs(3), S),
-            Decision::Allowed { remaining: 1 }
-        );
-        assert_eq!(
-            m.rate_at("k", 3, Duration::from_secs(3), S),
-            Decision::Allowed { remaining: 0 }
-        );
+        assert_eq!(m.rate_at("k", 3, Duration::from_secs(3), S), Decision::Allowed { remaining: 2 });
+        assert_eq!(m.rate_at("k", 3, Duration::from_secs(3), S), Decision::Allowed { remaining: 1 });
+        assert_eq!(m.rate_at("k", 3, Duration::from_secs(3), S), Decision::Allowed { remaining: 0 });
     }
 
     #[test]
@@ -192,12 +160,7 @@ mod tests {
         let renewal = Duration::from_secs(60);
         assert_eq!(m.quota_at("k", 2, renewal, S), Decision::Allowed { remaining: 1 });
         assert_eq!(m.quota_at("k", 2, renewal, 2 * S), Decision::Allowed { remaining: 0 });
-        assert_eq!(
-            m.quota_at("k", 2, renewal, 3 * S),
-            Decision::Denied {
-                retry_after: Duration::from_secs(58)
-            }
-        );
+        assert_eq!(m.quota_at("k", 2, renewal, 3 * S), Decision::Denied { retry_after: Duration::from_secs(58) });
         assert_eq!(m.quota_at("k", 2, renewal, 61 * S), Decision::Allowed { remaining: 1 });
     }
 }

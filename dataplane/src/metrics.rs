@@ -7,9 +7,8 @@ use prometheus::{
 
 use crate::reply::GatewayError;
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 pub struct Metrics {
     registry: Registry,
@@ -20,6 +19,9 @@ pub struct Metrics {
     pub config_version: IntGauge,
     pub config_reloads: IntCounterVec,
     pub analytics_dropped: IntCounter,
+    pub plugin_calls: IntCounterVec,
+    pub plugin_duration: HistogramVec,
+    pub plugin_failures: IntCounterVec,
     /// Handles for requests that matched no API.
     pub unrouted: ApiMetrics,
 }
@@ -43,9 +45,7 @@ impl ApiMetrics {
 
     /// Rejections are rare; resolving the label here keeps the config build small.
     pub fn reject(&self, e: GatewayError) {
-        self.rejections
-            .with_label_values(&[self.api.as_str(), e.reason()])
-            .inc();
+        self.rejections.with_label_values(&[self.api.as_str(), e.reason()]).inc();
     }
 }
 
@@ -63,32 +63,20 @@ impl Metrics {
             &["api", "code"],
         ));
         let duration = must(HistogramVec::new(
-            HistogramOpts::new(
-                "gatehouse_request_duration_seconds",
-                "Time from request to response headers",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("gatehouse_request_duration_seconds", "Time from request to response headers")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["api"],
         ));
         let upstream = must(HistogramVec::new(
-            HistogramOpts::new(
-                "gatehouse_upstream_duration_seconds",
-                "Time the upstream took to send headers",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("gatehouse_upstream_duration_seconds", "Time the upstream took to send headers")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["api"],
         ));
         let rejections = must(IntCounterVec::new(
-            Opts::new(
-                "gatehouse_rejections_total",
-                "Requests the gateway ended itself, by reason",
-            ),
+            Opts::new("gatehouse_rejections_total", "Requests the gateway ended itself, by reason"),
             &["api", "reason"],
         ));
-        let config_version = must(IntGauge::new(
-            "gatehouse_config_version",
-            "Version of the config being served",
-        ));
+        let config_version = must(IntGauge::new("gatehouse_config_version", "Version of the config being served"));
         let config_reloads = must(IntCounterVec::new(
             Opts::new("gatehouse_config_reloads_total", "Config loads, by result"),
             &["result"],
@@ -97,6 +85,26 @@ impl Metrics {
             "gatehouse_analytics_dropped_total",
             "Analytics records dropped because the sink fell behind",
         ));
+        let hook_labels = &["plugin", "symbol", "phase", "event"];
+        let plugin_calls = must(IntCounterVec::new(
+            Opts::new("gatehouse_plugin_calls_total", "Plugin hook calls, by plugin file, symbol and phase"),
+            hook_labels,
+        ));
+        let plugin_duration = must(HistogramVec::new(
+            HistogramOpts::new("gatehouse_plugin_duration_seconds", "Time spent in plugin hooks")
+                .buckets(vec![1e-6, 5e-6, 2.5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.025, 0.1, 0.5]),
+            hook_labels,
+        ));
+        let plugin_failures = must(IntCounterVec::new(
+            Opts::new(
+                "gatehouse_plugin_failures_total",
+                "Plugin hook calls that failed (kind=error) or panicked (kind=panic)",
+            ),
+            &["plugin", "symbol", "phase", "event", "kind"],
+        ));
+        reg(Box::new(plugin_calls.clone()));
+        reg(Box::new(plugin_duration.clone()));
+        reg(Box::new(plugin_failures.clone()));
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(upstream.clone()));
@@ -114,6 +122,9 @@ impl Metrics {
             config_version,
             config_reloads,
             analytics_dropped,
+            plugin_calls,
+            plugin_duration,
+            plugin_failures,
         }
     }
 

@@ -42,9 +42,7 @@ pub async fn forward(
     let uri = upstream_uri(api, &target.authority, &target.base_path, req.uri())?;
     let original_host = req.headers_mut().remove(header::HOST).or_else(|| {
         // HTTP/2 clients send :authority instead of Host.
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
@@ -141,9 +139,7 @@ mod tests {
         let mut a = std::sync::Arc::into_inner(a).expect("sole owner");
         a.entry.spec.strip_listen_path = strip;
         let t = a.pick_target();
-        upstream_uri(&a, &t.authority, &t.base_path, &incoming.parse().expect("uri"))
-            .expect("maps")
-            .to_string()
+        upstream_uri(&a, &t.authority, &t.base_path, &incoming.parse().expect("uri")).expect("maps").to_string()
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum GatewayError {
     PluginFailure,
     #[error("counter store unavailable")]
     StoreUnavailable,
+    #[error("body too large for the plugins that read it")]
+    BodyTooLarge,
+    #[error("could not read the request body")]
+    BadBody,
 }
 
 impl GatewayError {
@@ -48,6 +52,8 @@ impl GatewayError {
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             PluginFailure | StoreUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BadBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -67,6 +73,8 @@ impl GatewayError {
             UpstreamTimeout => "upstream_timeout",
             PluginFailure => "plugin_failure",
             StoreUnavailable => "store_unavailable",
+            BodyTooLarge => "body_too_large",
+            BadBody => "bad_body",
         }
     }
 
@@ -85,6 +93,8 @@ impl GatewayError {
             UpstreamTimeout => r#"{"error":"upstream timed out"}"#,
             PluginFailure => r#"{"error":"plugin failure"}"#,
             StoreUnavailable => r#"{"error":"counter store unavailable"}"#,
+            BodyTooLarge => r#"{"error":"body too large for the plugins that read it"}"#,
+            BadBody => r#"{"error":"could not read the request body"}"#,
         }
     }
 
@@ -105,8 +115,7 @@ impl GatewayError {
 pub fn json(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::from(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 

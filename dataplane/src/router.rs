@@ -60,10 +60,7 @@ impl Router {
             return self.any_host.insert(api.clone());
         }
         for h in &api.entry.spec.hosts {
-            self.by_host
-                .entry(h.to_ascii_lowercase())
-                .or_default()
-                .insert(api.clone())?;
+            self.by_host.entry(h.to_ascii_lowercase()).or_default().insert(api.clone())?;
         }
         Ok(())
     }
@@ -141,18 +138,11 @@ mod tests {
 
     #[test]
     fn host_routes_win_ties_and_ignore_case_and_port() {
-        let r = router(&[
-            ("any", "/a/", &[]),
-            ("host", "/a/", &["api.example.com"]),
-            ("root", "/", &["Other.example"]),
-        ]);
+        let r =
+            router(&[("any", "/a/", &[]), ("host", "/a/", &["api.example.com"]), ("root", "/", &["Other.example"])]);
         assert_eq!(routed(&r, Some("API.example.com:8080"), "/a/x"), Some("host"));
         assert_eq!(routed(&r, Some("elsewhere"), "/a/x"), Some("any"));
-        assert_eq!(
-            routed(&r, Some("other.example"), "/a/x"),
-            Some("any"),
-            "longer any-host prefix wins"
-        );
+        assert_eq!(routed(&r, Some("other.example"), "/a/x"), Some("any"), "longer any-host prefix wins");
         assert_eq!(routed(&r, Some("other.example"), "/b"), Some("root"));
     }
 

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::{
     metrics::{ApiMetrics, Metrics},
+    plugins::{ChainBuilder, Loader, PluginChain, PluginReport},
     router::Router,
 };
 
@@ -33,6 +34,8 @@ pub struct Runtime {
     keys: HashMap<[u8; 32], Arc<Session>>,
     /// Per-resource results, for /config and acknowledgements.
     pub report: Report,
+    /// Each Plugin file and the content hash loaded from it (None: not loaded).
+    pub plugin_files: Vec<(String, Option<String>)>,
 }
 
 pub struct Api {
@@ -45,6 +48,10 @@ pub struct Api {
     /// Counter-store key of the API-wide rate limit.
     pub rate_key: Arc<str>,
     pub metrics: ApiMetrics,
+    pub plugins: PluginChain,
+    /// What plugins read through `api_config_data` and `api_spec`, serialised once.
+    pub config_data_json: String,
+    pub spec_json: String,
 }
 
 pub struct Target {
@@ -53,7 +60,8 @@ pub struct Target {
     pub base_path: String,
 }
 
-/// A key's session, looked up by the SHA-256 of the key.
+/// A key's session, looked up by the SHA-256 of the key, or created by an `authCheck` hook.
+#[derive(Clone)]
 pub struct Session {
     /// `namespace/name` of the key Secret.
     pub alias: Arc<str>,
@@ -69,6 +77,7 @@ pub struct Session {
 pub struct Report {
     pub version: u64,
     pub apis: Vec<ApiReport>,
+    pub plugins: Vec<PluginReport>,
     pub keys: usize,
 }
 
@@ -95,13 +104,9 @@ impl Api {
         &self.targets[i % self.targets.len()]
     }
 
-    fn compile(entry: &ApiEntry, metrics: &Metrics) -> Result<Self, String> {
+    fn compile(entry: &ApiEntry, metrics: &Metrics, plugins: PluginChain) -> Result<Self, String> {
         let id: Arc<str> = Arc::from(entry.id());
-        let targets = entry
-            .targets
-            .iter()
-            .map(|t| parse_target(t))
-            .collect::<Result<Vec<_>, _>>()?;
+        let targets = entry.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>, _>>()?;
         if targets.is_empty() {
             return Err("spec.upstream: no targets".to_owned());
         }
@@ -112,6 +117,9 @@ impl Api {
             timeout: entry.spec.upstream.timeout.map_or(DEFAULT_TIMEOUT, |t| t.as_std()),
             rate_key: Arc::from(format!("api:{id}")),
             metrics: metrics.for_api(&id),
+            config_data_json: entry.spec.config_data.as_ref().map_or_else(|| "null".to_owned(), |v| v.to_string()),
+            spec_json: serde_json::to_string(&entry.spec).unwrap_or_else(|_| "{}".to_owned()),
+            plugins,
             entry: entry.clone(),
             id,
         })
@@ -120,14 +128,8 @@ impl Api {
 
 fn parse_target(url: &str) -> Result<Target, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("spec.upstream: {url:?}: {e}"))?;
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
-    Ok(Target {
-        authority,
-        base_path: uri.path().trim_end_matches('/').to_owned(),
-    })
+    let authority = uri.authority().cloned().ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
+    Ok(Target { authority, base_path: uri.path().trim_end_matches('/').to_owned() })
 }
 
 impl Session {
@@ -147,6 +149,18 @@ impl Session {
         ))
     }
 
+    pub fn from_plugin(namespace: &str, plugin: &str, id: &str, session: KeySession) -> Self {
+        let scoped = format!("{plugin}:{id}");
+        Self {
+            alias: Arc::from(id),
+            hash: Arc::from(""),
+            namespace: namespace.to_owned(),
+            session,
+            rate_key: Arc::from(format!("key:{scoped}")),
+            quota_key: Arc::from(format!("quota:{scoped}")),
+        }
+    }
+
     /// Keys grant APIs by name, in their own namespace only.
     pub fn may_access(&self, api: &Api) -> bool {
         self.namespace == api.entry.namespace && self.session.access_rights.contains(&api.entry.name)
@@ -154,31 +168,35 @@ impl Session {
 }
 
 impl Runtime {
-    pub fn build(snapshot: &Snapshot, metrics: &Metrics) -> Self {
+    pub fn build(snapshot: &Snapshot, metrics: &Metrics, loader: &Loader) -> Self {
         let mut router = Router::default();
-        let mut report = Report {
-            version: snapshot.version,
-            ..Default::default()
-        };
+        let mut report = Report { version: snapshot.version, ..Default::default() };
+        let plugins = ChainBuilder::new(snapshot, loader, metrics);
         for entry in snapshot.apis.values() {
             let mut state = "serving".to_owned();
             if !entry.spec.active {
                 state = "inactive".to_owned();
             } else {
-                match Api::compile(entry, metrics) {
+                let (chain, notes) = plugins.chain(entry);
+                let failing = chain.unavailable.clone();
+                match Api::compile(entry, metrics, chain) {
                     Ok(api) => {
                         if let Err(holder) = router.insert(&Arc::new(api)) {
                             state = format!(
                                 "spec.listenPath: {} is already served by {}",
                                 entry.spec.listen_path, holder.id
                             );
+                        } else if let Some(reason) = failing {
+                            state = format!("answering 500: {reason}");
+                        } else if !notes.is_empty() {
+                            state = format!("serving; {}", notes.join("; "));
                         }
                     }
                     Err(e) => state = e,
                 }
             }
             if state != "serving" && state != "inactive" {
-                tracing::warn!(api = %entry.id(), reason = %state, "API not served");
+                tracing::warn!(api = %entry.id(), reason = %state, "API not served as declared");
             }
             report.apis.push(ApiReport {
                 id: entry.id(),
@@ -187,18 +205,12 @@ impl Runtime {
                 state,
             });
         }
-        let keys: HashMap<_, _> = snapshot
-            .keys
-            .values()
-            .filter_map(|k| Session::compile(k).map(|(h, s)| (h, Arc::new(s))))
-            .collect();
+        let keys: HashMap<_, _> =
+            snapshot.keys.values().filter_map(|k| Session::compile(k).map(|(h, s)| (h, Arc::new(s)))).collect();
         report.keys = keys.len();
-        Self {
-            version: snapshot.version,
-            router,
-            keys,
-            report,
-        }
+        let plugin_files = plugins.loaded_hashes();
+        report.plugins = plugins.reports;
+        Self { version: snapshot.version, router, keys, report, plugin_files }
     }
 
     pub fn session(&self, key_sha256: &[u8; 32]) -> Option<&Arc<Session>> {
@@ -219,7 +231,7 @@ pub(crate) mod tests {
             panic!("bad test API: {:?}", parsed.rejected)
         };
         let entry = ApiEntry::compile(&a, None).expect("compiles");
-        Arc::new(Api::compile(&entry, &Metrics::new()).expect("compiles"))
+        Arc::new(Api::compile(&entry, &Metrics::new(), PluginChain::default()).expect("compiles"))
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! resources it had, and a resource that fails validation keeps its last good version.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -33,11 +33,7 @@ const SETTLE: Duration = Duration::from_millis(150);
 impl Standalone {
     pub fn new(path: PathBuf) -> anyhow::Result<Self> {
         std::fs::metadata(&path).with_context(|| format!("--config {}", path.display()))?;
-        Ok(Self {
-            path,
-            good: BTreeMap::new(),
-            current: Snapshot::default(),
-        })
+        Ok(Self { path, good: BTreeMap::new(), current: Snapshot::default() })
     }
 
     /// Reads everything again and applies it if anything changed.
@@ -68,10 +64,7 @@ impl Standalone {
             }
             for (id, r) in parsed.resources {
                 if let Some((other, _)) = next.get(&id) {
-                    errors.push(format!(
-                        "{label}: {id}: also defined in {}; keeping that one",
-                        other.display()
-                    ));
+                    errors.push(format!("{label}: {id}: also defined in {}; keeping that one", other.display()));
                     continue;
                 }
                 next.insert(id, (file.clone(), r));
@@ -86,11 +79,7 @@ impl Standalone {
                         false
                     }
                 };
-                errors.push(format!(
-                    "{}{}",
-                    rej.error,
-                    if kept { " (serving its last good version)" } else { "" }
-                ));
+                errors.push(format!("{}{}", rej.error, if kept { " (serving its last good version)" } else { "" }));
             }
         }
         for file in unreadable {
@@ -106,13 +95,10 @@ impl Standalone {
         for e in &errors {
             tracing::warn!(config = %self.path.display(), "{e}");
         }
-        gw.metrics
-            .config_reloads
-            .with_label_values(&[if errors.is_empty() { "ok" } else { "partial" }])
-            .inc();
+        gw.metrics.config_reloads.with_label_values(&[if errors.is_empty() { "ok" } else { "partial" }]).inc();
         gw.set_source_errors(errors);
         self.good = next;
-        if snapshot == self.current && gw.is_ready() {
+        if snapshot == self.current && gw.is_ready() && !gw.plugins_changed() {
             return;
         }
         snapshot.version = self.current.version + 1;
@@ -145,10 +131,7 @@ impl Standalone {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.path)? {
             let p = entry?.path();
-            let hidden = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_none_or(|n| n.starts_with('.'));
+            let hidden = p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
             let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
             if !hidden && yaml && p.is_file() {
                 out.push(p);
@@ -170,18 +153,29 @@ impl Standalone {
         })?;
         // Watch the directory even for a single file: editors and ConfigMap updates
         // replace files rather than write them in place.
-        let watched = if self.path.is_dir() {
-            self.path.clone()
-        } else {
-            parent(&self.path)
-        };
-        watcher.watch(&watched, notify::RecursiveMode::NonRecursive)?;
-        while rx.recv().await.is_some() {
+        let config_dir = if self.path.is_dir() { self.path.clone() } else { parent(&self.path) };
+        watcher.watch(&config_dir, notify::RecursiveMode::NonRecursive)?;
+        let mut watched = BTreeSet::from([config_dir]);
+        loop {
+            // Plugin files change too (hot reload): watch the directories they are in.
+            for p in self.current.plugins.values() {
+                let dir = parent(Path::new(&p.spec.path));
+                if !watched.contains(&dir) {
+                    match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                        Ok(()) => {
+                            watched.insert(dir);
+                        }
+                        Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot watch plugin directory yet"),
+                    }
+                }
+            }
+            if rx.recv().await.is_none() {
+                return Ok(());
+            }
             tokio::time::sleep(SETTLE).await;
             while rx.try_recv().is_ok() {}
             self.reload(&gw);
         }
-        Ok(())
     }
 }
 

@@ -34,40 +34,23 @@ async fn routes_by_longest_prefix_and_host_strips_listen_path_and_skips_inactive
     let gw = Gatehouse::start(cfg.path(), &[]).await;
 
     let j = gw.get("/a/b/c?x=1").await.json();
-    assert_eq!(
-        (j["path"].as_str(), j["query"].as_str()),
-        (Some("/base/c"), Some("x=1"))
-    );
+    assert_eq!((j["path"].as_str(), j["query"].as_str()), (Some("/base/c"), Some("x=1")));
     assert_eq!(gw.get("/a/bc").await.json()["path"], "/bc");
     assert_eq!(gw.get("/keep/x").await.json()["path"], "/keep/x");
-    assert_eq!(
-        gw.get("/anything").await.json()["path"],
-        "/anything",
-        "/ catches the rest"
-    );
+    assert_eq!(gw.get("/anything").await.json()["path"], "/anything", "/ catches the rest");
 
     // Host routes win; the upstream sees the original host in X-Forwarded-Host.
     let j = gw.get_with("/a/x", &[("host", "api.example.com")]).await.json();
     assert_eq!(j["headers"]["x-forwarded-host"], "api.example.com");
     assert_eq!(j["headers"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(j["headers"]["x-forwarded-proto"], "http");
-    assert_eq!(
-        gw.metric(r#"gatehouse_requests_total{api="default/hosted",code="2xx"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(gw.metric(r#"gatehouse_requests_total{api="default/hosted",code="2xx"}"#).await, 1.0);
 
     // Inactive APIs are not served: /off/ falls through to the root API.
     assert_eq!(gw.get("/off/x").await.json()["path"], "/off/x");
     let cfg_state = gw.config().await;
     assert!(cfg_state["errors"].as_array().unwrap().is_empty(), "{cfg_state}");
-    let off = cfg_state["apis"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["id"] == "default/disabled")
-        .unwrap()
-        .clone();
+    let off = cfg_state["apis"].as_array().unwrap().iter().find(|a| a["id"] == "default/disabled").unwrap().clone();
     assert_eq!(off["state"], "inactive");
 }
 
@@ -90,13 +73,7 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     let cfg = ConfigDir::new();
     cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
     let gw = Gatehouse::start(cfg.path(), &[]).await;
-    let j = gw
-        .get_with(
-            "/a/x",
-            &[("connection", "x-private"), ("x-private", "1"), ("x-public", "2")],
-        )
-        .await
-        .json();
+    let j = gw.get_with("/a/x", &[("connection", "x-private"), ("x-private", "1"), ("x-public", "2")]).await.json();
     assert!(j["headers"].get("x-private").is_none(), "{j}");
     assert_eq!(j["headers"]["x-public"], "2");
 }
@@ -111,11 +88,7 @@ async fn bodies_stream_both_ways_without_buffering() {
     // Response: the upstream sends "one" and waits for the test to see it before "two".
     let resp = reqwest_like(&gw, Request::get(gw.url("/a/gate")).body(empty()).unwrap()).await;
     let mut body = resp.into_body();
-    let first = tokio::time::timeout(PATIENCE, body.frame())
-        .await
-        .expect("first chunk streamed")
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(PATIENCE, body.frame()).await.expect("first chunk streamed").unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "one");
     up.gate.notify_one();
     let rest = body.collect().await.unwrap().to_bytes();
@@ -127,9 +100,7 @@ async fn bodies_stream_both_ways_without_buffering() {
     let seen = up.first_chunk_seen.clone();
     let sender = tokio::spawn(async move {
         tx.send_data(Bytes::from_static(b"first;")).await.unwrap();
-        tokio::time::timeout(PATIENCE, seen.notified())
-            .await
-            .expect("upstream got the first chunk while streaming");
+        tokio::time::timeout(PATIENCE, seen.notified()).await.expect("upstream got the first chunk while streaming");
         tx.send_data(Bytes::from_static(b"second")).await.unwrap();
     });
     let r = gw.send(req).await;
@@ -141,13 +112,8 @@ async fn bodies_stream_both_ways_without_buffering() {
     let r = gw.get(&format!("/a/big?bytes={big}")).await;
     assert_eq!(r.body.len(), big);
     assert!(r.body.iter().all(|&b| b == b'x'));
-    let r = gw
-        .send(
-            Request::post(gw.url("/a/upload"))
-                .body(Full::new(Bytes::from(vec![7u8; big])).boxed())
-                .unwrap(),
-        )
-        .await;
+    let r =
+        gw.send(Request::post(gw.url("/a/upload")).body(Full::new(Bytes::from(vec![7u8; big])).boxed()).unwrap()).await;
     assert_eq!(r.text(), big.to_string());
 }
 
@@ -167,35 +133,19 @@ async fn every_auth_outcome_has_its_status_and_message() {
         api("orders", "/orders/", &up.url(), auth),
         api("billing", "/billing/", &up.url(), auth),
         key("alice", "alice-key", "accessRights: [orders]\nmetaData: {team: shop}"),
-        key(
-            "old",
-            "old-key",
-            "accessRights: [orders]\nexpires: \"2020-01-01T00:00:00Z\"",
-        ),
+        key("old", "old-key", "accessRights: [orders]\nexpires: \"2020-01-01T00:00:00Z\""),
     ];
     cfg.write("apis.yaml", &text.concat());
     let gw = Gatehouse::start(cfg.path(), &[]).await;
 
     let r = gw.get("/orders/x").await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::UNAUTHORIZED, "authorization field missing")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::UNAUTHORIZED, "authorization field missing"));
     let r = gw.get_with("/orders/x", &[("authorization", "nope")]).await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::UNAUTHORIZED, "key not authorised")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::UNAUTHORIZED, "key not authorised"));
     let r = gw.get_with("/orders/x", &[("authorization", "old-key")]).await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::FORBIDDEN, "key has expired, please renew")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::FORBIDDEN, "key has expired, please renew"));
     let r = gw.get_with("/billing/x", &[("authorization", "alice-key")]).await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::FORBIDDEN, "access to this API has been disallowed")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::FORBIDDEN, "access to this API has been disallowed"));
     assert_eq!(up.hits(), 0, "rejected requests never reach the upstream");
 
     for r in [
@@ -207,26 +157,10 @@ async fn every_auth_outcome_has_its_status_and_message() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
     assert_eq!(up.hits(), 4);
-    assert_eq!(
-        gw.metric(r#"gatehouse_rejections_total{api="default/orders",reason="auth_missing"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(r#"gatehouse_rejections_total{api="default/orders",reason="auth_unknown"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(r#"gatehouse_rejections_total{api="default/orders",reason="key_expired"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(r#"gatehouse_rejections_total{api="default/billing",reason="access_denied"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(gw.metric(r#"gatehouse_rejections_total{api="default/orders",reason="auth_missing"}"#).await, 1.0);
+    assert_eq!(gw.metric(r#"gatehouse_rejections_total{api="default/orders",reason="auth_unknown"}"#).await, 1.0);
+    assert_eq!(gw.metric(r#"gatehouse_rejections_total{api="default/orders",reason="key_expired"}"#).await, 1.0);
+    assert_eq!(gw.metric(r#"gatehouse_rejections_total{api="default/billing",reason="access_denied"}"#).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,11 +170,7 @@ async fn key_rate_limit_reaches_429_and_recovers_after_per() {
     let auth = "  auth: {type: authToken}\n";
     cfg.write(
         "apis.yaml",
-        &[
-            api("a", "/a/", &up.url(), auth),
-            key("k", "k1", "rate: 3\nper: 1s\naccessRights: [a]"),
-        ]
-        .concat(),
+        &[api("a", "/a/", &up.url(), auth), key("k", "k1", "rate: 3\nper: 1s\naccessRights: [a]")].concat(),
     );
     let gw = Gatehouse::start(cfg.path(), &[]).await;
     let call = || gw.get_with("/a/x", &[("authorization", "k1")]);
@@ -248,18 +178,11 @@ async fn key_rate_limit_reaches_429_and_recovers_after_per() {
         assert_eq!(call().await.status, StatusCode::OK);
     }
     let r = call().await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded"));
     assert!(r.header("retry-after").parse::<u64>().unwrap() >= 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(call().await.status, StatusCode::OK, "recovered after per");
-    assert_eq!(
-        gw.metric(r#"gatehouse_rejections_total{api="default/a",reason="rate_limit"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(gw.metric(r#"gatehouse_rejections_total{api="default/a",reason="rate_limit"}"#).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,25 +191,14 @@ async fn api_rate_limit_counts_all_callers_and_recovers() {
     let cfg = ConfigDir::new();
     cfg.write(
         "apis.yaml",
-        &[
-            api("a", "/a/", &up.url(), "  rateLimit: {rate: 2, per: 1s}\n"),
-            api("b", "/b/", &up.url(), ""),
-        ]
-        .concat(),
+        &[api("a", "/a/", &up.url(), "  rateLimit: {rate: 2, per: 1s}\n"), api("b", "/b/", &up.url(), "")].concat(),
     );
     let gw = Gatehouse::start(cfg.path(), &[]).await;
     assert_eq!(gw.get("/a/1").await.status, StatusCode::OK);
     assert_eq!(gw.get("/a/2").await.status, StatusCode::OK);
     let r = gw.get("/a/3").await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::TOO_MANY_REQUESTS, "API rate limit exceeded")
-    );
-    assert_eq!(
-        gw.get("/b/1").await.status,
-        StatusCode::OK,
-        "other APIs are not limited"
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::TOO_MANY_REQUESTS, "API rate limit exceeded"));
+    assert_eq!(gw.get("/b/1").await.status, StatusCode::OK, "other APIs are not limited");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(gw.get("/a/4").await.status, StatusCode::OK);
 }
@@ -298,29 +210,19 @@ async fn quota_reaches_429_and_renews() {
     let auth = "  auth: {type: authToken}\n";
     cfg.write(
         "apis.yaml",
-        &[
-            api("a", "/a/", &up.url(), auth),
-            key("k", "k1", "quotaMax: 2\nquotaRenewal: 1s\naccessRights: [a]"),
-        ]
-        .concat(),
+        &[api("a", "/a/", &up.url(), auth), key("k", "k1", "quotaMax: 2\nquotaRenewal: 1s\naccessRights: [a]")]
+            .concat(),
     );
     let gw = Gatehouse::start(cfg.path(), &[]).await;
     let call = || gw.get_with("/a/x", &[("authorization", "k1")]);
     let r = call().await;
     assert_eq!(
-        (
-            r.status,
-            r.header("x-ratelimit-limit"),
-            r.header("x-ratelimit-remaining")
-        ),
+        (r.status, r.header("x-ratelimit-limit"), r.header("x-ratelimit-remaining")),
         (StatusCode::OK, "2", "1")
     );
     assert_eq!(call().await.header("x-ratelimit-remaining"), "0");
     let r = call().await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::TOO_MANY_REQUESTS, "quota exceeded")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::TOO_MANY_REQUESTS, "quota exceeded"));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(call().await.status, StatusCode::OK, "renewed");
 }
@@ -345,17 +247,13 @@ async fn hot_reload_under_load_swaps_config_without_failing_a_request() {
             }
         }));
     }
-    gw.wait_until("load to start", async || ok.load(Ordering::Relaxed) > 20)
-        .await;
+    gw.wait_until("load to start", async || ok.load(Ordering::Relaxed) > 20).await;
     for v in 2..=6 {
         let target = if v % 2 == 0 { &two } else { &one };
         cfg.write(
             "apis.yaml",
-            &[
-                api("a", "/a/", &target.url(), ""),
-                api(&format!("extra{v}"), &format!("/e{v}/"), &one.url(), ""),
-            ]
-            .concat(),
+            &[api("a", "/a/", &target.url(), ""), api(&format!("extra{v}"), &format!("/e{v}/"), &one.url(), "")]
+                .concat(),
         );
         gw.wait_version(v).await;
         let served_by = gw.get("/a/who").await.json()["upstream"].as_str().unwrap().to_owned();
@@ -381,10 +279,8 @@ async fn broken_files_are_reported_and_the_last_good_config_keeps_serving() {
 
     // Not YAML at all: the file's resources keep serving.
     cfg.write("a.yaml", "apiVersion: [unclosed\n");
-    gw.wait_until("the YAML error to be reported", async || {
-        gw.config().await["errors"].to_string().contains("a.yaml")
-    })
-    .await;
+    gw.wait_until("the YAML error to be reported", async || gw.config().await["errors"].to_string().contains("a.yaml"))
+        .await;
     assert_eq!(gw.get("/a/x").await.status, StatusCode::OK);
 
     // An unknown field: reported with file, resource and field; the last good version serves.
@@ -394,42 +290,24 @@ async fn broken_files_are_reported_and_the_last_good_config_keeps_serving() {
     })
     .await;
     let errors = gw.config().await["errors"].to_string();
-    assert!(
-        errors.contains("b.yaml: ApiDefinition default/b: spec.stripListenPth: unknown field"),
-        "{errors}"
-    );
+    assert!(errors.contains("b.yaml: ApiDefinition default/b: spec.stripListenPth: unknown field"), "{errors}");
     assert!(errors.contains("serving its last good version"), "{errors}");
     assert_eq!(gw.get("/b/x").await.status, StatusCode::OK);
 
     // An invalid value, likewise.
-    cfg.write(
-        "b.yaml",
-        &api("b", "/b/", &up.url(), "  rateLimit: {rate: 1, per: soon}\n"),
-    );
+    cfg.write("b.yaml", &api("b", "/b/", &up.url(), "  rateLimit: {rate: 1, per: soon}\n"));
     gw.wait_until("the bad duration to be reported", async || {
-        gw.config().await["errors"]
-            .to_string()
-            .contains("spec.rateLimit.per: invalid duration")
+        gw.config().await["errors"].to_string().contains("spec.rateLimit.per: invalid duration")
     })
     .await;
     assert_eq!(gw.get("/b/x").await.status, StatusCode::OK);
-    assert_eq!(
-        gw.config().await["version"].as_u64().unwrap(),
-        v,
-        "nothing changed while broken"
-    );
+    assert_eq!(gw.config().await["version"].as_u64().unwrap(), v, "nothing changed while broken");
 
     // Fixed: errors clear and the new config applies.
     cfg.write("a.yaml", &api("a", "/a2/", &up.url(), ""));
     cfg.write("b.yaml", &api("b", "/b/", &up.url(), ""));
-    gw.wait_until("the fixed config to apply", async || {
-        gw.get("/a2/x").await.status == StatusCode::OK
-    })
-    .await;
-    gw.wait_until("errors to clear", async || {
-        gw.config().await["errors"].as_array().unwrap().is_empty()
-    })
-    .await;
+    gw.wait_until("the fixed config to apply", async || gw.get("/a2/x").await.status == StatusCode::OK).await;
+    gw.wait_until("errors to clear", async || gw.config().await["errors"].as_array().unwrap().is_empty()).await;
     assert_eq!(gw.get("/a/x").await.status, StatusCode::NOT_FOUND);
 }
 
@@ -452,26 +330,12 @@ async fn upstream_down_is_502_and_slow_is_504_while_other_apis_keep_working() {
     );
     let gw = Gatehouse::start(cfg.path(), &[]).await;
     let r = gw.get("/down/x").await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::BAD_GATEWAY, "upstream unreachable")
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::BAD_GATEWAY, "upstream unreachable"));
     let r = gw.get("/slow/slow?ms=3000").await;
-    assert_eq!(
-        (r.status, r.error().as_str()),
-        (StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
-    );
-    assert_eq!(
-        gw.get("/slow/slow?ms=1").await.status,
-        StatusCode::OK,
-        "fast enough is fine"
-    );
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::GATEWAY_TIMEOUT, "upstream timed out"));
+    assert_eq!(gw.get("/slow/slow?ms=1").await.status, StatusCode::OK, "fast enough is fine");
     assert_eq!(gw.get("/ok/x").await.status, StatusCode::OK);
-    assert_eq!(
-        gw.metric(r#"gatehouse_requests_total{api="default/down",code="5xx"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(gw.metric(r#"gatehouse_requests_total{api="default/down",code="5xx"}"#).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,16 +343,10 @@ async fn analytics_records_are_written_for_answered_and_rejected_requests() {
     let up = Upstream::start("up").await;
     let cfg = ConfigDir::new();
     let auth = "  auth: {type: authToken}\n";
-    cfg.write(
-        "apis.yaml",
-        &[api("a", "/a/", &up.url(), auth), key("k", "k1", "accessRights: [a]")].concat(),
-    );
+    cfg.write("apis.yaml", &[api("a", "/a/", &up.url(), auth), key("k", "k1", "accessRights: [a]")].concat());
     let out = cfg.path().join("analytics.jsonl");
     let gw = Gatehouse::start(cfg.path(), &[&format!("--analytics=file:{}", out.display())]).await;
-    assert_eq!(
-        gw.get_with("/a/ok", &[("authorization", "k1")]).await.status,
-        StatusCode::OK
-    );
+    assert_eq!(gw.get_with("/a/ok", &[("authorization", "k1")]).await.status, StatusCode::OK);
     assert_eq!(gw.get("/a/nokey").await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(gw.get("/nowhere").await.status, StatusCode::NOT_FOUND);
 
@@ -514,15 +372,9 @@ async fn analytics_records_are_written_for_answered_and_rejected_requests() {
     assert_eq!(ok["client_ip"], "127.0.0.1");
     assert_eq!(ok["plugin_answered"], false);
     assert!(ok["response_bytes"].as_u64().unwrap() > 0);
-    assert_eq!(
-        (records[1]["status"].as_u64(), records[1]["error"].as_str()),
-        (Some(401), Some("auth_missing"))
-    );
+    assert_eq!((records[1]["status"].as_u64(), records[1]["error"].as_str()), (Some(401), Some("auth_missing")));
     assert!(records[1]["latency_upstream_ms"].is_null());
-    assert_eq!(
-        (records[2]["status"].as_u64(), records[2]["api_id"].as_str()),
-        (Some(404), None)
-    );
+    assert_eq!((records[2]["status"].as_u64(), records[2]["api_id"].as_str()), (Some(404), None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,27 +387,11 @@ async fn metrics_count_requests_latency_and_rejections() {
         gw.get("/a/x").await;
     }
     gw.get("/zzz").await;
-    assert_eq!(
-        gw.metric(r#"gatehouse_requests_total{api="default/a",code="2xx"}"#)
-            .await,
-        3.0
-    );
-    assert_eq!(
-        gw.metric(r#"gatehouse_request_duration_seconds_count{api="default/a"}"#)
-            .await,
-        3.0
-    );
-    assert_eq!(
-        gw.metric(r#"gatehouse_upstream_duration_seconds_count{api="default/a"}"#)
-            .await,
-        3.0
-    );
+    assert_eq!(gw.metric(r#"gatehouse_requests_total{api="default/a",code="2xx"}"#).await, 3.0);
+    assert_eq!(gw.metric(r#"gatehouse_request_duration_seconds_count{api="default/a"}"#).await, 3.0);
+    assert_eq!(gw.metric(r#"gatehouse_upstream_duration_seconds_count{api="default/a"}"#).await, 3.0);
     assert_eq!(gw.metric(r#"gatehouse_requests_total{api="",code="4xx"}"#).await, 1.0);
-    assert_eq!(
-        gw.metric(r#"gatehouse_rejections_total{api="",reason="no_route"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(gw.metric(r#"gatehouse_rejections_total{api="",reason="no_route"}"#).await, 1.0);
     assert_eq!(gw.metric("gatehouse_config_version").await, 1.0);
     let health = gw.admin("/healthz").await;
     assert_eq!(health.status, StatusCode::OK);
@@ -571,10 +407,7 @@ async fn readyz_waits_for_a_config_and_http2_clients_are_served() {
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Body>();
-    let resp = h2
-        .request(Request::get(gw.url("/a/h2")).body(empty()).unwrap())
-        .await
-        .unwrap();
+    let resp = h2.request(Request::get(gw.url("/a/h2")).body(empty()).unwrap()).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -594,8 +427,7 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
         let resp = client.request(Request::get(url).body(empty()).unwrap()).await.unwrap();
         (resp.status(), resp.into_body().collect().await.unwrap().to_bytes())
     });
-    gw.wait_until("the slow request to reach the upstream", async || up.hits() == 1)
-        .await;
+    gw.wait_until("the slow request to reach the upstream", async || up.hits() == 1).await;
     let status = tokio::task::spawn_blocking(move || (gw.terminate(), gw)).await.unwrap();
     let (code, body) = inflight.await.unwrap();
     assert_eq!((code, body.as_ref()), (StatusCode::OK, b"slept up".as_ref()));
@@ -605,14 +437,7 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_config_path_is_a_clear_startup_error() {
     let out = std::process::Command::new(binary())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--config",
-            "/nonexistent/gatehouse",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config", "/nonexistent/gatehouse"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -79,13 +79,7 @@ impl Upstream {
                 });
             }
         });
-        Self {
-            addr,
-            hits,
-            gate,
-            first_chunk_seen,
-            task,
-        }
+        Self { addr, hits, gate, first_chunk_seen, task }
     }
 
     pub fn url(&self) -> String {
@@ -100,10 +94,7 @@ impl Upstream {
 fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
     req.uri()
         .query()
-        .and_then(|q| {
-            q.split('&')
-                .find_map(|p| p.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-        })
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix(key)?.strip_prefix('=')?.parse().ok()))
         .unwrap_or(0)
 }
 
@@ -226,15 +217,7 @@ impl Gatehouse {
     /// Starts without waiting for a config to be applied.
     pub fn spawn(config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--config",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json", "--config"])
             .arg(config)
             .args(extra)
             .env("RUST_LOG", "info")
@@ -266,13 +249,7 @@ impl Gatehouse {
             Err(_) => panic!("gateway did not start; logs:\n{}", logs.lock().unwrap().join("\n")),
         };
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self {
-            child,
-            addr,
-            admin,
-            logs,
-            client,
-        }
+        Self { child, addr, admin, logs, client }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -301,9 +278,7 @@ impl Gatehouse {
     }
 
     pub async fn admin(&self, path: &str) -> Reply {
-        let req = Request::get(format!("http://{}{path}", self.admin))
-            .body(empty())
-            .unwrap();
+        let req = Request::get(format!("http://{}{path}", self.admin)).body(empty()).unwrap();
         Reply::read(self.client.request(req).await.expect("admin answers")).await
     }
 
@@ -312,10 +287,7 @@ impl Gatehouse {
     }
 
     pub async fn wait_ready(&self) {
-        self.wait_until("the gateway to be ready", async || {
-            self.admin("/readyz").await.status == StatusCode::OK
-        })
-        .await;
+        self.wait_until("the gateway to be ready", async || self.admin("/readyz").await.status == StatusCode::OK).await;
     }
 
     /// Waits until the served config version reaches `v`.
@@ -328,10 +300,7 @@ impl Gatehouse {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "config version {v} never applied; last /config: {last}\nlogs:\n{}",
-            self.logs()
-        );
+        panic!("config version {v} never applied; last /config: {last}\nlogs:\n{}", self.logs());
     }
 
     pub async fn wait_until(&self, what: &str, mut cond: impl AsyncFnMut() -> bool) {
@@ -346,19 +315,13 @@ impl Gatehouse {
 
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
         self.child.wait().unwrap()
     }
 
     pub async fn metric(&self, name_and_labels: &str) -> f64 {
         let text = self.admin("/metrics").await.text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok()).unwrap_or(0.0)
     }
 }
 
@@ -376,11 +339,7 @@ impl Reply {
     async fn read(resp: Response<Incoming>) -> Self {
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("body").to_bytes();
-        Self {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Self { status: parts.status, headers: parts.headers, body }
     }
 
     pub fn text(&self) -> String {
@@ -410,9 +369,7 @@ pub struct ConfigDir {
 
 impl ConfigDir {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Self { dir: tempfile::tempdir().unwrap() }
     }
 
     pub fn path(&self) -> &Path {

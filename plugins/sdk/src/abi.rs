@@ -170,23 +170,14 @@ pub struct gh_host_api {
 
 impl gh_str {
     pub const fn from_static(s: &'static str) -> Self {
-        Self {
-            ptr: s.as_ptr(),
-            len: s.len(),
-        }
+        Self { ptr: s.as_ptr(), len: s.len() }
     }
 
     pub fn new(b: &[u8]) -> Self {
-        Self {
-            ptr: b.as_ptr(),
-            len: b.len(),
-        }
+        Self { ptr: b.as_ptr(), len: b.len() }
     }
 
-    pub const EMPTY: gh_str = gh_str {
-        ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
-        len: 0,
-    };
+    pub const EMPTY: gh_str = gh_str { ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(), len: 0 };
 
     /// # Safety
     /// `ptr` must point to `len` readable bytes that outlive `'a`.

@@ -21,12 +21,7 @@ fn view(s: &str) -> gh_str {
 
 impl<'a> Call<'a> {
     pub(crate) fn new(raw: *mut gh_call, host: &'static gh_host_api, config: &'a str) -> Self {
-        Self {
-            raw,
-            host,
-            config,
-            _call: PhantomData,
-        }
+        Self { raw, host, config, _call: PhantomData }
     }
 
     /// Text the host returned. Host views live until the hook returns or the item changes;
@@ -63,17 +58,9 @@ impl<'a> Call<'a> {
         unsafe extern "C" fn collect(ctx: *mut c_void, name: gh_str, value: gh_str) {
             // SAFETY: `ctx` is the Vec passed below, alive and exclusively ours during the
             // call; `name` and `value` are readable for the callback's duration.
-            let (all, name, value) = unsafe {
-                (
-                    &mut *ctx.cast::<Vec<(String, String)>>(),
-                    name.as_bytes(),
-                    value.as_bytes(),
-                )
-            };
-            all.push((
-                String::from_utf8_lossy(name).into_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            ));
+            let (all, name, value) =
+                unsafe { (&mut *ctx.cast::<Vec<(String, String)>>(), name.as_bytes(), value.as_bytes()) };
+            all.push((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()));
         }
         let mut all: Vec<(String, String)> = Vec::new();
         // SAFETY: live call; the callback only runs during this call, while `all` lives.
@@ -82,11 +69,7 @@ impl<'a> Call<'a> {
     }
 
     fn set_header(&mut self, target: gh_target, name: &str, value: &str, add: bool) -> bool {
-        let f = if add {
-            self.host.header_add
-        } else {
-            self.host.header_set
-        };
+        let f = if add { self.host.header_add } else { self.host.header_set };
         // SAFETY: live call; both views outlive the call (the host copies them).
         unsafe { f(self.raw, target, view(name), view(value)) == 1 }
     }
@@ -117,10 +100,7 @@ impl<'a> Call<'a> {
 
     fn session(&self) -> Option<Session<'_>> {
         self.out_str(self.host.session_id)?;
-        Some(Session {
-            call: *self,
-            _borrow: PhantomData,
-        })
+        Some(Session { call: *self, _borrow: PhantomData })
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> bool {
@@ -129,10 +109,7 @@ impl<'a> Call<'a> {
     }
 
     fn api(&self) -> Api<'_> {
-        Api {
-            call: *self,
-            _borrow: PhantomData,
-        }
+        Api { call: *self, _borrow: PhantomData }
     }
 
     fn set_status(&mut self, status: u16) {
@@ -201,9 +178,8 @@ impl<'a> Request<'a> {
     pub fn create_session(&mut self, s: &SessionInit<'_>) -> Result<(), String> {
         let rights: Vec<gh_str> = s.access_rights.iter().map(|r| view(r)).collect();
         let (rate, per) = s.rate.map_or((0, 0), |(n, per)| (n, per.as_millis() as u64));
-        let (quota_max, renewal) = s.quota.map_or((-1, 0), |(n, r)| {
-            (i64::try_from(n).unwrap_or(i64::MAX), r.as_millis() as u64)
-        });
+        let (quota_max, renewal) =
+            s.quota.map_or((-1, 0), |(n, r)| (i64::try_from(n).unwrap_or(i64::MAX), r.as_millis() as u64));
         let init = gh_session_init {
             size: size_of::<gh_session_init>() as u32,
             _reserved: 0,
@@ -232,10 +208,7 @@ impl<'a> Request<'a> {
     /// with [`Reply::body`], [`Reply::json`] or [`Reply::send`], and return that `Flow`.
     pub fn respond(&mut self, status: u16) -> Reply<'_> {
         self.call.set_status(status);
-        Reply {
-            call: self.call,
-            _borrow: PhantomData,
-        }
+        Reply { call: self.call, _borrow: PhantomData }
     }
 }
 
@@ -304,10 +277,7 @@ impl<'a> Response<'a> {
     }
     /// The request this response answers (read-only).
     pub fn request(&self) -> RequestView<'_> {
-        RequestView {
-            call: self.call,
-            _borrow: PhantomData,
-        }
+        RequestView { call: self.call, _borrow: PhantomData }
     }
     pub fn session(&self) -> Option<Session<'_>> {
         self.call.session()
@@ -403,10 +373,7 @@ pub struct SessionInit<'s> {
 
 impl<'s> SessionInit<'s> {
     pub fn new(id: &'s str) -> Self {
-        Self {
-            id,
-            ..Default::default()
-        }
+        Self { id, ..Default::default() }
     }
     /// At most `n` requests every `per`.
     pub fn rate(mut self, n: u64, per: Duration) -> Self {

@@ -85,15 +85,11 @@ macro_rules! declare_plugin {
         /// The plugin's state, built once when the gateway loaded it.
         fn state() -> &'static $ty {
             // Initialised by the declaration's init, which the host runs before any hook.
-            __GATEHOUSE_STATE
-                .get()
-                .expect("gatehouse: plugin state used before init")
+            __GATEHOUSE_STATE.get().expect("gatehouse: plugin state used before init")
         }
         $crate::__declaration!(|| {
             let value: $ty = ($build)()?;
-            __GATEHOUSE_STATE
-                .set(value)
-                .map_err(|_| "plugin initialised twice".to_owned())
+            __GATEHOUSE_STATE.set(value).map_err(|_| "plugin initialised twice".to_owned())
         });
     };
 }
@@ -108,11 +104,7 @@ macro_rules! __declaration {
             magic: $crate::abi::GH_MAGIC,
             abi_major: $crate::abi::GH_ABI_MAJOR,
             abi_minor: $crate::abi::GH_ABI_MINOR,
-            flags: if cfg!(panic = "unwind") {
-                $crate::abi::GH_PLUGIN_PANIC_SAFE
-            } else {
-                0
-            },
+            flags: if cfg!(panic = "unwind") { $crate::abi::GH_PLUGIN_PANIC_SAFE } else { 0 },
             sdk: $crate::abi::gh_str::from_static($crate::SDK_VERSION),
             init: {
                 unsafe extern "C" fn init(host: *const $crate::abi::gh_host_api, err: *mut $crate::abi::gh_buf) -> i32 {

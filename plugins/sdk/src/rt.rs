@@ -70,10 +70,7 @@ pub fn init(host: *const gh_host_api, err: *mut gh_buf, f: impl FnOnce() -> Resu
         return 1;
     };
     if (table.size as usize) < size_of::<gh_host_api>() {
-        write_err(
-            err,
-            "the gateway is older than this plugin's SDK: rebuild the plugin against the gateway's SDK",
-        );
+        write_err(err, "the gateway is older than this plugin's SDK: rebuild the plugin against the gateway's SDK");
         return 1;
     }
     set_host(table);
@@ -85,10 +82,7 @@ pub fn init(host: *const gh_host_api, err: *mut gh_buf, f: impl FnOnce() -> Resu
             .map(|s| (*s).to_owned())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         LAST_PANIC.with(|l| *l.borrow_mut() = Some(format!("{msg}{at}")));
     }));
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -224,9 +218,7 @@ pub unsafe fn on_request_hook<T: Hook>(instance: *mut c_void, call: *mut gh_call
     let Some(hook) = (unsafe { instance.cast::<T>().as_ref() }) else {
         return GH_ERROR;
     };
-    run(call, |host| {
-        hook.on_request(&mut Request::new(Call::new(call, host, "null")))
-    })
+    run(call, |host| hook.on_request(&mut Request::new(Call::new(call, host, "null"))))
 }
 
 /// # Safety
@@ -236,7 +228,5 @@ pub unsafe fn on_response_hook<T: Hook>(instance: *mut c_void, call: *mut gh_cal
     let Some(hook) = (unsafe { instance.cast::<T>().as_ref() }) else {
         return GH_ERROR;
     };
-    run(call, |host| {
-        hook.on_response(&mut Response::new(Call::new(call, host, "null")))
-    })
+    run(call, |host| hook.on_response(&mut Response::new(Call::new(call, host, "null"))))
 }

@@ -56,10 +56,7 @@ impl TestCall {
     }
 
     pub fn with_session(mut self, id: &str, meta: &[(&str, &str)]) -> Self {
-        self.session = Some((
-            id.to_owned(),
-            meta.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-        ));
+        self.session = Some((id.to_owned(), meta.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()));
         self
     }
 
@@ -95,9 +92,7 @@ impl TestCall {
 }
 
 fn find<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    h.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 /// # Safety
@@ -144,11 +139,7 @@ unsafe extern "C" fn client_ip(_: *mut gh_call) -> gh_str {
     gh_str::from_static("127.0.0.1")
 }
 fn headers(c: &mut TestCall, target: gh_target) -> &mut Vec<(String, String)> {
-    if target == GH_REQUEST {
-        &mut c.request_headers
-    } else {
-        &mut c.response_headers
-    }
+    if target == GH_REQUEST { &mut c.request_headers } else { &mut c.response_headers }
 }
 unsafe extern "C" fn header_get(
     call: *mut gh_call,
@@ -160,10 +151,7 @@ unsafe extern "C" fn header_get(
     // SAFETY: as `me`.
     let c = unsafe { me(call) };
     let name = text(name);
-    let found = headers(c, target)
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case(&name))
-        .nth(index);
+    let found = headers(c, target).iter().filter(|(k, _)| k.eq_ignore_ascii_case(&name)).nth(index);
     found.map_or(0, |(_, v)| out(v, o))
 }
 unsafe extern "C" fn headers_each(call: *mut gh_call, target: gh_target, ctx: *mut c_void, cb: gh_header_cb) {
@@ -194,11 +182,7 @@ unsafe extern "C" fn header_remove(call: *mut gh_call, target: gh_target, name: 
 unsafe extern "C" fn body_get(call: *mut gh_call, target: gh_target, o: *mut gh_str) -> i32 {
     // SAFETY: as `me`.
     let c = unsafe { me(call) };
-    let body = if target == GH_REQUEST {
-        &c.request_body
-    } else {
-        &c.response_body
-    };
+    let body = if target == GH_REQUEST { &c.request_body } else { &c.response_body };
     match body {
         // SAFETY: `o` is a valid place to write; the body lives in the TestCall.
         Some(b) => unsafe {
@@ -242,10 +226,7 @@ unsafe extern "C" fn session_json(call: *mut gh_call, o: *mut gh_str) -> i32 {
 unsafe extern "C" fn session_meta_get(call: *mut gh_call, key: gh_str, o: *mut gh_str) -> i32 {
     // SAFETY: as `me`.
     let c = unsafe { me(call) };
-    c.session
-        .as_ref()
-        .and_then(|(_, m)| m.get(&text(key)))
-        .map_or(0, |v| out(v, o))
+    c.session.as_ref().and_then(|(_, m)| m.get(&text(key))).map_or(0, |v| out(v, o))
 }
 unsafe extern "C" fn session_meta_set(call: *mut gh_call, key: gh_str, value: gh_str) -> i32 {
     // SAFETY: as `me`.

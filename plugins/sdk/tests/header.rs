@@ -76,17 +76,9 @@ fn c_header_matches_rust_layout_and_constants() {
         .arg(&exe)
         .output()
         .unwrap_or_else(|e| panic!("{cc} must be installed (scripts/test.sh installs gcc): {e}"));
-    assert!(
-        out.status.success(),
-        "the header does not compile:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "the header does not compile:\n{}", String::from_utf8_lossy(&out.stderr));
     let printed = Command::new(&exe).output().unwrap();
-    let c: Vec<String> = String::from_utf8(printed.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let c: Vec<String> = String::from_utf8(printed.stdout).unwrap().lines().map(str::to_owned).collect();
     assert_eq!(c, rust);
 }
 

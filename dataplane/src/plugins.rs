@@ -1,0 +1,526 @@
+//! The plugin host: loads Plugin libraries, binds ApiDefinition `middleware` entries to
+//! their hooks, and runs a phase's hooks on a request.
+//!
+//! Loading is by content: a file is copied to `<plugin dir>/<sha256>.so` and opened from
+//! there, so a changed file is a new library loaded beside the old one (hot reload without
+//! renaming), and a file already loaded is never opened twice. Libraries are never unloaded.
+
+mod ffi;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use gatehouse_crds::{
+    FailurePolicy, KeySession, PluginRef,
+    snapshot::{ApiEntry, Snapshot},
+};
+use gatehouse_plugin::abi::{self, gh_level, gh_target};
+use http::{HeaderMap, StatusCode, request};
+use prometheus::{Histogram, IntCounter};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub use ffi::HOST_API;
+use ffi::{Instance, Library};
+
+use crate::{
+    metrics::Metrics,
+    reply::GatewayError,
+    runtime::{Api, Session},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Pre,
+    AuthCheck,
+    PostKeyAuth,
+    Post,
+    Response,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pre => "pre",
+            Phase::AuthCheck => "authCheck",
+            Phase::PostKeyAuth => "postKeyAuth",
+            Phase::Post => "post",
+            Phase::Response => "response",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a plugin, or one of its hooks, cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    #[error("no Plugin named {0} in this namespace")]
+    NoSuchPlugin(String),
+    #[error("cannot read the file: {0}")]
+    Unreadable(String),
+    #[error("sha256 is {actual}, but spec.sha256 pins {expected}")]
+    Sha256Mismatch { expected: String, actual: String },
+    #[error("cannot copy it to the plugin directory: {0}")]
+    CopyFailed(String),
+    #[error("not a loadable shared object: {0}")]
+    NotSharedObject(String),
+    #[error(
+        "exports no `gatehouse_plugin` declaration: not a Gatehouse plugin (build it with the gatehouse-plugin SDK or gatehouse_plugin.h)"
+    )]
+    NoDeclaration,
+    #[error(
+        "built for plugin ABI {plugin}.x by {sdk}, this gateway speaks ABI {host}.x: rebuild it against this gateway's SDK"
+    )]
+    AbiMajor { plugin: u16, host: u16, sdk: String },
+    #[error(
+        "built by {sdk} without panic unwinding (panic = \"abort\"): a panic would take the gateway down, so it is refused"
+    )]
+    NotPanicSafe { sdk: String },
+    #[error("init failed: {0}")]
+    InitFailed(String),
+    #[error("symbol {0:?} not found in the library")]
+    MissingSymbol(String),
+    #[error("symbol {0:?} is not a Gatehouse hook (its table is too small)")]
+    NotAHook(String),
+    #[error("symbol {symbol:?} has no handler for the {phase} phase")]
+    PhaseNotHandled { symbol: String, phase: Phase },
+    #[error("the hook refused its config: {0}")]
+    CreateFailed(String),
+}
+
+/// Loaded libraries by content hash, and load failures by content hash, so a broken file
+/// is not re-run on every config change.
+pub struct Loader {
+    dir: PathBuf,
+    by_hash: Mutex<HashMap<String, Result<Arc<Library>, PluginError>>>,
+}
+
+/// What loading one Plugin resource gave, for `/config` and acknowledgements.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginReport {
+    pub id: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// `loaded`, or why not.
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sdk: Option<String>,
+}
+
+impl Loader {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, by_hash: Mutex::new(HashMap::new()) }
+    }
+
+    /// The hex sha256 of a file, or why it cannot be read.
+    pub fn file_hash(path: &Path) -> Result<String, PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Unreadable(e.to_string()))?;
+        Ok(hex::encode(Sha256::digest(&bytes)))
+    }
+
+    pub fn load(&self, path: &Path, pin: Option<&str>) -> Result<(Arc<Library>, String), PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Unreadable(e.to_string()))?;
+        let sha = hex::encode(Sha256::digest(&bytes));
+        if let Some(pin) = pin
+            && !pin.eq_ignore_ascii_case(&sha)
+        {
+            return Err(PluginError::Sha256Mismatch { expected: pin.to_ascii_lowercase(), actual: sha });
+        }
+        // A poisoned lock only means another load panicked; the map is still consistent.
+        let mut cache = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(done) = cache.get(&sha) {
+            return done.clone().map(|l| (l, sha));
+        }
+        let loaded = self.copy_in(&sha, &bytes).and_then(|file| Library::open(&file).map(Arc::new));
+        cache.insert(sha.clone(), loaded.clone());
+        loaded.map(|l| (l, sha))
+    }
+
+    /// Writes the content to `<dir>/<sha>.so` (once): a new path per content, which is what
+    /// makes the dynamic loader treat a changed plugin as a new library.
+    fn copy_in(&self, sha: &str, bytes: &[u8]) -> Result<PathBuf, PluginError> {
+        let target = self.dir.join(format!("{sha}.so"));
+        if target.exists() {
+            return Ok(target);
+        }
+        let fail = |e: std::io::Error| PluginError::CopyFailed(format!("{}: {e}", self.dir.display()));
+        std::fs::create_dir_all(&self.dir).map_err(fail)?;
+        let tmp = self.dir.join(format!(".{sha}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, bytes).map_err(fail)?;
+        std::fs::rename(&tmp, &target).map_err(fail)?;
+        Ok(target)
+    }
+}
+
+/// One `middleware` entry, bound to its plugin's hook and instance.
+pub struct HookCall {
+    pub plugin: Arc<str>,
+    pub path: Arc<str>,
+    pub symbol: Arc<str>,
+    pub phase: Phase,
+    instance: Instance,
+    calls: IntCounter,
+    duration: Histogram,
+    errors: IntCounter,
+    panics: IntCounter,
+}
+
+/// An API's hooks by phase. `unavailable` is set when a plugin under `failurePolicy: Fail`
+/// could not be bound: the API then answers 500 rather than run without it.
+#[derive(Default)]
+pub struct PluginChain {
+    pub pre: Vec<HookCall>,
+    pub auth_check: Option<HookCall>,
+    pub post_key_auth: Vec<HookCall>,
+    pub post: Vec<HookCall>,
+    pub response: Vec<HookCall>,
+    pub unavailable: Option<String>,
+    /// Some request hook reads the body: buffer it before the chain.
+    pub request_body: bool,
+    /// Some response hook reads the body: buffer the upstream's.
+    pub response_body: bool,
+}
+
+impl PluginChain {
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_empty()
+            && self.auth_check.is_none()
+            && self.post_key_auth.is_empty()
+            && self.post.is_empty()
+            && self.response.is_empty()
+            && self.unavailable.is_none()
+    }
+}
+
+/// Loads every Plugin of a snapshot (memoised per build) and binds entries to hooks.
+pub struct ChainBuilder<'a> {
+    snapshot: &'a Snapshot,
+    metrics: &'a Metrics,
+    libs: HashMap<String, Result<Arc<Library>, PluginError>>,
+    pub reports: Vec<PluginReport>,
+}
+
+impl<'a> ChainBuilder<'a> {
+    pub fn new(snapshot: &'a Snapshot, loader: &'a Loader, metrics: &'a Metrics) -> Self {
+        let mut b = Self { snapshot, metrics, libs: HashMap::new(), reports: Vec::new() };
+        for (id, p) in &snapshot.plugins {
+            let loaded = loader.load(Path::new(&p.spec.path), p.spec.sha256.as_deref());
+            let (state, sha, sdk) = match &loaded {
+                Ok((lib, sha)) => ("loaded".to_owned(), Some(sha.clone()), Some(lib.sdk())),
+                Err(e) => {
+                    tracing::warn!(plugin = %id, path = %p.spec.path, reason = %e, "plugin not loaded");
+                    (e.to_string(), None, None)
+                }
+            };
+            b.reports.push(PluginReport { id: id.clone(), path: p.spec.path.clone(), sha256: sha, state, sdk });
+            b.libs.insert(id.clone(), loaded.map(|(l, _)| l));
+        }
+        b
+    }
+
+    /// The content hashes the built chains use, to notice a plugin file changing.
+    pub fn loaded_hashes(&self) -> Vec<(String, Option<String>)> {
+        self.reports.iter().map(|r| (r.path.clone(), r.sha256.clone())).collect()
+    }
+
+    /// Binds an API's `middleware`. Returns the chain and notes on skipped hooks.
+    pub fn chain(&self, api: &ApiEntry) -> (PluginChain, Vec<String>) {
+        let mut chain = PluginChain::default();
+        let mut notes = Vec::new();
+        let m = &api.spec.middleware;
+        let entries = m
+            .pre
+            .iter()
+            .map(|r| (Phase::Pre, r))
+            .chain(m.auth_check.iter().map(|r| (Phase::AuthCheck, r)))
+            .chain(m.post_key_auth.iter().map(|r| (Phase::PostKeyAuth, r)))
+            .chain(m.post.iter().map(|r| (Phase::Post, r)))
+            .chain(m.response.iter().map(|r| (Phase::Response, r)));
+        for (phase, r) in entries {
+            let plugin_id = format!("{}/{}", api.namespace, r.plugin);
+            match self.bind(&plugin_id, phase, r) {
+                Ok(call) => {
+                    chain.request_body |= phase != Phase::Response && call.instance.wants_body(phase);
+                    chain.response_body |= phase == Phase::Response && call.instance.wants_body(phase);
+                    match phase {
+                        Phase::Pre => chain.pre.push(call),
+                        Phase::AuthCheck => chain.auth_check = Some(call),
+                        Phase::PostKeyAuth => chain.post_key_auth.push(call),
+                        Phase::Post => chain.post.push(call),
+                        Phase::Response => chain.response.push(call),
+                    }
+                }
+                Err((policy, e)) => {
+                    let what = format!("spec.middleware.{phase}: Plugin {plugin_id}, symbol {:?}: {e}", r.symbol);
+                    match policy {
+                        FailurePolicy::Fail => {
+                            tracing::warn!(api = %api.id(), "{what}; answering 500 (failurePolicy Fail)");
+                            chain.unavailable.get_or_insert(what);
+                        }
+                        FailurePolicy::Ignore => {
+                            tracing::warn!(api = %api.id(), "{what}; skipping it (failurePolicy Ignore)");
+                            notes.push(format!("skipping {what}"));
+                        }
+                    }
+                }
+            }
+        }
+        (chain, notes)
+    }
+
+    fn bind(&self, plugin_id: &str, phase: Phase, r: &PluginRef) -> Result<HookCall, (FailurePolicy, PluginError)> {
+        let Some(entry) = self.snapshot.plugins.get(plugin_id) else {
+            return Err((FailurePolicy::Fail, PluginError::NoSuchPlugin(r.plugin.clone())));
+        };
+        let policy = entry.spec.failure_policy;
+        let lib = match self.libs.get(plugin_id) {
+            Some(Ok(lib)) => lib.clone(),
+            Some(Err(e)) => return Err((policy, e.clone())),
+            None => return Err((policy, PluginError::NoSuchPlugin(r.plugin.clone()))),
+        };
+        let hook = lib.hook(&r.symbol, phase).map_err(|e| (policy, e))?;
+        let config = r.config.as_ref().map_or_else(|| "null".to_owned(), |c| c.to_string());
+        let instance = Instance::create(lib, hook, &config).map_err(|e| (policy, e))?;
+        let path = entry.spec.path.as_str();
+        let event = format!("NativePluginMiddleware:{path}:{}", r.symbol);
+        let labels = [path, r.symbol.as_str(), phase.as_str(), event.as_str()];
+        let m = self.metrics;
+        Ok(HookCall {
+            plugin: Arc::from(plugin_id),
+            path: Arc::from(path),
+            symbol: Arc::from(r.symbol.as_str()),
+            phase,
+            instance,
+            calls: m.plugin_calls.with_label_values(&labels),
+            duration: m.plugin_duration.with_label_values(&labels),
+            errors: m.plugin_failures.with_label_values(&[
+                path,
+                r.symbol.as_str(),
+                phase.as_str(),
+                event.as_str(),
+                "error",
+            ]),
+            panics: m.plugin_failures.with_label_values(&[
+                path,
+                r.symbol.as_str(),
+                phase.as_str(),
+                event.as_str(),
+                "panic",
+            ]),
+        })
+    }
+}
+
+/// The request as hooks see and change it.
+pub struct RequestState {
+    pub parts: request::Parts,
+    /// Buffered (a hook asked) or replaced (a hook set it) body.
+    pub body: Option<Bytes>,
+    pub body_set: bool,
+}
+
+/// A response: the one a request hook builds, or the upstream's in response hooks.
+pub struct ResponseState {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Option<Bytes>,
+    pub body_set: bool,
+}
+
+impl Default for ResponseState {
+    fn default() -> Self {
+        Self { status: StatusCode::OK, headers: HeaderMap::new(), body: None, body_set: false }
+    }
+}
+
+/// The host's side of one hook call; `gh_call` points at it.
+pub struct CallCtx<'a> {
+    req: &'a mut RequestState,
+    resp: &'a mut ResponseState,
+    session: &'a mut Option<Arc<Session>>,
+    api: &'a Api,
+    hook: &'a HookCall,
+    peer: SocketAddr,
+    error: Option<String>,
+    ip_text: Option<String>,
+    session_text: Option<String>,
+}
+
+impl CallCtx<'_> {
+    fn headers(&self, target: gh_target) -> &HeaderMap {
+        if target == abi::GH_RESPONSE { &self.resp.headers } else { &self.req.parts.headers }
+    }
+
+    fn headers_mut(&mut self, target: gh_target) -> &mut HeaderMap {
+        if target == abi::GH_RESPONSE { &mut self.resp.headers } else { &mut self.req.parts.headers }
+    }
+
+    fn body(&self, target: gh_target) -> Option<&[u8]> {
+        if target == abi::GH_RESPONSE { self.resp.body.as_deref() } else { self.req.body.as_deref() }
+    }
+
+    fn set_body(&mut self, target: gh_target, body: Bytes) {
+        if target == abi::GH_RESPONSE {
+            self.resp.body = Some(body);
+            self.resp.body_set = true;
+        } else {
+            self.req.body = Some(body);
+            self.req.body_set = true;
+        }
+    }
+
+    fn client_ip(&mut self) -> &str {
+        let peer = self.peer;
+        self.ip_text.get_or_insert_with(|| peer.ip().to_string())
+    }
+
+    fn session_json(&mut self) -> Option<&str> {
+        if self.session_text.is_none() {
+            let s = self.session.as_deref()?;
+            self.session_text = Some(session_to_json(s).to_string());
+        }
+        self.session_text.as_deref()
+    }
+
+    fn set_session_meta(&mut self, key: &str, value: &str) -> i32 {
+        let Some(s) = self.session.as_mut() else { return 0 };
+        // Copy-on-write: the key's shared session is never changed, only this request's.
+        Arc::make_mut(s).session.meta_data.insert(key.to_owned(), value.to_owned());
+        self.session_text = None;
+        1
+    }
+
+    fn create_session(
+        &mut self,
+        id: &str,
+        rate: u64,
+        per_ms: u64,
+        quota_max: i64,
+        renewal_ms: u64,
+        rights: Vec<String>,
+    ) -> i32 {
+        if self.hook.phase != Phase::AuthCheck || id.is_empty() {
+            return -1;
+        }
+        let ms = |v: u64| gatehouse_crds::Duration(std::time::Duration::from_millis(v));
+        let limited = rate > 0 && per_ms > 0;
+        let session = KeySession {
+            rate: limited.then_some(rate),
+            per: limited.then(|| ms(per_ms)),
+            quota_max: if quota_max >= 0 && renewal_ms > 0 { quota_max } else { -1 },
+            quota_renewal: (quota_max >= 0 && renewal_ms > 0).then(|| ms(renewal_ms)),
+            access_rights: if rights.is_empty() { vec![self.api.entry.name.clone()] } else { rights },
+            ..KeySession::default()
+        };
+        *self.session = Some(Arc::new(Session::from_plugin(&self.api.entry.namespace, &self.hook.plugin, id, session)));
+        self.session_text = None;
+        1
+    }
+}
+
+/// Tyk's `SessionState` field names where one exists.
+fn session_to_json(s: &Session) -> serde_json::Value {
+    let k = &s.session;
+    serde_json::json!({
+        "id": &*s.alias,
+        "key_hash": &*s.hash,
+        "rate": k.rate,
+        "per": k.per.map(|p| p.as_std().as_secs_f64()),
+        "quota_max": k.quota_max,
+        "quota_renewal_rate": k.quota_renewal.map(|p| p.as_std().as_secs_f64()),
+        "access_rights": k.access_rights,
+        "meta_data": k.meta_data,
+        "expires": k.expires.map(|t| t.to_string()),
+    })
+}
+
+/// What a phase decided.
+pub enum Next {
+    Continue,
+    /// A hook answered; send `ResponseState` as it is.
+    Respond,
+}
+
+/// Everything a phase's hooks may read or change.
+pub struct Exchange<'a> {
+    pub req: &'a mut RequestState,
+    pub resp: &'a mut ResponseState,
+    pub session: &'a mut Option<Arc<Session>>,
+    pub api: &'a Api,
+    pub peer: SocketAddr,
+}
+
+impl HookCall {
+    /// Runs this hook, timed and counted; a failure or caught panic becomes a 500.
+    pub fn run(&self, x: &mut Exchange<'_>) -> Result<Next, GatewayError> {
+        let mut ctx = CallCtx {
+            req: x.req,
+            resp: x.resp,
+            session: x.session,
+            api: x.api,
+            hook: self,
+            peer: x.peer,
+            error: None,
+            ip_text: None,
+            session_text: None,
+        };
+        let started = Instant::now();
+        let status = self.instance.call(self.phase, &mut ctx);
+        self.duration.observe(started.elapsed().as_secs_f64());
+        self.calls.inc();
+        match status {
+            abi::GH_CONTINUE => Ok(Next::Continue),
+            abi::GH_RESPOND => Ok(Next::Respond),
+            other => {
+                let counter = if other == abi::GH_PANIC { &self.panics } else { &self.errors };
+                counter.inc();
+                let reason = ctx.error.unwrap_or_else(|| format!("hook returned status {other}"));
+                tracing::warn!(api = %x.api.id, plugin = %self.path, symbol = %self.symbol, phase = %self.phase, %reason, "plugin hook failed; answering 500");
+                Err(GatewayError::PluginFailure)
+            }
+        }
+    }
+}
+
+/// Runs hooks in order until one answers.
+pub fn run_phase(hooks: &[HookCall], x: &mut Exchange<'_>) -> Result<Next, GatewayError> {
+    for h in hooks {
+        if let Next::Respond = h.run(x)? {
+            return Ok(Next::Respond);
+        }
+    }
+    Ok(Next::Continue)
+}
+
+fn log_from_hook(c: &CallCtx<'_>, level: gh_level, msg: &str) {
+    let (api, plugin, symbol, phase) = (&*c.api.id, &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
+    match level {
+        abi::GH_LOG_ERROR => tracing::error!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
+        abi::GH_LOG_WARN => tracing::warn!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
+        abi::GH_LOG_INFO => tracing::info!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
+        _ => tracing::debug!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
+    }
+}
+
+fn log_from_plugin(level: gh_level, msg: &str) {
+    match level {
+        abi::GH_LOG_ERROR => tracing::error!(target: "plugin", "{msg}"),
+        abi::GH_LOG_WARN => tracing::warn!(target: "plugin", "{msg}"),
+        abi::GH_LOG_INFO => tracing::info!(target: "plugin", "{msg}"),
+        _ => tracing::debug!(target: "plugin", "{msg}"),
+    }
+}
