@@ -25,6 +25,7 @@ pub fn serve(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
                 "version": rt.version,
                 "ready": gw.is_ready(),
                 "apis": rt.report.apis,
+                "plugins": rt.report.plugins,
                 "keys": rt.report.keys,
                 "errors": *gw.source_errors(),
             });

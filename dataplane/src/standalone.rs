@@ -143,7 +143,6 @@ impl Standalone {
 
     /// Loads once, then reloads on every change under the path until the process ends.
     pub async fn run(mut self, gw: Arc<Gateway>) -> anyhow::Result<()> {
-        self.reload(&gw);
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
@@ -152,22 +151,33 @@ impl Standalone {
             }
         })?;
         // Watch the directory even for a single file: editors and ConfigMap updates
-        // replace files rather than write them in place.
+        // replace files rather than write them in place. Watch before the first load, so
+        // that no change falls between the two.
         let config_dir = if self.path.is_dir() { self.path.clone() } else { parent(&self.path) };
         watcher.watch(&config_dir, notify::RecursiveMode::NonRecursive)?;
         let mut watched = BTreeSet::from([config_dir]);
+        self.reload(&gw);
         loop {
             // Plugin files change too (hot reload): watch the directories they are in.
+            let mut added = false;
             for p in self.current.plugins.values() {
                 let dir = parent(Path::new(&p.spec.path));
                 if !watched.contains(&dir) {
                     match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
                         Ok(()) => {
                             watched.insert(dir);
+                            added = true;
                         }
-                        Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "cannot watch plugin directory yet"),
+                        Err(e) => {
+                            tracing::debug!(dir = %dir.display(), error = %e, "cannot watch plugin directory yet")
+                        }
                     }
                 }
+            }
+            if added {
+                // A plugin may have changed before its directory was watched.
+                self.reload(&gw);
+                continue;
             }
             if rx.recv().await.is_none() {
                 return Ok(());

@@ -194,6 +194,7 @@ pub fn binary() -> PathBuf {
 /// the gateway's own startup log line, so tests never race for a port.
 pub struct Gatehouse {
     child: Child,
+    _plugin_cache: tempfile::TempDir,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
@@ -216,9 +217,12 @@ impl Gatehouse {
 
     /// Starts without waiting for a config to be applied.
     pub fn spawn(config: &Path, extra: &[&str]) -> Self {
+        let plugin_cache = tempfile::tempdir().unwrap();
         let mut child = Command::new(binary())
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json", "--config"])
             .arg(config)
+            .arg("--plugin-dir")
+            .arg(plugin_cache.path())
             .args(extra)
             .env("RUST_LOG", "info")
             .env("TOKIO_WORKER_THREADS", "2")
@@ -249,7 +253,7 @@ impl Gatehouse {
             Err(_) => panic!("gateway did not start; logs:\n{}", logs.lock().unwrap().join("\n")),
         };
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { child, addr, admin, logs, client }
+        Self { child, _plugin_cache: plugin_cache, addr, admin, logs, client }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -395,4 +399,94 @@ pub fn key(name: &str, token: &str, session: &str) -> String {
     format!(
         "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, labels: {{gatehouse.dev/key: \"true\"}}}}\nstringData:\n  key: {token}\n  session.yaml: |\n{session}"
     )
+}
+
+// ---------------------------------------------------------------- plugins
+
+/// The example plugins and test fixtures, built once per test binary: the Rust ones with
+/// cargo (into their own target directory), the C ones with cc against the SDK's header.
+pub struct Plugins {
+    rust: PathBuf,
+    c: PathBuf,
+}
+
+impl Plugins {
+    /// A Rust example by crate name, e.g. `hit-counter`.
+    pub fn rust(&self, krate: &str) -> String {
+        self.rust.join(format!("lib{}.so", krate.replace('-', "_"))).display().to_string()
+    }
+
+    /// A C plugin or fixture by output name, e.g. `c_add_header_v1`.
+    pub fn c(&self, name: &str) -> String {
+        self.c.join(format!("lib{name}.so")).display().to_string()
+    }
+}
+
+pub const RUST_PLUGINS: &[&str] = &[
+    "hit-counter",
+    "api-name",
+    "session-meta",
+    "foo-bar-header",
+    "response-rewrite",
+    "custom-auth",
+    "noop",
+    "faulty",
+    "body-transform",
+];
+
+pub fn plugins() -> &'static Plugins {
+    static BUILT: std::sync::OnceLock<Plugins> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let target = root.join("target/plugin-tests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&root).args(["build", "--quiet", "--target-dir"]).arg(&target);
+        for p in RUST_PLUGINS {
+            cmd.args(["-p", p]);
+        }
+        let status = cmd.status().expect("run cargo build for the example plugins");
+        assert!(status.success(), "building the example plugins failed");
+
+        let c = target.join("c");
+        std::fs::create_dir_all(&c).unwrap();
+        let include = root.join("plugins/sdk/include");
+        let cc = |src: &str, out: &str, defines: &[&str]| {
+            let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".to_owned()))
+                .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-I"])
+                .arg(&include)
+                .args(defines)
+                .arg(root.join(src))
+                .arg("-o")
+                .arg(c.join(format!("lib{out}.so")))
+                .status()
+                .expect("cc must be installed (scripts/test.sh installs gcc)");
+            assert!(status.success(), "cc {src} failed");
+        };
+        cc("plugins/examples/c-add-header/add_header.c", "c_add_header", &[]);
+        cc("plugins/examples/c-add-header/add_header.c", "c_add_header_v1", &["-DVERSION=\"v1\""]);
+        cc("plugins/examples/c-add-header/add_header.c", "c_add_header_v2", &["-DVERSION=\"v2\""]);
+        cc("dataplane/tests/fixtures/bad_plugin.c", "bad_ok", &[]);
+        cc("dataplane/tests/fixtures/bad_plugin.c", "bad_abi", &["-DABI_MAJOR=2"]);
+        cc("dataplane/tests/fixtures/bad_plugin.c", "bad_unwind", &["-DNOT_PANIC_SAFE"]);
+        cc("dataplane/tests/fixtures/bad_plugin.c", "bad_init", &["-DINIT_FAILS"]);
+        cc("dataplane/tests/fixtures/bad_plugin.c", "bad_no_decl", &["-DNO_DECLARATION"]);
+        Plugins { rust: target.join("debug"), c }
+    })
+}
+
+pub fn plugin(name: &str, path: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: gatehouse.dev/v1alpha1\nkind: Plugin\nmetadata: {{name: {name}}}\nspec:\n  path: {path}\n{extra}"
+    )
+}
+
+/// Finds the /config entry for an API.
+pub fn api_state(config: &serde_json::Value, id: &str) -> String {
+    config["apis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id)
+        .map_or_else(|| panic!("no API {id} in {config}"), |a| a["state"].as_str().unwrap().to_owned())
 }

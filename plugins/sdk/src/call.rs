@@ -26,13 +26,13 @@ impl<'a> Call<'a> {
 
     /// Text the host returned. Host views live until the hook returns or the item changes;
     /// callers tie the result to a borrow of the wrapper, which `&mut` methods end.
-    fn text<'s>(&'s self, s: gh_str) -> &'s str {
+    fn text(&self, s: gh_str) -> &str {
         // SAFETY: the host guarantees `s` is readable until this hook returns or the item
         // changes; the returned borrow is bounded by `&self`, and changes need `&mut`.
         std::str::from_utf8(unsafe { s.as_bytes() }).unwrap_or("")
     }
 
-    fn bytes<'s>(&'s self, s: gh_str) -> &'s [u8] {
+    fn bytes(&self, s: gh_str) -> &[u8] {
         // SAFETY: as in `text`.
         unsafe { s.as_bytes() }
     }

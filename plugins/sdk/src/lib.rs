@@ -88,8 +88,8 @@ macro_rules! declare_plugin {
             __GATEHOUSE_STATE.get().expect("gatehouse: plugin state used before init")
         }
         $crate::__declaration!(|| {
-            let value: $ty = ($build)()?;
-            __GATEHOUSE_STATE.set(value).map_err(|_| "plugin initialised twice".to_owned())
+            let built: ::std::result::Result<$ty, ::std::string::String> = ($build)();
+            __GATEHOUSE_STATE.set(built?).map_err(|_| "plugin initialised twice".to_owned())
         });
     };
 }
@@ -108,7 +108,9 @@ macro_rules! __declaration {
             sdk: $crate::abi::gh_str::from_static($crate::SDK_VERSION),
             init: {
                 unsafe extern "C" fn init(host: *const $crate::abi::gh_host_api, err: *mut $crate::abi::gh_buf) -> i32 {
-                    $crate::rt::init(host, err, $init)
+                    // SAFETY: called by the host per the ABI, with its static table and a
+                    // valid error buffer.
+                    unsafe { $crate::rt::init(host, err, $init) }
                 }
                 Some(init)
             },
@@ -133,7 +135,8 @@ macro_rules! hook {
     (@fn $name:ident, $flags:expr, request, $f:path) => {
         $crate::hook!(@table $name, $flags, $crate::rt::create_config, $crate::rt::destroy_config, {
             unsafe extern "C" fn on_request(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
-                $crate::rt::on_request_fn(i, c, $f)
+                // SAFETY: called by the host per the ABI.
+                unsafe { $crate::rt::on_request_fn(i, c, $f) }
             }
             Some(on_request)
         }, None);
@@ -141,7 +144,8 @@ macro_rules! hook {
     (@fn $name:ident, $flags:expr, response, $f:path) => {
         $crate::hook!(@table $name, $flags, $crate::rt::create_config, $crate::rt::destroy_config, None, {
             unsafe extern "C" fn on_response(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
-                $crate::rt::on_response_fn(i, c, $f)
+                // SAFETY: called by the host per the ABI.
+                unsafe { $crate::rt::on_response_fn(i, c, $f) }
             }
             Some(on_response)
         });
@@ -153,13 +157,15 @@ macro_rules! hook {
             $crate::rt::create_hook::<$ty>, $crate::rt::destroy_hook::<$ty>,
             {
                 unsafe extern "C" fn on_request(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
-                    $crate::rt::on_request_hook::<$ty>(i, c)
+                    // SAFETY: called by the host per the ABI.
+                    unsafe { $crate::rt::on_request_hook::<$ty>(i, c) }
                 }
                 Some(on_request)
             },
             {
                 unsafe extern "C" fn on_response(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
-                    $crate::rt::on_response_hook::<$ty>(i, c)
+                    // SAFETY: called by the host per the ABI.
+                    unsafe { $crate::rt::on_response_hook::<$ty>(i, c) }
                 }
                 Some(on_response)
             });

@@ -63,7 +63,10 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 
 /// The declaration's `init`: remembers the host, quiets panic output (the host logs them
 /// instead), then runs the plugin's own initialisation.
-pub fn init(host: *const gh_host_api, err: *mut gh_buf, f: impl FnOnce() -> Result<(), String>) -> i32 {
+///
+/// # Safety
+/// `host` is null or the host's API table, a static; `err` is null or a valid buffer.
+pub unsafe fn init(host: *const gh_host_api, err: *mut gh_buf, f: impl FnOnce() -> Result<(), String>) -> i32 {
     // SAFETY: the host passes its table, a static, or null.
     let Some(table) = (unsafe { host.as_ref() }) else {
         write_err(err, "no host API table");

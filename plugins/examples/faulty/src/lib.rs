@@ -1,0 +1,32 @@
+//! Hooks that misbehave on purpose, to show the gateway containing them.
+use gatehouse_plugin::{Flow, Hook, Request, declare_plugin, hook};
+
+declare_plugin!();
+hook!(request Panic = panic);
+hook!(request Fail = fail);
+hook!(NeedsConfig: StrictConfig);
+
+fn panic(req: &mut Request) -> Flow {
+    if req.path().ends_with("/ok") {
+        return Flow::Continue;
+    }
+    panic!("this hook panics on purpose");
+}
+
+fn fail(_: &mut Request) -> Flow {
+    Flow::error("this hook fails on purpose")
+}
+
+/// Refuses to be built unless its config is `{"valid": true}`.
+struct StrictConfig;
+
+impl Hook for StrictConfig {
+    fn new(config: &str) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_str(config).map_err(|e| e.to_string())?;
+        if v["valid"] == true {
+            Ok(StrictConfig)
+        } else {
+            Err(format!("config must be {{\"valid\": true}}, got {config}"))
+        }
+    }
+}
