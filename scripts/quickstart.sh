@@ -7,8 +7,14 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_rust
 
+apt_install gcc libc6-dev
 echo "==> building (release)"
 cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane --example echo_upstream
+cargo build --release -q -p foo-bar-header -p session-meta -p hit-counter -p response-rewrite
+plugins=/tmp/gatehouse-quickstart/plugins
+mkdir -p "$plugins"
+for p in foo_bar_header session_meta hit_counter response_rewrite; do cp "target/release/lib$p.so" "$plugins/"; done
+cc -shared -fPIC -O2 -I plugins/sdk/include -o "$plugins/libc_add_header.so" plugins/examples/c-add-header/add_header.c
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -17,7 +23,7 @@ trap cleanup EXIT INT TERM
 target/release/examples/echo_upstream 127.0.0.1:18081 &
 pids+=($!)
 target/release/gatehouse-dataplane --listen 127.0.0.1:18080 --admin-listen 127.0.0.1:19090 \
-  --config examples/standalone --analytics stdout &
+  --config examples/standalone --plugin-dir /tmp/gatehouse-quickstart/loaded --analytics stdout &
 pids+=($!)
 
 for _ in $(seq 100); do
@@ -30,12 +36,14 @@ cat <<'TRY'
 
 Gatehouse is serving on http://localhost:18080 (admin on http://localhost:19090).
 Try:
-  curl -i localhost:18080/httpbin/get?hello=world                      # keyless API
-  curl -i localhost:18080/orders/list                                  # 401: needs a key
-  curl -i -H 'Authorization: alice-secret-key' localhost:18080/orders/list   # key from examples/standalone/keys.yaml
-  curl -i 'localhost:18080/orders/list?key=alice-secret-key'           # same key, as a query parameter
-  curl -s localhost:19090/config                                       # what is served, and any config errors
-  curl -s localhost:19090/metrics | grep gatehouse_                    # Prometheus metrics
+  curl -s localhost:18080/httpbin/get?hello=world        # keyless; plugins add Foo: Bar (Rust) and X-C-Plugin (C)
+  curl -i localhost:18080/orders/list                    # 401: needs a key
+  curl -s -H 'Authorization: alice-secret-key' localhost:18080/orders/list  # a plugin adds the key's metadata
+  curl -s 'localhost:18080/orders/list?key=alice-secret-key'               # the same key, as a query parameter
+  curl -s -H 'Authorization: alice-secret-key' localhost:18080/hits/a     # the hit counter answers itself
+  curl -i localhost:18080/rewrite/x                      # a response hook rewrote the upstream's answer
+  curl -s localhost:19090/config                         # what is served, plugins loaded, config errors
+  curl -s localhost:19090/metrics | grep gatehouse_      # Prometheus metrics, plugin hooks included
 Edit examples/standalone/*.yaml and the change is served without a restart.
 Analytics records are printed below. Ctrl-C to stop.
 

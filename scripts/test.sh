@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 . scripts/lib.sh
 need_rust
+# cc builds the C example plugin and fixtures, and checks the C header.
+apt_install gcc libc6-dev
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

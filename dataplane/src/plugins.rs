@@ -465,8 +465,9 @@ pub struct Exchange<'a> {
 }
 
 impl HookCall {
-    /// Runs this hook, timed and counted; a failure or caught panic becomes a 500.
-    pub fn run(&self, x: &mut Exchange<'_>) -> Result<Next, GatewayError> {
+    /// Runs this hook, timed from `started` and counted; a failure or caught panic becomes
+    /// a 500. Returns when it ended, which is when the next hook starts.
+    fn run(&self, x: &mut Exchange<'_>, started: Instant) -> (Result<Next, GatewayError>, Instant) {
         let mut ctx = CallCtx {
             req: x.req,
             resp: x.resp,
@@ -478,11 +479,11 @@ impl HookCall {
             ip_text: None,
             session_text: None,
         };
-        let started = Instant::now();
         let status = self.instance.call(self.phase, &mut ctx);
-        self.duration.observe(started.elapsed().as_secs_f64());
+        let ended = Instant::now();
+        self.duration.observe((ended - started).as_secs_f64());
         self.calls.inc();
-        match status {
+        let next = match status {
             abi::GH_CONTINUE => Ok(Next::Continue),
             abi::GH_RESPOND => Ok(Next::Respond),
             other => {
@@ -492,14 +493,22 @@ impl HookCall {
                 tracing::warn!(api = %x.api.id, plugin = %self.path, symbol = %self.symbol, phase = %self.phase, %reason, "plugin hook failed; answering 500");
                 Err(GatewayError::PluginFailure)
             }
-        }
+        };
+        (next, ended)
     }
 }
 
-/// Runs hooks in order until one answers.
+/// Runs hooks in order until one answers. One clock read per hook, plus one: each hook's
+/// end is the next one's start.
 pub fn run_phase(hooks: &[HookCall], x: &mut Exchange<'_>) -> Result<Next, GatewayError> {
+    if hooks.is_empty() {
+        return Ok(Next::Continue);
+    }
+    let mut at = Instant::now();
     for h in hooks {
-        if let Next::Respond = h.run(x)? {
+        let (next, ended) = h.run(x, at);
+        at = ended;
+        if let Next::Respond = next? {
             return Ok(Next::Respond);
         }
     }

@@ -1,0 +1,96 @@
+# Shared by the benchmark scripts: builds, a 1 KiB nginx upstream on the load CPU, wrk
+# runs and medians. Source it from a script that has cd'ed to the repository root.
+. scripts/lib.sh
+need_rust
+apt_install wrk nginx-light
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+UP=127.0.0.1:28081
+
+work=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT INT TERM
+
+# nginx_conf NAME HTTP-BLOCK-BODY: a one-worker, single-process nginx config in $work.
+nginx_conf() {
+  cat > "$work/$1.conf" <<NGINX
+daemon off;
+master_process off;
+worker_processes 1;
+pid $work/$1.pid;
+error_log $work/$1.error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/$1-body;
+  proxy_temp_path $work/$1-proxy;
+  fastcgi_temp_path $work/$1-fastcgi;
+  uwsgi_temp_path $work/$1-uwsgi;
+  scgi_temp_path $work/$1-scgi;
+  keepalive_requests 1000000;
+  $2
+}
+NGINX
+}
+
+start_upstream() {
+  local body
+  body=$(head -c 1024 /dev/zero | tr '\0' 'x')
+  nginx_conf upstream "server { listen $UP; location / { default_type text/plain; return 200 '$body'; } }"
+  taskset -c "$LOAD_CPU" nginx -c "$work/upstream.conf" -e "$work/upstream.error.log" &
+  pids+=($!)
+}
+
+# start_gatehouse LISTEN ADMIN CONFIG-DIR: one worker thread, on the proxy CPU.
+start_gatehouse() {
+  RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" target/release/gatehouse-dataplane \
+    --listen "$1" --admin-listen "$2" --config "$3" --plugin-dir "$work/plugin-cache" &
+  pids+=($!)
+  for _ in $(seq 100); do curl -fs "http://$2/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "gatehouse did not become ready" >&2
+  exit 1
+}
+
+# expect_1k URL: the proxy under test really returns the 1 KiB body.
+expect_1k() {
+  [ "$(curl -fs "$1" | wc -c)" = 1024 ] || { echo "$1 does not return the 1 KiB body" >&2; exit 1; }
+}
+
+# measure URL: prints "rps p50_ms p99_ms" for one wrk run; fails on any non-2xx answer.
+measure() {
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$1" | awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /Requests\/sec/ { rps = $2 }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    / Non-2xx/ { bad = $NF }
+    END { if (bad) { print "wrk saw non-2xx answers" > "/dev/stderr"; exit 1 } printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+}
+
+# col N FILE: the median of column N.
+col() { awk -v c="$1" '{ print $c }' "$2" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# compare NAME_A URL_A NAME_B URL_B: alternating rounds, then a table and the ratio B/A.
+compare() {
+  echo "==> warm-up"
+  measure "$2" >/dev/null; measure "$4" >/dev/null
+  : > "$work/a.txt"; : > "$work/b.txt"
+  for r in $(seq "$ROUNDS"); do
+    a=$(measure "$2"); b=$(measure "$4")
+    echo "round $r: $1 $a | $3 $b   (rps p50_ms p99_ms)"
+    echo "$a" >> "$work/a.txt"; echo "$b" >> "$work/b.txt"
+  done
+  echo
+  echo "| $5 | requests/s | p50 ms | p99 ms |"
+  echo "| --- | --- | --- | --- |"
+  echo "| $1 | $(col 1 "$work/a.txt") | $(col 2 "$work/a.txt") | $(col 3 "$work/a.txt") |"
+  echo "| $3 | $(col 1 "$work/b.txt") | $(col 2 "$work/b.txt") | $(col 3 "$work/b.txt") |"
+  echo
+  awk -v a="$(col 1 "$work/a.txt")" -v b="$(col 1 "$work/b.txt")" -v n="$ROUNDS" -v d="$DURATION" -v c="$CONNS" -v an="$1" -v bn="$3" \
+    'BEGIN { printf "ratio %s/%s: %.3f (median of %d rounds, %s each, %d connections)\n", bn, an, b / a, n, d, c }'
+}
