@@ -6,11 +6,13 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod crdgen;
 mod duration;
 mod error;
 mod key;
 pub mod manifest;
 mod plugin;
+pub mod protocol;
 pub mod snapshot;
 
 pub use api::{

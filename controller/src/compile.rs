@@ -1,0 +1,229 @@
+//! From resources to snapshot entries, one resource at a time, with the outcome each gets
+//! in its status (Accepted, ResolvedRefs).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use gatehouse_crds::{
+    ApiDefinition, Plugin, ResourceError, ServiceRef,
+    manifest::key_from_secret,
+    snapshot::{ApiEntry, KeyEntry, PluginEntry},
+};
+use k8s_openapi::api::{
+    core::v1::{Secret, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::ResourceExt;
+
+/// Every watched object, by `namespace/name`.
+#[derive(Default)]
+pub struct Resources {
+    pub apis: BTreeMap<String, ApiDefinition>,
+    pub plugins: BTreeMap<String, Plugin>,
+    pub keys: BTreeMap<String, Secret>,
+    pub services: BTreeMap<String, Service>,
+    pub slices: BTreeMap<String, EndpointSlice>,
+}
+
+/// What compiling a resource found, for its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub generation: i64,
+    /// Err: the spec is not valid (and the last good version, if any, keeps serving).
+    pub accepted: Result<(), String>,
+    /// Err: a Plugin or Service it names is missing.
+    pub resolved: Result<(), String>,
+}
+
+pub fn id_of<K: ResourceExt>(o: &K) -> String {
+    format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
+}
+
+const SERVICE_LABEL: &str = "kubernetes.io/service-name";
+
+impl Resources {
+    /// The entry to serve (None: nothing new to serve) and the outcome.
+    pub fn compile_api(&self, id: &str) -> Option<(Option<ApiEntry>, Outcome)> {
+        let api = self.apis.get(id)?;
+        let generation = api.metadata.generation.unwrap_or(0);
+        let ns = api.namespace().unwrap_or_default();
+        let errors = api.spec.validate(&format!("ApiDefinition {id}"));
+        if let Some(e) = errors.first() {
+            let accepted = Err(format!("{}: {}", e.field, e.reason));
+            return Some((None, Outcome { generation, accepted, resolved: Ok(()) }));
+        }
+        let mut missing = Vec::new();
+        let mut plugins: BTreeSet<&str> = BTreeSet::new();
+        for (_, r) in api.spec.middleware.refs() {
+            plugins.insert(&r.plugin);
+        }
+        for p in plugins {
+            if !self.plugins.contains_key(&format!("{ns}/{p}")) {
+                missing.push(format!("Plugin {p} not found"));
+            }
+        }
+        let targets = match &api.spec.upstream.service {
+            Some(svc) => match self.service_targets(&ns, svc) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    missing.push(e);
+                    Some(Vec::new())
+                }
+            },
+            None => None,
+        };
+        let resolved = if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) };
+        match ApiEntry::compile(api, targets) {
+            Ok(entry) => Some((Some(entry), Outcome { generation, accepted: Ok(()), resolved })),
+            Err(e) => {
+                Some((None, Outcome { generation, accepted: Err(format!("{}: {}", e.field, e.reason)), resolved }))
+            }
+        }
+    }
+
+    pub fn compile_plugin(&self, id: &str) -> Option<(Option<PluginEntry>, Outcome)> {
+        let p = self.plugins.get(id)?;
+        let generation = p.metadata.generation.unwrap_or(0);
+        if let Some(e) = p.spec.validate(&format!("Plugin {id}")).first() {
+            let accepted = Err(format!("{}: {}", e.field, e.reason));
+            return Some((None, Outcome { generation, accepted, resolved: Ok(()) }));
+        }
+        Some((Some(PluginEntry::from_resource(p)), Outcome { generation, accepted: Ok(()), resolved: Ok(()) }))
+    }
+
+    pub fn compile_key(&self, id: &str) -> Option<Result<KeyEntry, ResourceError>> {
+        self.keys.get(id).map(|s| key_from_secret(s).map(KeyEntry::from))
+    }
+
+    /// `http://address:port` for each ready endpoint of the Service port `svc.port`.
+    fn service_targets(&self, ns: &str, svc: &ServiceRef) -> Result<Vec<String>, String> {
+        let service = self
+            .services
+            .get(&format!("{ns}/{}", svc.name))
+            .ok_or_else(|| format!("Service {} not found", svc.name))?;
+        let port = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ports| ports.iter().find(|p| p.port == i32::from(svc.port)))
+            .ok_or_else(|| format!("Service {} has no port {}", svc.name, svc.port))?;
+        let port_name = port.name.clone().unwrap_or_default();
+        let mut targets = BTreeSet::new();
+        for slice in self.slices.values() {
+            let labelled = slice.labels().get(SERVICE_LABEL).map(String::as_str) == Some(svc.name.as_str());
+            if slice.namespace().as_deref() != Some(ns) || !labelled {
+                continue;
+            }
+            let Some(number) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                .and_then(|p| p.port)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                for addr in &ep.addresses {
+                    let host = if addr.contains(':') { format!("[{addr}]") } else { addr.clone() };
+                    targets.insert(format!("http://{host}:{number}"));
+                }
+            }
+        }
+        if targets.is_empty() {
+            return Err(format!("Service {} has no ready endpoints", svc.name));
+        }
+        Ok(targets.into_iter().collect())
+    }
+
+    /// ApiDefinitions whose middleware names this Plugin.
+    pub fn apis_using_plugin(&self, plugin_id: &str) -> Vec<String> {
+        let Some((ns, name)) = plugin_id.split_once('/') else { return Vec::new() };
+        self.apis
+            .iter()
+            .filter(|(_, a)| {
+                a.namespace().as_deref() == Some(ns) && a.spec.middleware.refs().any(|(_, r)| r.plugin == name)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// ApiDefinitions whose upstream is this Service (`namespace/name`).
+    pub fn apis_using_service(&self, service_id: &str) -> Vec<String> {
+        let Some((ns, name)) = service_id.split_once('/') else { return Vec::new() };
+        self.apis
+            .iter()
+            .filter(|(_, a)| {
+                a.namespace().as_deref() == Some(ns) && a.spec.upstream.service.as_ref().is_some_and(|s| s.name == name)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The Service an EndpointSlice belongs to, as `namespace/name`.
+    pub fn service_of_slice(slice: &EndpointSlice) -> Option<String> {
+        Some(format!("{}/{}", slice.namespace()?, slice.labels().get(SERVICE_LABEL)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("valid object")
+    }
+
+    fn with_service() -> Resources {
+        let mut r = Resources::default();
+        let api: ApiDefinition = obj(serde_json::json!({
+            "apiVersion": "gatehouse.dev/v1alpha1", "kind": "ApiDefinition",
+            "metadata": {"name": "web", "namespace": "shop", "generation": 2},
+            "spec": {"listenPath": "/web/", "upstream": {"service": {"name": "web", "port": 80}},
+                     "middleware": {"pre": [{"plugin": "missing", "symbol": "X"}]}}
+        }));
+        r.apis.insert("shop/web".into(), api);
+        let svc: Service = obj(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        }));
+        r.services.insert("shop/web".into(), svc);
+        let slice: EndpointSlice = obj(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "labels": {SERVICE_LABEL: "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.1.2.3"], "conditions": {"ready": true}},
+                {"addresses": ["10.1.2.4"], "conditions": {"ready": false}},
+                {"addresses": ["10.1.2.5"]}
+            ]
+        }));
+        r.slices.insert("shop/web-abc".into(), slice);
+        r
+    }
+
+    #[test]
+    fn service_upstreams_compile_to_ready_endpoint_targets() {
+        let r = with_service();
+        let (entry, outcome) = r.compile_api("shop/web").expect("known");
+        let entry = entry.expect("compiles");
+        assert_eq!(entry.targets, ["http://10.1.2.3:8080", "http://10.1.2.5:8080"]);
+        assert_eq!(entry.generation, 2);
+        assert_eq!(outcome.accepted, Ok(()));
+        assert_eq!(outcome.resolved, Err("Plugin missing not found".into()), "refs are checked");
+        assert_eq!(r.apis_using_service("shop/web"), ["shop/web"]);
+        assert_eq!(r.apis_using_plugin("shop/missing"), ["shop/web"]);
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_unresolved() {
+        let mut r = with_service();
+        r.slices.clear();
+        let (entry, outcome) = r.compile_api("shop/web").expect("known");
+        assert_eq!(entry.expect("still served").targets, Vec::<String>::new());
+        assert!(outcome.resolved.expect_err("unresolved").contains("Service web has no ready endpoints"));
+    }
+}

@@ -1,0 +1,103 @@
+//! The current snapshot and its version, and the fan-out of deltas to every connected
+//! dataplane stream.
+
+use std::sync::{Arc, Mutex};
+
+use gatehouse_crds::{protocol::Delta, snapshot::Snapshot};
+use tokio::sync::broadcast;
+
+pub struct Hub {
+    snapshot: Mutex<Snapshot>,
+    tx: broadcast::Sender<Arc<Delta>>,
+}
+
+/// Deltas a slow stream may fall behind by before it is sent the whole snapshot again.
+const BACKLOG: usize = 1024;
+
+impl Hub {
+    /// Versions start from the wall clock in milliseconds, so they keep growing across
+    /// controller restarts.
+    pub fn new() -> Self {
+        let start = jiff::Timestamp::now().as_millisecond().max(1) as u64;
+        let (tx, _) = broadcast::channel(BACKLOG);
+        Self { snapshot: Mutex::new(Snapshot { version: start, ..Default::default() }), tx }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
+        // The snapshot is only replaced whole under the lock; a panic elsewhere leaves it
+        // consistent.
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies and broadcasts a delta; returns its version, or None if it changed nothing.
+    pub fn publish(&self, mut delta: Delta) -> Option<u64> {
+        let mut snap = self.lock();
+        delta.apis.retain(|id, e| changed(e, snap.apis.get(id)));
+        delta.plugins.retain(|id, e| changed(e, snap.plugins.get(id)));
+        delta.keys.retain(|id, e| changed(e, snap.keys.get(id)));
+        if delta.apis.is_empty() && delta.plugins.is_empty() && delta.keys.is_empty() {
+            return None;
+        }
+        delta.base = snap.version;
+        delta.version = snap.version + 1;
+        // The delta was made for this very version, so it applies.
+        if snap.apply(&delta).is_err() {
+            return None;
+        }
+        // No receivers is fine: nobody is connected yet.
+        let _ = self.tx.send(Arc::new(delta));
+        Some(snap.version)
+    }
+
+    /// The whole current state and a subscription to what follows it, taken together so
+    /// that no delta falls in between.
+    pub fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<Delta>>) {
+        let snap = self.lock();
+        (snap.clone(), self.tx.subscribe())
+    }
+
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.lock().clone()
+    }
+}
+
+fn changed<T: PartialEq>(new: &Option<T>, old: Option<&T>) -> bool {
+    new.as_ref() != old
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use gatehouse_crds::{KeySession, snapshot::KeyEntry};
+
+    use super::*;
+
+    fn key(hash: &str) -> Option<KeyEntry> {
+        Some(KeyEntry { namespace: "ns".into(), name: "k".into(), hash: hash.into(), session: KeySession::default() })
+    }
+
+    #[test]
+    fn publishing_bumps_the_version_and_skips_no_op_deltas() {
+        let hub = Hub::new();
+        let (start, mut rx) = hub.subscribe();
+        let d = Delta { keys: BTreeMap::from([("ns/k".into(), key("a"))]), ..Default::default() };
+        assert_eq!(hub.publish(d.clone()), Some(start.version + 1));
+        assert_eq!(hub.publish(d), None, "the same entry again changes nothing");
+        let sent = rx.try_recv().expect("a delta");
+        assert_eq!((sent.base, sent.version), (start.version, start.version + 1));
+        let mut replay = start;
+        replay.apply(&sent).expect("applies to the subscribed snapshot");
+        assert_eq!(replay, hub.snapshot());
+    }
+}

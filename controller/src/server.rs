@@ -1,0 +1,215 @@
+//! The config server (`/v1/stream`, `/v1/ack`) and the admin server (`/metrics`,
+//! `/healthz`, `/readyz`).
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use gatehouse_crds::{
+    protocol::{ACK_PATH, Ack, Delta, STREAM_PATH},
+    snapshot::Snapshot,
+};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Channel, Full, Limited, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client as HttpClient, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use serde::Serialize;
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast::error::RecvError, watch},
+};
+
+use crate::{
+    acks::Acks,
+    auth::Authenticator,
+    hub::Hub,
+    leader::Leadership,
+    metrics::Metrics,
+    watch::{Kind, State, lock},
+};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Sent on an idle stream, so both ends notice a dead connection.
+const PING_EVERY: Duration = Duration::from_secs(10);
+const MAX_ACK: usize = 64 * 1024 * 1024;
+
+pub struct ConfigServer {
+    pub hub: Arc<Hub>,
+    pub acks: Arc<Acks>,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub leadership: watch::Receiver<Leadership>,
+    /// This replica's ack address, as published on the Lease.
+    pub address: String,
+    pub forward: HttpClient<HttpConnector, Full<Bytes>>,
+}
+
+/// Borrowing twin of `protocol::StreamMessage`, to send deltas without copying them.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum Out<'a> {
+    Snapshot { snapshot: &'a Snapshot },
+    Delta(&'a Delta),
+    Ping,
+}
+
+fn line(m: &Out<'_>) -> Bytes {
+    let mut v = serde_json::to_vec(m).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+fn json(status: StatusCode, msg: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+impl ConfigServer {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let route = (req.method().clone(), req.uri().path().to_owned());
+        if route.1 != STREAM_PATH && route.1 != ACK_PATH {
+            return json(StatusCode::NOT_FOUND, "not found");
+        }
+        let user = match self.auth.check(auth.as_deref()).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.metrics.refused_clients.inc();
+                tracing::warn!(reason = %e, "config client refused");
+                return json(e.status(), &e.to_string());
+            }
+        };
+        match route {
+            (Method::GET, p) if p == STREAM_PATH => self.stream(&user),
+            (Method::POST, p) if p == ACK_PATH => self.ack(req, auth).await,
+            _ => json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        }
+    }
+
+    fn stream(self: &Arc<Self>, user: &str) -> Response<Body> {
+        let (snapshot, mut rx) = self.hub.subscribe();
+        let (mut tx, body) = Channel::<Bytes, Infallible>::new(64);
+        let me = self.clone();
+        let user = user.to_owned();
+        tokio::spawn(async move {
+            me.metrics.streams.inc();
+            tracing::info!(%user, version = snapshot.version, "dataplane connected");
+            let mut ok = tx.send_data(line(&Out::Snapshot { snapshot: &snapshot })).await.is_ok();
+            drop(snapshot);
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.tick().await;
+            while ok {
+                ok = tokio::select! {
+                    d = rx.recv() => match d {
+                        Ok(d) => tx.send_data(line(&Out::Delta(&d))).await.is_ok(),
+                        Err(RecvError::Lagged(_)) => {
+                            // Too far behind for deltas: start again from the whole state.
+                            let (snapshot, fresh) = me.hub.subscribe();
+                            rx = fresh;
+                            tx.send_data(line(&Out::Snapshot { snapshot: &snapshot })).await.is_ok()
+                        }
+                        Err(RecvError::Closed) => false,
+                    },
+                    _ = ping.tick() => tx.send_data(line(&Out::Ping)).await.is_ok(),
+                };
+            }
+            me.metrics.streams.dec();
+            tracing::info!(%user, "dataplane disconnected");
+        });
+        let mut r = Response::new(body.boxed());
+        r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+        r
+    }
+
+    async fn ack(&self, req: Request<Incoming>, auth: Option<String>) -> Response<Body> {
+        let body = match Limited::new(req.into_body(), MAX_ACK).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return json(StatusCode::BAD_REQUEST, "ack body unreadable or too large"),
+        };
+        let ack: Ack = match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => return json(StatusCode::BAD_REQUEST, &format!("not an ack: {e}")),
+        };
+        self.acks.record(ack);
+        let leader = self.leadership.borrow().clone();
+        if let Some(addr) = leader.leader_address.filter(|a| !leader.is_leader && *a != self.address) {
+            // The leader writes status: it needs every dataplane's ack.
+            let mut fwd = Request::post(format!("http://{addr}{ACK_PATH}"));
+            if let Some(a) = auth {
+                fwd = fwd.header(header::AUTHORIZATION, a);
+            }
+            if let Ok(fwd) = fwd.header(header::CONTENT_TYPE, "application/json").body(Full::new(body)) {
+                let client = self.forward.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client.request(fwd).await {
+                        tracing::debug!(error = %e, %addr, "forwarding an ack to the leader");
+                    }
+                });
+            }
+        }
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        r
+    }
+}
+
+pub fn admin(state: &State, metrics: &Metrics, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(metrics.render())).boxed());
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(prometheus::TEXT_FORMAT));
+            r
+        }
+        "/healthz" => json(StatusCode::OK, "").map(|_| Full::new(Bytes::from_static(br#"{"status":"ok"}"#)).boxed()),
+        "/readyz" => {
+            let synced = lock(state).synced.len();
+            let all = [Kind::Api, Kind::Plugin, Kind::Key, Kind::Service, Kind::Slice].len();
+            if synced == all {
+                json(StatusCode::OK, "").map(|_| Full::new(Bytes::from_static(br#"{"status":"ready"}"#)).boxed())
+            } else {
+                json(StatusCode::SERVICE_UNAVAILABLE, &format!("initial lists: {synced}/{all} kinds done"))
+            }
+        }
+        _ => json(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until the process ends.
+pub async fn serve<H, F>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let fut = handler(req, peer);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+pub fn forward_client() -> HttpClient<HttpConnector, Full<Bytes>> {
+    HttpClient::builder(TokioExecutor::new()).build_http()
+}
