@@ -49,10 +49,12 @@ impl Gateway {
 
     /// Swaps in a new config: requests in flight finish on the old one.
     pub fn apply(&self, snapshot: &Snapshot) {
+        let started = std::time::Instant::now();
         let rt = Runtime::build(snapshot, &self.metrics, &self.loader);
         self.metrics.config_version.set(i64::try_from(rt.version).unwrap_or(i64::MAX));
         self.runtime.store(Arc::new(rt));
         self.ready.store(true, Ordering::Release);
+        tracing::debug!(version = snapshot.version, took = ?started.elapsed(), "runtime built");
     }
 
     /// Whether a plugin file now holds other content than the one being served.

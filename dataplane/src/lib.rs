@@ -23,6 +23,7 @@ pub mod router;
 pub mod runtime;
 pub mod server;
 pub mod standalone;
+pub mod subscriber;
 
 use std::sync::Arc;
 
@@ -30,7 +31,13 @@ use anyhow::Context;
 pub use cli::{AnalyticsSink, Cli, LogFormat};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone::Standalone};
+use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone::Standalone, subscriber::Subscriber};
+
+/// Where config comes from.
+enum Source {
+    Standalone(Standalone),
+    Controller(Subscriber),
+}
 
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
@@ -51,17 +58,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
     let gw = Arc::new(Gateway::new(metrics, analytics, plugins::Loader::new(cli.plugin_dir.clone())));
 
-    let source = Standalone::new(cli.config.clone())?;
+    let source = match (&cli.config, &cli.controller) {
+        (Some(path), _) => Source::Standalone(Standalone::new(path.clone())?),
+        (None, Some(url)) => Source::Controller(Subscriber::new(url, &cli)?),
+        (None, None) => anyhow::bail!("one of --config or --controller is required"),
+    };
     let listener = TcpListener::bind(cli.listen).await.with_context(|| format!("--listen {}", cli.listen))?;
     let admin =
         TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
-    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %cli.config.display(), "gatehouse dataplane starting");
+    let from = cli.config.as_ref().map_or_else(|| cli.controller.clone().unwrap_or_default(), |p| p.display().to_string());
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %from, "gatehouse dataplane starting");
 
     let (stop_tx, stop) = watch::channel(false);
     let watcher = {
         let gw = gw.clone();
         tokio::spawn(async move {
-            if let Err(e) = source.run(gw).await {
+            let result = match source {
+                Source::Standalone(s) => s.run(gw).await,
+                Source::Controller(s) => {
+                    s.run(gw).await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %format!("{e:#}"), "config watcher stopped; serving the last applied config");
             }
         })

@@ -86,7 +86,10 @@ pub struct Report {
 pub struct ApiReport {
     pub id: String,
     pub name: String,
+    pub generation: i64,
     pub listen_path: String,
+    /// Upstream base URLs.
+    pub targets: Vec<String>,
     /// `serving`, `inactive`, or why it is not served.
     pub state: String,
 }
@@ -94,6 +97,13 @@ pub struct ApiReport {
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Api").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl ApiReport {
+    /// Served as declared (possibly without `Ignore`d hooks), or deliberately inactive.
+    pub fn ok(&self) -> bool {
+        self.state == "serving" || self.state == "inactive" || self.state.starts_with("serving;")
     }
 }
 
@@ -201,7 +211,9 @@ impl Runtime {
             report.apis.push(ApiReport {
                 id: entry.id(),
                 name: entry.display_name().to_owned(),
+                generation: entry.generation,
                 listen_path: entry.spec.listen_path.clone(),
+                targets: entry.targets.clone(),
                 state,
             });
         }

@@ -1,0 +1,209 @@
+//! Kubernetes mode: config from the controller's stream.
+//!
+//! The dataplane keeps its last applied snapshot on disk and serves it at start while the
+//! controller is unreachable: a controller outage means no new config, never an outage.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use gatehouse_crds::{
+    protocol::{ACK_PATH, Ack, HEARTBEAT, ResourceResult, STREAM_PATH, StreamMessage},
+    snapshot::Snapshot,
+};
+use http::{Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use crate::{cli::Cli, gateway::Gateway};
+
+/// The controller pings every 10 s; this much silence means the connection is dead.
+const SILENCE: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+pub struct Subscriber {
+    base: String,
+    token_file: PathBuf,
+    state_file: PathBuf,
+    node: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Subscriber {
+    pub fn new(url: &str, cli: &Cli) -> anyhow::Result<Self> {
+        let base = url.trim_end_matches('/').to_owned();
+        let uri: http::Uri = base.parse().with_context(|| format!("--controller {url}"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            bail!("--controller {url}: expected http://host:port");
+        }
+        std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("--state-dir {}", cli.state_dir.display()))?;
+        let node = cli.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| format!("dataplane-{}", std::process::id()))
+        });
+        Ok(Self {
+            base,
+            token_file: cli.token_file.clone(),
+            state_file: cli.state_dir.join("snapshot.json"),
+            node,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    pub async fn run(self, gw: Arc<Gateway>) {
+        match self.load() {
+            Ok(Some(s)) => {
+                tracing::info!(version = s.version, apis = s.apis.len(), "serving the config saved on disk until the controller answers");
+                gw.apply(&s);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), file = %self.state_file.display(), "saved config unreadable; ignoring it"),
+        }
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            if let Err(e) = self.session(&gw).await {
+                tracing::warn!(error = %format!("{e:#}"), controller = %self.base, "config stream lost; serving the last applied config");
+            }
+            if started.elapsed() > BACKOFF_MAX * 3 {
+                backoff = BACKOFF_MIN;
+            }
+            // Jitter from the clock, so a fleet of dataplanes does not reconnect in step.
+            let jitter = Duration::from_millis(u64::from(jiff::Timestamp::now().subsec_nanosecond().unsigned_abs() % 200));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<Option<Snapshot>> {
+        match std::fs::read(&self.state_file) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, s: &Snapshot) {
+        let tmp = self.state_file.with_extension("json.tmp");
+        let result = serde_json::to_vec(s)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, file = %self.state_file.display(), "cannot save the config to disk");
+        }
+    }
+
+    fn token(&self) -> anyhow::Result<String> {
+        let t = std::fs::read_to_string(&self.token_file).with_context(|| format!("--token-file {}", self.token_file.display()))?;
+        Ok(t.trim().to_owned())
+    }
+
+    async fn session(&self, gw: &Gateway) -> anyhow::Result<()> {
+        let token = self.token()?;
+        let req = Request::get(format!("{}{STREAM_PATH}", self.base))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))?;
+        let resp = self.client.request(req).await.context("connecting to the controller")?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            bail!("controller refused the stream: {status} {}", String::from_utf8_lossy(&body));
+        }
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::new();
+        let mut current: Option<Snapshot> = None;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                frame = tokio::time::timeout(SILENCE, body.frame()) => {
+                    let frame = match frame {
+                        Err(_) => bail!("no word from the controller for {SILENCE:?}"),
+                        Ok(None) => bail!("the controller closed the stream"),
+                        Ok(Some(f)) => f.context("reading the stream")?,
+                    };
+                    let Some(data) = frame.data_ref() else { continue };
+                    buf.extend_from_slice(data);
+                    while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                        let line = buf.split_to(end + 1);
+                        let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
+                        if self.on_message(gw, &mut current, msg)? {
+                            self.ack(gw, current.as_ref(), &token).await;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if let Some(s) = &current {
+                        // In Kubernetes, plugin files change under mounted volumes.
+                        if gw.plugins_changed() {
+                            tracing::info!("a plugin file changed; reloading it");
+                            gw.apply(s);
+                        }
+                        self.ack(gw, current.as_ref(), &token).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one message; true when a new version is being served.
+    fn on_message(&self, gw: &Gateway, current: &mut Option<Snapshot>, msg: StreamMessage) -> anyhow::Result<bool> {
+        let snapshot = match msg {
+            StreamMessage::Ping => return Ok(false),
+            StreamMessage::Snapshot { snapshot } => current.insert(snapshot),
+            StreamMessage::Delta(d) => {
+                let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
+                // Out of order means a lost message: reconnect for the whole state.
+                s.apply(&d)?;
+                s
+            }
+        };
+        gw.apply(snapshot);
+        tracing::info!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
+        self.save(snapshot);
+        Ok(true)
+    }
+
+    async fn ack(&self, gw: &Gateway, current: Option<&Snapshot>, token: &str) {
+        let Some(snapshot) = current else { return };
+        let rt = gw.runtime();
+        let apis = rt
+            .report
+            .apis
+            .iter()
+            .map(|a| {
+                let message = if a.ok() { String::new() } else { a.state.clone() };
+                (a.id.clone(), ResourceResult { generation: a.generation, ok: a.ok(), message })
+            })
+            .collect();
+        let plugins = rt
+            .report
+            .plugins
+            .iter()
+            .map(|p| {
+                let generation = snapshot.plugins.get(&p.id).map_or(0, |e| e.generation);
+                let ok = p.state == "loaded";
+                (p.id.clone(), ResourceResult { generation, ok, message: if ok { String::new() } else { p.state.clone() } })
+            })
+            .collect();
+        let ack = Ack { node: self.node.clone(), version: rt.version, apis, plugins };
+        let Ok(body) = serde_json::to_vec(&ack) else { return };
+        let req = Request::post(format!("{}{ACK_PATH}", self.base))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)));
+        let Ok(req) = req else { return };
+        match self.client.request(req).await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::warn!(status = %r.status(), "the controller refused an ack"),
+            Err(e) => tracing::debug!(error = %e, "sending an ack"),
+        }
+    }
+}
