@@ -20,23 +20,41 @@ use crate::{Duration, ResourceError};
     printcolumn = r#"{"name":"Listen Path","type":"string","jsonPath":".spec.listenPath"}"#,
     printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".spec.upstream.url"}"#,
     printcolumn = r#"{"name":"Programmed","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "An API served by the Gatehouse dataplanes: where it listens, where it forwards to, how callers authenticate and which plugins run in its chain."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.auth) && has(self.auth.type) && self.auth.type == 'plugin') || (has(self.middleware) && has(self.middleware.authCheck))",
+        "message": "spec.middleware.authCheck is required when spec.auth.type is plugin",
+        "fieldPath": ".middleware.authCheck",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!(has(self.middleware) && has(self.middleware.authCheck)) || (has(self.auth) && has(self.auth.type) && self.auth.type == 'plugin')",
+        "message": "spec.middleware.authCheck is only used when spec.auth.type is plugin",
+        "fieldPath": ".middleware.authCheck",
+        "reason": "FieldValueForbidden"
+    }
+]))]
 pub struct ApiDefinitionSpec {
     /// Display name; defaults to metadata.name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub name: Option<String>,
     /// Inactive APIs are not served.
     #[serde(default = "yes")]
     pub active: bool,
-    /// Path prefix this API owns; the longest matching prefix wins.
+    /// Path prefix this API owns, starting with `/`; the longest matching prefix wins.
+    #[schemars(regex(pattern = "^/"))]
     pub listen_path: String,
     /// Remove the listen path before forwarding.
     #[serde(default = "yes")]
     pub strip_listen_path: bool,
     /// Host header values this API answers to; empty means any host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1)))]
     pub hosts: Vec<String>,
     pub upstream: Upstream,
     #[serde(default)]
@@ -61,32 +79,84 @@ pub(crate) fn free_form(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })
 }
 
+/// Where requests go: exactly one of `url`, `targets`, `service`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.url) ? 1 : 0) + (has(self.targets) && size(self.targets) > 0 ? 1 : 0) + (has(self.service) ? 1 : 0) == 1",
+    "message": "exactly one of spec.upstream.url, spec.upstream.targets, spec.upstream.service must be set"
+}]))]
 pub struct Upstream {
-    /// A single upstream base URL.
+    /// A single upstream base URL, `http://host:port[/base]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = upstream_url_rules)]
     pub url: Option<String>,
     /// Several base URLs, used round robin.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), transform = upstream_targets_rules)]
     pub targets: Vec<String>,
     /// A Kubernetes Service whose endpoints the controller resolves into targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
     /// Time allowed for the upstream's response headers; 30s when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^(0+(h|m|s|ms))+$')",
+        "message": "spec.upstream.timeout must be greater than zero"
+    }]))]
     pub timeout: Option<Duration>,
 }
 
+/// A Service in the same namespace, and the port of it to forward to.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceRef {
+    /// The Service's name (a DNS label).
+    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
+    /// The Service port (`port`, not `targetPort`).
+    #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
 }
 
+/// Adds the checks every upstream base URL gets to a string schema (those of
+/// `check_upstream_url`, as CEL). The API server refuses CEL rules whose worst-case cost is
+/// unbounded, hence the `maxLength` here and the `maxItems` on lists of checked items.
+fn upstream_url_rules(schema: &mut schemars::Schema) {
+    schema.insert("maxLength".to_owned(), 2048.into());
+    schema.insert(
+        "x-kubernetes-validations".to_owned(),
+        serde_json::json!([
+            {
+                "rule": "self.startsWith('http://')",
+                "message": "upstream URLs must start with http:// (TLS to upstreams is not supported yet)"
+            },
+            {
+                "rule": "!self.startsWith('http://') || (isURL(self) && url(self).getHostname() != '')",
+                "message": "upstream URLs must have the form http://host:port[/base]"
+            },
+            {
+                "rule": "!self.contains('?') && !self.contains('#')",
+                "message": "upstream URLs must not have a query or fragment"
+            }
+        ]),
+    );
+}
+
+fn upstream_targets_rules(schema: &mut schemars::Schema) {
+    if let Some(items) = schema.get_mut("items").and_then(|i| <&mut schemars::Schema>::try_from(i).ok()) {
+        upstream_url_rules(items);
+    }
+}
+
+/// How callers authenticate.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.type) || self.type != 'authToken' || !has(self.authToken) || !has(self.authToken.header) || self.authToken.header != '' || (has(self.authToken.query) && self.authToken.query != '') || (has(self.authToken.cookie) && self.authToken.cookie != '')",
+    "message": "spec.auth.authToken needs at least one of header, query, cookie when spec.auth.type is authToken",
+    "fieldPath": ".authToken"
+}]))]
 pub struct Auth {
     #[serde(rename = "type", default)]
     pub kind: AuthType,
@@ -134,6 +204,10 @@ impl Default for AuthToken {
 pub struct RateLimit {
     #[schemars(range(min = 1))]
     pub rate: u64,
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^(0+(h|m|s|ms))+$')",
+        "message": "spec.rateLimit.per must be greater than zero"
+    }]))]
     pub per: Duration,
 }
 
@@ -141,15 +215,24 @@ pub struct RateLimit {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Middleware {
+    /// Before the API-wide rate limit and authentication.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub pre: Vec<PluginRef>,
+    /// Decides authentication when `spec.auth.type` is `plugin` (and only then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_check: Option<PluginRef>,
+    /// After authentication, before the key's checks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub post_key_auth: Vec<PluginRef>,
+    /// After the key's checks, before the upstream.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub post: Vec<PluginRef>,
+    /// On the upstream's response.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub response: Vec<PluginRef>,
 }
 
@@ -176,12 +259,33 @@ impl Middleware {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginRef {
+    /// The name of a Plugin in the same namespace.
+    #[schemars(
+        length(max = 253),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "plugin must be the name of a Plugin in the same namespace (lowercase letters, digits, '-' and '.')"
+        }])
+    )]
     pub plugin: String,
+    /// The hook the plugin exports.
+    #[schemars(
+        length(max = 256),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[A-Za-z_][A-Za-z0-9_]*$')",
+            "message": "symbol must be the name of a hook the plugin exports (a C identifier such as MyProcessRequest)"
+        }])
+    )]
     pub symbol: String,
-    /// Handed to the plugin once, when the chain is built.
+    /// Handed to the plugin once, when the chain is built: any JSON value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "free_form")]
+    #[schemars(schema_with = "any_json")]
     pub config: Option<serde_json::Value>,
+}
+
+/// Schema for a value the API server must keep as written, whatever its JSON type.
+fn any_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
@@ -190,6 +294,7 @@ pub struct ApiDefinitionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -101,7 +101,7 @@ impl JsonSchema for Duration {
         "Duration".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({ "type": "string", "pattern": PATTERN })
+        schemars::json_schema!({ "type": "string", "maxLength": 32, "pattern": PATTERN })
     }
     fn inline_schema() -> bool {
         true

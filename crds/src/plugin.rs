@@ -19,14 +19,17 @@ use crate::ResourceError;
     status = "PluginStatus",
     printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.path"}"#,
     printcolumn = r#"{"name":"Loaded","type":"string","jsonPath":".status.conditions[?(@.type==\"Loaded\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A native plugin library (.so) that the Gatehouse dataplanes load, whose exported hooks ApiDefinitions name in their middleware."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginSpec {
-    /// Path of the `.so` inside the dataplane (a mounted volume).
+    /// Absolute path of the `.so` inside the dataplane (a mounted volume).
+    #[schemars(regex(pattern = "^/"))]
     pub path: String,
     /// Optional pin: the hex SHA-256 of the file; a mismatch refuses the load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
     /// The ConfigMap behind the volume, checked by the controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,7 +41,11 @@ pub struct PluginSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigMapKeyRef {
+    /// The ConfigMap's name, in the Plugin's namespace.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// The key of the ConfigMap holding the `.so`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = "^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
@@ -58,6 +65,7 @@ pub struct PluginStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

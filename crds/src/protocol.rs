@@ -20,7 +20,9 @@ pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum StreamMessage {
     /// The whole state: replaces whatever the dataplane had.
-    Snapshot { snapshot: Snapshot },
+    Snapshot {
+        snapshot: Snapshot,
+    },
     /// Changes on top of the previous version.
     Delta(Delta),
     Ping,
@@ -112,7 +114,8 @@ mod tests {
             hash: "h".into(),
             session: crate::KeySession::default(),
         };
-        let add = Delta { version: 4, base: 3, keys: BTreeMap::from([("ns/k".into(), Some(key))]), ..Default::default() };
+        let add =
+            Delta { version: 4, base: 3, keys: BTreeMap::from([("ns/k".into(), Some(key))]), ..Default::default() };
         s.apply(&add).expect("applies");
         assert_eq!((s.version, s.keys.len()), (4, 1));
         assert_eq!(s.apply(&add), Err(OutOfOrder { delta_base: 3, have: 4 }));

@@ -36,7 +36,7 @@ use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone
 /// Where config comes from.
 enum Source {
     Standalone(Standalone),
-    Controller(Subscriber),
+    Controller(Box<Subscriber>),
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -60,13 +60,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let source = match (&cli.config, &cli.controller) {
         (Some(path), _) => Source::Standalone(Standalone::new(path.clone())?),
-        (None, Some(url)) => Source::Controller(Subscriber::new(url, &cli)?),
+        (None, Some(url)) => Source::Controller(Box::new(Subscriber::new(url, &cli)?)),
         (None, None) => anyhow::bail!("one of --config or --controller is required"),
     };
     let listener = TcpListener::bind(cli.listen).await.with_context(|| format!("--listen {}", cli.listen))?;
     let admin =
         TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
-    let from = cli.config.as_ref().map_or_else(|| cli.controller.clone().unwrap_or_default(), |p| p.display().to_string());
+    let from =
+        cli.config.as_ref().map_or_else(|| cli.controller.clone().unwrap_or_default(), |p| p.display().to_string());
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %from, "gatehouse dataplane starting");
 
     let (stop_tx, stop) = watch::channel(false);

@@ -46,7 +46,9 @@ impl Subscriber {
         }
         std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("--state-dir {}", cli.state_dir.display()))?;
         let node = cli.node_name.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| format!("dataplane-{}", std::process::id()))
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| format!("dataplane-{}", std::process::id()))
         });
         Ok(Self {
             base,
@@ -60,11 +62,17 @@ impl Subscriber {
     pub async fn run(self, gw: Arc<Gateway>) {
         match self.load() {
             Ok(Some(s)) => {
-                tracing::info!(version = s.version, apis = s.apis.len(), "serving the config saved on disk until the controller answers");
+                tracing::info!(
+                    version = s.version,
+                    apis = s.apis.len(),
+                    "serving the config saved on disk until the controller answers"
+                );
                 gw.apply(&s);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), file = %self.state_file.display(), "saved config unreadable; ignoring it"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), file = %self.state_file.display(), "saved config unreadable; ignoring it")
+            }
         }
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -76,7 +84,8 @@ impl Subscriber {
                 backoff = BACKOFF_MIN;
             }
             // Jitter from the clock, so a fleet of dataplanes does not reconnect in step.
-            let jitter = Duration::from_millis(u64::from(jiff::Timestamp::now().subsec_nanosecond().unsigned_abs() % 200));
+            let jitter =
+                Duration::from_millis(u64::from(jiff::Timestamp::now().subsec_nanosecond().unsigned_abs() % 200));
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -102,7 +111,8 @@ impl Subscriber {
     }
 
     fn token(&self) -> anyhow::Result<String> {
-        let t = std::fs::read_to_string(&self.token_file).with_context(|| format!("--token-file {}", self.token_file.display()))?;
+        let t = std::fs::read_to_string(&self.token_file)
+            .with_context(|| format!("--token-file {}", self.token_file.display()))?;
         Ok(t.trim().to_owned())
     }
 
@@ -190,7 +200,10 @@ impl Subscriber {
             .map(|p| {
                 let generation = snapshot.plugins.get(&p.id).map_or(0, |e| e.generation);
                 let ok = p.state == "loaded";
-                (p.id.clone(), ResourceResult { generation, ok, message: if ok { String::new() } else { p.state.clone() } })
+                (
+                    p.id.clone(),
+                    ResourceResult { generation, ok, message: if ok { String::new() } else { p.state.clone() } },
+                )
             })
             .collect();
         let ack = Ack { node: self.node.clone(), version: rt.version, apis, plugins };

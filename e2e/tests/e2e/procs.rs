@@ -1,0 +1,198 @@
+//! The real binaries as local processes (there is no kubelet: the tests run the controller
+//! and dataplanes the way the chart's pods would), and an upstream on loopback.
+
+use std::{
+    convert::Infallible,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::Client as HttpClient,
+    rt::{TokioExecutor, TokioIo},
+};
+
+use crate::cluster::repo_root;
+
+/// How long the tests wait for anything to happen.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// `target/debug/<name>`, built once per test process.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["build", "--quiet", "-p", "gatehouse-controller", "-p", "gatehouse-dataplane", "--bins"])
+            .status()
+            .map_err(|e| format!("running cargo: {e}"))?;
+        if status.success() { Ok(()) } else { Err(format!("cargo build failed: {status}")) }
+    });
+    if let Err(e) = built {
+        panic!("building the binaries: {e}");
+    }
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+    dir.join("debug").join(name)
+}
+
+/// A running binary; killed when dropped. Its JSON log lines are kept.
+pub struct Proc {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    /// The listen and admin addresses it logged at start.
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and waits for the log line `starting` that names its
+    /// `listen` and `admin` addresses.
+    pub fn start(bin: &str, args: &[String], env: &[(&str, &Path)], starting: &str) -> Self {
+        let mut cmd = Command::new(binary(bin));
+        cmd.args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {bin}: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("{bin}: no stderr"));
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (l, starting) = (logs.clone(), starting.to_owned());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(&starting) {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    let addr = |k: &str| v["fields"][k].as_str().and_then(|s| s.parse::<SocketAddr>().ok());
+                    if let (Some(a), Some(b)) = (addr("listen"), addr("admin")) {
+                        let _ = tx.send((a, b));
+                    }
+                }
+                l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        let Ok((addr, admin)) = rx.recv_timeout(PATIENCE) else {
+            panic!("{bin} did not start; logs:\n{}", logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n"));
+        };
+        Self { child, logs, addr, admin }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A metric's value from `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = get(&format!("http://{}/metrics", self.admin), &[]).await.map(|r| r.1).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+    }
+}
+
+/// A controller watching one namespace, as the chart runs it (one replica).
+pub fn controller(kubeconfig: &Path, ns: &str, identity: &str) -> Proc {
+    let args = [
+        "--listen=127.0.0.1:0",
+        "--admin-listen=127.0.0.1:0",
+        "--log-format=json",
+        &format!("--namespace={ns}"),
+        &format!("--lease-namespace={ns}"),
+        &format!("--identity={identity}"),
+        &format!("--allowed-service-account={ns}:dataplane"),
+    ]
+    .map(str::to_owned);
+    Proc::start("gatehouse-controller", &args, &[("KUBECONFIG", kubeconfig)], "gatehouse controller starting")
+}
+
+/// A dataplane subscribed to `controller`, with its own state and plugin directories.
+pub fn dataplane(controller: SocketAddr, token: &Path, state: &Path, node: &str) -> Proc {
+    let args = [
+        "--listen=127.0.0.1:0".to_owned(),
+        "--admin-listen=127.0.0.1:0".to_owned(),
+        "--log-format=json".to_owned(),
+        format!("--controller=http://{controller}"),
+        format!("--token-file={}", token.display()),
+        format!("--state-dir={}", state.join("state").display()),
+        format!("--plugin-dir={}", state.join("plugins").display()),
+        format!("--node-name={node}"),
+    ];
+    Proc::start("gatehouse-dataplane", &args, &[], "gatehouse dataplane starting")
+}
+
+/// GET with headers: the status and body, or the connection error.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, String), String> {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls `check` until it holds; panics with `what` and the last observation if it never
+/// does. Returns how long it took (reported, never asserted: these machines are noisy).
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < PATIENCE {
+        match check().await {
+            Ok(()) => return started.elapsed(),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out after {PATIENCE:?} waiting for {what}; last: {last}");
+}
+
+/// An upstream on loopback answering `upstream <name> <path>`.
+pub async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                        "upstream {name} {}",
+                        req.uri().path()
+                    )))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
