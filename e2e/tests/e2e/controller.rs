@@ -352,22 +352,23 @@ async fn two_controllers_elect_one_leader_and_the_other_takes_over_when_it_dies(
     let up = upstream("f").await;
     let a = controller(&e.c.kubeconfig, &e.ns, "ctl-a");
     let b = controller(&e.c.kubeconfig, &e.ns, "ctl-b");
-    // The dataplane talks to b; a may lead: acks must reach whoever leads.
-    let dp = dataplane(b.addr, &e.token, &e.dir.path().join("dp"), "dp-1");
-    apply(&e, &api_yaml("web", "/web/", &up.to_string(), ""));
     eventually("one leader", || async {
         let leaders = a.metric("gatehouse_controller_leader").await + b.metric("gatehouse_controller_leader").await;
         if leaders == 1.0 { Ok(()) } else { Err(format!("{leaders} leaders")) }
     })
     .await;
-    eventually("Programmed through the leader", || async {
+    let (mut leader, follower) = if a.metric("gatehouse_controller_leader").await == 1.0 { (a, b) } else { (b, a) };
+    // The dataplane talks to the follower, which forwards its acks to the leader.
+    let dp = dataplane(follower.addr, &e.token, &e.dir.path().join("dp"), "dp-1");
+    apply(&e, &api_yaml("web", "/web/", &up.to_string(), ""));
+    eventually("the API to be served", || serves(&dp, "/web/x", "upstream f /x")).await;
+    eventually("Programmed by the leader from forwarded acks", || async {
         match condition::<ApiDefinition>(&e, "web", "Programmed").await? {
             (s, _, m, 1) if s == "True" && m == "1/1 dataplanes serve generation 1" => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    let (mut leader, follower) = if a.metric("gatehouse_controller_leader").await == 1.0 { (a, b) } else { (b, a) };
     leader.kill();
     let took = eventually("the follower to take over", || async {
         if follower.metric("gatehouse_controller_leader").await == 1.0 { Ok(()) } else { Err("not leading".into()) }
@@ -379,10 +380,9 @@ async fn two_controllers_elect_one_leader_and_the_other_takes_over_when_it_dies(
     apply(&e, &api_yaml("web", "/web/", &format!("{up}/v2"), ""));
     eventually("observedGeneration 2 written by the new leader", || async {
         match condition::<ApiDefinition>(&e, "web", "Programmed").await? {
-            (s, _, _, 2) if s == "True" => Ok(()),
+            (s, _, m, 2) if s == "True" && m == "1/1 dataplanes serve generation 2" => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    drop(dp);
 }
