@@ -24,3 +24,17 @@ need_rust() {
   }
   apt_install curl pkg-config
 }
+
+# Go builds the test cluster (e2e/cluster). Machines of this kind ship it in /usr/local/go,
+# which a non-interactive shell may not have on PATH.
+need_go() {
+  if ! command -v go >/dev/null; then
+    for d in /usr/local/go/bin "$HOME/go/bin" "$HOME/sdk/go/bin"; do
+      [ -x "$d/go" ] && export PATH="$d:$PATH" && break
+    done
+  fi
+  command -v go >/dev/null || {
+    echo "Go >= 1.25 is needed to build the test cluster (e2e/cluster): install it from https://go.dev/dl" >&2
+    exit 1
+  }
+}

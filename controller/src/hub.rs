@@ -29,8 +29,9 @@ impl Hub {
         self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies and broadcasts a delta; returns its version, or None if it changed nothing.
-    pub fn publish(&self, mut delta: Delta) -> Option<u64> {
+    /// Applies and broadcasts a delta; returns its version and its size as sent (bytes of
+    /// JSON), or None if it changed nothing.
+    pub fn publish(&self, mut delta: Delta) -> Option<(u64, usize)> {
         let mut snap = self.lock();
         delta.apis.retain(|id, e| changed(e, snap.apis.get(id)));
         delta.plugins.retain(|id, e| changed(e, snap.plugins.get(id)));
@@ -44,9 +45,10 @@ impl Hub {
         if snap.apply(&delta).is_err() {
             return None;
         }
+        let size = serde_json::to_vec(&delta).map_or(0, |v| v.len());
         // No receivers is fine: nobody is connected yet.
         let _ = self.tx.send(Arc::new(delta));
-        Some(snap.version)
+        Some((snap.version, size))
     }
 
     /// The whole current state and a subscription to what follows it, taken together so
@@ -92,7 +94,7 @@ mod tests {
         let hub = Hub::new();
         let (start, mut rx) = hub.subscribe();
         let d = Delta { keys: BTreeMap::from([("ns/k".into(), key("a"))]), ..Default::default() };
-        assert_eq!(hub.publish(d.clone()), Some(start.version + 1));
+        assert_eq!(hub.publish(d.clone()).map(|(v, _)| v), Some(start.version + 1));
         assert_eq!(hub.publish(d), None, "the same entry again changes nothing");
         let sent = rx.try_recv().expect("a delta");
         assert_eq!((sent.base, sent.version), (start.version, start.version + 1));

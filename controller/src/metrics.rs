@@ -14,6 +14,8 @@ pub struct Metrics {
     pub streams: IntGauge,
     /// From a watch event to its delta being published to the streams.
     pub push_seconds: Histogram,
+    /// Size of each delta as streamed (JSON bytes).
+    pub delta_bytes: Histogram,
     /// Status writes, by result.
     pub status_writes: IntCounterVec,
     pub refused_clients: IntCounter,
@@ -53,6 +55,11 @@ impl Metrics {
                 .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
         ));
         must(registry.register(Box::new(push_seconds.clone())));
+        let delta_bytes = must(Histogram::with_opts(
+            HistogramOpts::new("gatehouse_controller_delta_bytes", "Size of each delta streamed to dataplanes")
+                .buckets(prometheus::exponential_buckets(256.0, 4.0, 10).unwrap_or_default()),
+        ));
+        must(registry.register(Box::new(delta_bytes.clone())));
         Self {
             changes,
             watch_errors,
@@ -60,6 +67,7 @@ impl Metrics {
             dataplanes: gauge("gatehouse_controller_dataplanes", "Dataplanes acknowledging config"),
             streams: gauge("gatehouse_controller_streams", "Open config streams on this replica"),
             push_seconds,
+            delta_bytes,
             status_writes,
             refused_clients,
             leader: gauge("gatehouse_controller_leader", "1 while this replica holds the lease and writes status"),

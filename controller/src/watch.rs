@@ -167,8 +167,9 @@ impl Compiler {
         let Some(affected) = affected else { return };
         let delta = self.compile(affected);
         self.metrics.changes.with_label_values(&[kind.as_str()]).inc();
-        if let Some(v) = self.hub.publish(delta) {
+        if let Some((v, bytes)) = self.hub.publish(delta) {
             self.metrics.config_version.set(i64::try_from(v).unwrap_or(i64::MAX));
+            self.metrics.delta_bytes.observe(bytes as f64);
             self.metrics.push_seconds.observe(started.elapsed().as_secs_f64());
             tracing::debug!(version = v, kind = kind.as_str(), "config version published");
         }

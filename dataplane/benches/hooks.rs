@@ -43,7 +43,7 @@ fn runtime(path: &str) -> Runtime {
     let (snap, errors) = Snapshot::compile(1, parsed.resources.into_iter().map(|(_, r)| r));
     assert!(errors.is_empty());
     let dir = std::env::temp_dir().join("gatehouse-bench-plugins");
-    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir))
+    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), None)
 }
 
 fn hooks(c: &mut Criterion) {

@@ -29,7 +29,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(metrics: Metrics, analytics: Analytics, loader: Loader) -> Self {
-        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader);
+        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, None);
         Self {
             runtime: ArcSwap::from_pointee(empty),
             ready: AtomicBool::new(false),
@@ -50,7 +50,8 @@ impl Gateway {
     /// Swaps in a new config: requests in flight finish on the old one.
     pub fn apply(&self, snapshot: &Snapshot) {
         let started = std::time::Instant::now();
-        let rt = Runtime::build(snapshot, &self.metrics, &self.loader);
+        let prev = self.runtime.load();
+        let rt = Runtime::build(snapshot, &self.metrics, &self.loader, Some(&prev));
         self.metrics.config_version.set(i64::try_from(rt.version).unwrap_or(i64::MAX));
         self.runtime.store(Arc::new(rt));
         self.ready.store(true, Ordering::Release);

@@ -5,7 +5,7 @@
 //! and each request keeps the one it started with.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -15,7 +15,7 @@ use std::{
 
 use gatehouse_crds::{
     KeySession,
-    snapshot::{ApiEntry, KeyEntry, Snapshot},
+    snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot},
 };
 use http::uri::Authority;
 use serde::Serialize;
@@ -36,6 +36,10 @@ pub struct Runtime {
     pub report: Report,
     /// Each Plugin file and the content hash loaded from it (None: not loaded).
     pub plugin_files: Vec<(String, Option<String>)>,
+    /// Compiled APIs by id, for the next build to reuse.
+    apis: HashMap<String, Arc<Api>>,
+    /// Each Plugin and the content loaded for it, to tell which APIs a change touches.
+    plugin_state: BTreeMap<String, (PluginEntry, Option<String>)>,
 }
 
 pub struct Api {
@@ -49,6 +53,8 @@ pub struct Api {
     pub rate_key: Arc<str>,
     pub metrics: ApiMetrics,
     pub plugins: PluginChain,
+    /// Hooks skipped under `failurePolicy: Ignore`, and why.
+    pub notes: Vec<String>,
     /// What plugins read through `api_config_data` and `api_spec`, serialised once.
     pub config_data_json: String,
     pub spec_json: String,
@@ -114,7 +120,7 @@ impl Api {
         &self.targets[i % self.targets.len()]
     }
 
-    fn compile(entry: &ApiEntry, metrics: &Metrics, plugins: PluginChain) -> Result<Self, String> {
+    fn compile(entry: &ApiEntry, metrics: &Metrics, plugins: PluginChain, notes: Vec<String>) -> Result<Self, String> {
         let id: Arc<str> = Arc::from(entry.id());
         let targets = entry.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>, _>>()?;
         if targets.is_empty() {
@@ -130,6 +136,7 @@ impl Api {
             config_data_json: entry.spec.config_data.as_ref().map_or_else(|| "null".to_owned(), |v| v.to_string()),
             spec_json: serde_json::to_string(&entry.spec).unwrap_or_else(|_| "{}".to_owned()),
             plugins,
+            notes,
             entry: entry.clone(),
             id,
         })
@@ -178,38 +185,59 @@ impl Session {
 }
 
 impl Runtime {
-    pub fn build(snapshot: &Snapshot, metrics: &Metrics, loader: &Loader) -> Self {
+    /// Compiles a snapshot. An API whose entry and Plugins are unchanged since `prev` is
+    /// reused as it is, so a one-API change costs one API's compilation (plus rebuilding
+    /// the router), however many APIs there are.
+    pub fn build(snapshot: &Snapshot, metrics: &Metrics, loader: &Loader, prev: Option<&Runtime>) -> Self {
         let mut router = Router::default();
         let mut report = Report { version: snapshot.version, ..Default::default() };
         let plugins = ChainBuilder::new(snapshot, loader, metrics);
-        for entry in snapshot.apis.values() {
+        let plugin_state: BTreeMap<String, (PluginEntry, Option<String>)> = snapshot
+            .plugins
+            .iter()
+            .map(|(id, p)| {
+                let sha = plugins.reports.iter().find(|r| r.id == *id).and_then(|r| r.sha256.clone());
+                (id.clone(), (p.clone(), sha))
+            })
+            .collect();
+        let mut apis = HashMap::with_capacity(snapshot.apis.len());
+        for (id, entry) in &snapshot.apis {
             let mut state = "serving".to_owned();
             if !entry.spec.active {
                 state = "inactive".to_owned();
             } else {
-                let (chain, notes) = plugins.chain(entry);
-                let failing = chain.unavailable.clone();
-                match Api::compile(entry, metrics, chain) {
+                let reused = prev
+                    .and_then(|p| p.apis.get(id).filter(|a| a.entry == *entry && p.same_plugins(entry, &plugin_state)))
+                    .cloned();
+                let compiled = match reused {
+                    Some(api) => Ok(api),
+                    None => {
+                        let (chain, notes) = plugins.chain(entry);
+                        Api::compile(entry, metrics, chain, notes).map(Arc::new)
+                    }
+                };
+                match compiled {
                     Ok(api) => {
-                        if let Err(holder) = router.insert(&Arc::new(api)) {
+                        if let Err(holder) = router.insert(&api) {
                             state = format!(
                                 "spec.listenPath: {} is already served by {}",
                                 entry.spec.listen_path, holder.id
                             );
-                        } else if let Some(reason) = failing {
+                        } else if let Some(reason) = &api.plugins.unavailable {
                             state = format!("answering 500: {reason}");
-                        } else if !notes.is_empty() {
-                            state = format!("serving; {}", notes.join("; "));
+                        } else if !api.notes.is_empty() {
+                            state = format!("serving; {}", api.notes.join("; "));
                         }
+                        apis.insert(id.clone(), api);
                     }
                     Err(e) => state = e,
                 }
             }
             if state != "serving" && state != "inactive" {
-                tracing::warn!(api = %entry.id(), reason = %state, "API not served as declared");
+                tracing::warn!(api = %id, reason = %state, "API not served as declared");
             }
             report.apis.push(ApiReport {
-                id: entry.id(),
+                id: id.clone(),
                 name: entry.display_name().to_owned(),
                 generation: entry.generation,
                 listen_path: entry.spec.listen_path.clone(),
@@ -222,7 +250,15 @@ impl Runtime {
         report.keys = keys.len();
         let plugin_files = plugins.loaded_hashes();
         report.plugins = plugins.reports;
-        Self { version: snapshot.version, router, keys, report, plugin_files }
+        Self { version: snapshot.version, router, keys, report, plugin_files, apis, plugin_state }
+    }
+
+    /// Whether every Plugin `entry` names is as it was (resource and loaded content).
+    fn same_plugins(&self, entry: &ApiEntry, now: &BTreeMap<String, (PluginEntry, Option<String>)>) -> bool {
+        entry.spec.middleware.refs().all(|(_, r)| {
+            let id = format!("{}/{}", entry.namespace, r.plugin);
+            self.plugin_state.get(&id) == now.get(&id)
+        })
     }
 
     pub fn session(&self, key_sha256: &[u8; 32]) -> Option<&Arc<Session>> {
@@ -243,7 +279,7 @@ pub(crate) mod tests {
             panic!("bad test API: {:?}", parsed.rejected)
         };
         let entry = ApiEntry::compile(&a, None).expect("compiles");
-        Arc::new(Api::compile(&entry, &Metrics::new(), PluginChain::default()).expect("compiles"))
+        Arc::new(Api::compile(&entry, &Metrics::new(), PluginChain::default(), Vec::new()).expect("compiles"))
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::{cli::Cli, gateway::Gateway};
 const SILENCE: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Subscriber {
     base: String,
@@ -131,22 +132,28 @@ impl Subscriber {
         let mut buf = BytesMut::new();
         let mut current: Option<Snapshot> = None;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        loop {
+        // Saving is O(config size): at most once per SAVE_EVERY, not once per delta.
+        let mut save = tokio::time::interval(SAVE_EVERY);
+        let mut dirty = false;
+        let result = loop {
             tokio::select! {
                 frame = tokio::time::timeout(SILENCE, body.frame()) => {
                     let frame = match frame {
-                        Err(_) => bail!("no word from the controller for {SILENCE:?}"),
-                        Ok(None) => bail!("the controller closed the stream"),
-                        Ok(Some(f)) => f.context("reading the stream")?,
+                        Err(_) => break Err(anyhow::anyhow!("no word from the controller for {SILENCE:?}")),
+                        Ok(None) => break Err(anyhow::anyhow!("the controller closed the stream")),
+                        Ok(Some(Err(e))) => break Err(anyhow::Error::from(e).context("reading the stream")),
+                        Ok(Some(Ok(f))) => f,
                     };
                     let Some(data) = frame.data_ref() else { continue };
                     buf.extend_from_slice(data);
-                    while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                        let line = buf.split_to(end + 1);
-                        let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
-                        if self.on_message(gw, &mut current, msg)? {
-                            self.ack(gw, current.as_ref(), &token).await;
-                        }
+                    if let Err(e) = self.on_lines(gw, &mut buf, &mut current, &mut dirty, &token).await {
+                        break Err(e);
+                    }
+                }
+                _ = save.tick() => {
+                    if let (true, Some(s)) = (dirty, &current) {
+                        self.save(s);
+                        dirty = false;
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -160,7 +167,30 @@ impl Subscriber {
                     }
                 }
             }
+        };
+        if let (true, Some(s)) = (dirty, &current) {
+            self.save(s);
         }
+        result
+    }
+
+    async fn on_lines(
+        &self,
+        gw: &Gateway,
+        buf: &mut BytesMut,
+        current: &mut Option<Snapshot>,
+        dirty: &mut bool,
+        token: &str,
+    ) -> anyhow::Result<()> {
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(end + 1);
+            let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
+            if self.on_message(gw, current, msg)? {
+                *dirty = true;
+                self.ack(gw, current.as_ref(), token).await;
+            }
+        }
+        Ok(())
     }
 
     /// Applies one message; true when a new version is being served.
@@ -177,7 +207,6 @@ impl Subscriber {
         };
         gw.apply(snapshot);
         tracing::info!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
-        self.save(snapshot);
         Ok(true)
     }
 
