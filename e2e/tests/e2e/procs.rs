@@ -25,14 +25,20 @@ use crate::cluster::repo_root;
 /// How long the tests wait for anything to happen.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// `target/debug/<name>`, built once per test process.
+/// `target/<profile>/<name>`, built once per process. The profile is `debug`, or
+/// `release` with `GATEHOUSE_E2E_RELEASE=1` (the benchmarks).
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let release = std::env::var_os("GATEHOUSE_E2E_RELEASE").is_some();
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut args = vec!["build", "--quiet", "-p", "gatehouse-controller", "-p", "gatehouse-dataplane", "--bins"];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(cargo)
             .current_dir(repo_root())
-            .args(["build", "--quiet", "-p", "gatehouse-controller", "-p", "gatehouse-dataplane", "--bins"])
+            .args(args)
             .status()
             .map_err(|e| format!("running cargo: {e}"))?;
         if status.success() { Ok(()) } else { Err(format!("cargo build failed: {status}")) }
@@ -41,7 +47,7 @@ pub fn binary(name: &str) -> PathBuf {
         panic!("building the binaries: {e}");
     }
     let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
-    dir.join("debug").join(name)
+    dir.join(if release { "release" } else { "debug" }).join(name)
 }
 
 /// A running binary; killed when dropped. Its JSON log lines are kept.
@@ -90,6 +96,20 @@ impl Proc {
             panic!("{bin} did not start; logs:\n{}", logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n"));
         };
         Self { child, logs, addr, admin }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, from /proc (0 if unreadable).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn logs(&self) -> String {
@@ -158,21 +178,30 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Str
 
 /// Polls `check` until it holds; panics with `what` and the last observation if it never
 /// does. Returns how long it took (reported, never asserted: these machines are noisy).
-pub async fn eventually<F, Fut>(what: &str, mut check: F) -> Duration
+pub async fn eventually<F, Fut>(what: &str, check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    eventually_for(PATIENCE, what, check).await
+}
+
+/// As [`eventually`], with a bound of its own.
+pub async fn eventually_for<F, Fut>(patience: Duration, what: &str, mut check: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let started = Instant::now();
     let mut last = String::new();
-    while started.elapsed() < PATIENCE {
+    while started.elapsed() < patience {
         match check().await {
             Ok(()) => return started.elapsed(),
             Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("timed out after {PATIENCE:?} waiting for {what}; last: {last}");
+    panic!("timed out after {patience:?} waiting for {what}; last: {last}");
 }
 
 /// An upstream on loopback answering `upstream <name> <path>`.
