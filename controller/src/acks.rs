@@ -26,8 +26,20 @@ pub struct Tally {
 }
 
 impl Acks {
+    /// Keeps a full ack as it is; merges a partial one into the node's last.
     pub fn record(&self, ack: Ack) {
-        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(ack.node.clone(), (Instant::now(), ack));
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        match nodes.get_mut(&ack.node) {
+            Some((at, prev)) if ack.partial => {
+                *at = Instant::now();
+                prev.version = ack.version;
+                prev.apis.extend(ack.apis);
+                prev.plugins.extend(ack.plugins);
+            }
+            _ => {
+                nodes.insert(ack.node.clone(), (Instant::now(), ack));
+            }
+        }
     }
 
     /// The acks of live dataplanes; forgets the others.
@@ -64,7 +76,27 @@ mod tests {
 
     fn ack(node: &str, generation: i64, ok: bool) -> Ack {
         let r = ResourceResult { generation, ok, message: if ok { String::new() } else { "plugin failure".into() } };
-        Ack { node: node.into(), version: 1, apis: BTreeMap::from([("ns/a".into(), r)]), plugins: BTreeMap::new() }
+        Ack {
+            node: node.into(),
+            version: 1,
+            partial: false,
+            apis: BTreeMap::from([("ns/a".into(), r)]),
+            plugins: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn partial_acks_merge_into_the_last_full_one() {
+        let acks = Acks::default();
+        acks.record(ack("dp-1", 1, true));
+        let mut update = ack("dp-1", 2, true);
+        update.partial = true;
+        update.apis =
+            BTreeMap::from([("ns/b".into(), ResourceResult { generation: 1, ok: true, message: String::new() })]);
+        acks.record(update);
+        let live = acks.live();
+        assert_eq!(live[0].apis.keys().collect::<Vec<_>>(), ["ns/a", "ns/b"]);
+        assert_eq!(live[0].version, 1);
     }
 
     #[test]

@@ -99,7 +99,7 @@ impl StatusWriter {
             let wanted = plugin_conditions(&outcome, &t);
             self.write::<Plugin>(&id, wanted).await;
         }
-        let known: Vec<String> = {
+        let known: std::collections::HashSet<String> = {
             let shared = lock(&self.state);
             shared
                 .api_outcomes

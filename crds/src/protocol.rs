@@ -85,6 +85,10 @@ pub struct Ack {
     pub node: String,
     /// The config version it serves.
     pub version: u64,
+    /// Only the resources that changed, to merge into the previous ack (deltas and
+    /// heartbeats); false: the whole state (after a snapshot).
+    #[serde(default)]
+    pub partial: bool,
     pub apis: BTreeMap<String, ResourceResult>,
     pub plugins: BTreeMap<String, ResourceResult>,
 }

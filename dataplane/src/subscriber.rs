@@ -4,6 +4,7 @@
 //! controller is unreachable: a controller outage means no new config, never an outage.
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -29,6 +30,30 @@ const SILENCE: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// Heartbeats between full acks.
+const FULL_ACK_EVERY: u32 = 12;
+
+/// What an ack reports.
+enum Acked {
+    All,
+    Changed { apis: BTreeSet<String>, plugins: BTreeSet<String> },
+    Nothing,
+}
+
+impl Acked {
+    fn apis(&self) -> Option<&BTreeSet<String>> {
+        match self {
+            Acked::Changed { apis, .. } => Some(apis),
+            _ => None,
+        }
+    }
+    fn plugins(&self) -> Option<&BTreeSet<String>> {
+        match self {
+            Acked::Changed { plugins, .. } => Some(plugins),
+            _ => None,
+        }
+    }
+}
 
 pub struct Subscriber {
     base: String,
@@ -135,6 +160,7 @@ impl Subscriber {
         // Saving is O(config size): at most once per SAVE_EVERY, not once per delta.
         let mut save = tokio::time::interval(SAVE_EVERY);
         let mut dirty = false;
+        let mut beats = 0u32;
         let result = loop {
             tokio::select! {
                 frame = tokio::time::timeout(SILENCE, body.frame()) => {
@@ -159,11 +185,19 @@ impl Subscriber {
                 _ = heartbeat.tick() => {
                     if let Some(s) = &current {
                         // In Kubernetes, plugin files change under mounted volumes.
-                        if gw.plugins_changed() {
+                        beats += 1;
+                        let acked = if gw.plugins_changed() {
                             tracing::info!("a plugin file changed; reloading it");
                             gw.apply(s);
-                        }
-                        self.ack(gw, current.as_ref(), &token).await;
+                            Acked::All
+                        } else if beats.is_multiple_of(FULL_ACK_EVERY) {
+                            // Now and then the whole state, in case a result changed
+                            // outside a delta (a route clash resolved by another change).
+                            Acked::All
+                        } else {
+                            Acked::Nothing
+                        };
+                        self.ack(gw, current.as_ref(), &token, &acked).await;
                     }
                 }
             }
@@ -185,38 +219,51 @@ impl Subscriber {
         while let Some(end) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(end + 1);
             let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
-            if self.on_message(gw, current, msg)? {
+            if let Some(acked) = self.on_message(gw, current, msg)? {
                 *dirty = true;
-                self.ack(gw, current.as_ref(), token).await;
+                self.ack(gw, current.as_ref(), token, &acked).await;
             }
         }
         Ok(())
     }
 
-    /// Applies one message; true when a new version is being served.
-    fn on_message(&self, gw: &Gateway, current: &mut Option<Snapshot>, msg: StreamMessage) -> anyhow::Result<bool> {
-        let snapshot = match msg {
-            StreamMessage::Ping => return Ok(false),
-            StreamMessage::Snapshot { snapshot } => current.insert(snapshot),
+    /// Applies one message; what to acknowledge when a new version is being served.
+    fn on_message(
+        &self,
+        gw: &Gateway,
+        current: &mut Option<Snapshot>,
+        msg: StreamMessage,
+    ) -> anyhow::Result<Option<Acked>> {
+        let (snapshot, acked) = match msg {
+            StreamMessage::Ping => return Ok(None),
+            StreamMessage::Snapshot { snapshot } => (current.insert(snapshot), Acked::All),
             StreamMessage::Delta(d) => {
                 let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
                 // Out of order means a lost message: reconnect for the whole state.
                 s.apply(&d)?;
-                s
+                (s, Acked::Changed { apis: d.apis.into_keys().collect(), plugins: d.plugins.into_keys().collect() })
             }
         };
         gw.apply(snapshot);
-        tracing::info!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
-        Ok(true)
+        tracing::debug!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
+        Ok(Some(acked))
     }
 
-    async fn ack(&self, gw: &Gateway, current: Option<&Snapshot>, token: &str) {
+    /// Acknowledges what `acked` names: everything after a snapshot, the changed resources
+    /// after a delta, nothing but liveness in a heartbeat. Acks stay as small as the change.
+    async fn ack(&self, gw: &Gateway, current: Option<&Snapshot>, token: &str, acked: &Acked) {
         let Some(snapshot) = current else { return };
         let rt = gw.runtime();
+        let wanted = |id: &String, changed: fn(&Acked) -> Option<&BTreeSet<String>>| match acked {
+            Acked::All => true,
+            Acked::Nothing => false,
+            Acked::Changed { .. } => changed(acked).is_some_and(|c| c.contains(id)),
+        };
         let apis = rt
             .report
             .apis
             .iter()
+            .filter(|a| wanted(&a.id, Acked::apis))
             .map(|a| {
                 let message = if a.ok() { String::new() } else { a.state.clone() };
                 (a.id.clone(), ResourceResult { generation: a.generation, ok: a.ok(), message })
@@ -226,6 +273,7 @@ impl Subscriber {
             .report
             .plugins
             .iter()
+            .filter(|p| wanted(&p.id, Acked::plugins))
             .map(|p| {
                 let generation = snapshot.plugins.get(&p.id).map_or(0, |e| e.generation);
                 let ok = p.state == "loaded";
@@ -235,7 +283,8 @@ impl Subscriber {
                 )
             })
             .collect();
-        let ack = Ack { node: self.node.clone(), version: rt.version, apis, plugins };
+        let partial = !matches!(acked, Acked::All);
+        let ack = Ack { node: self.node.clone(), version: rt.version, partial, apis, plugins };
         let Ok(body) = serde_json::to_vec(&ack) else { return };
         let req = Request::post(format!("{}{ACK_PATH}", self.base))
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
