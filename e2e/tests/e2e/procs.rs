@@ -98,11 +98,8 @@ impl Proc {
         Self { child, logs, addr, admin }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Resident memory, from /proc (0 if unreadable).
+    #[allow(dead_code, reason = "for the benchmarks")]
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
