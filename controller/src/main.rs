@@ -87,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
         StatusWriter::new(client.clone(), state.clone(), acks.clone(), metrics.clone(), &identity).run(lead_rx.clone()),
     );
 
+    let (forward, queue) = tokio::sync::mpsc::channel(4096);
+    tokio::spawn(server::forwarder(queue));
     let config = Arc::new(ConfigServer {
         hub,
         acks,
@@ -94,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         metrics: metrics.clone(),
         leadership: lead_rx,
         address: address.clone(),
-        forward: server::forward_client(),
+        forward,
     });
     tokio::spawn(server::serve(listener, move |req, _| config.clone().handle(req)));
     let (st, m) = (state.clone(), metrics.clone());

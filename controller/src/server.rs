@@ -18,7 +18,7 @@ use hyper_util::{
 use serde::Serialize;
 use tokio::{
     net::TcpListener,
-    sync::{broadcast::error::RecvError, watch},
+    sync::{broadcast::error::RecvError, mpsc, watch},
 };
 
 use crate::{
@@ -44,7 +44,32 @@ pub struct ConfigServer {
     pub leadership: watch::Receiver<Leadership>,
     /// This replica's ack address, as published on the Lease.
     pub address: String,
-    pub forward: HttpClient<HttpConnector, Full<Bytes>>,
+    /// Acks to forward to the leader, in the order they came: a full ack overtaken by a
+    /// partial one would undo it.
+    pub forward: mpsc::Sender<Forward>,
+}
+
+/// An ack on its way to the leader: its address, the dataplane's Authorization, the body.
+pub type Forward = (String, Option<String>, Bytes);
+
+/// Forwards acks one at a time, in order; drops them when the leader is unreachable (the
+/// dataplanes' next full ack repairs it).
+pub async fn forwarder(mut rx: mpsc::Receiver<Forward>) {
+    let client: HttpClient<HttpConnector, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
+    while let Some((addr, auth, body)) = rx.recv().await {
+        let mut req =
+            Request::post(format!("http://{addr}{ACK_PATH}")).header(header::CONTENT_TYPE, "application/json");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let Ok(req) = req.body(Full::new(body)) else { continue };
+        match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+            Ok(Ok(r)) if r.status().is_success() => {}
+            Ok(Ok(r)) => tracing::warn!(status = %r.status(), %addr, "the leader refused a forwarded ack"),
+            Ok(Err(e)) => tracing::debug!(error = %e, %addr, "forwarding an ack to the leader"),
+            Err(_) => tracing::debug!(%addr, "forwarding an ack to the leader timed out"),
+        }
+    }
 }
 
 /// Borrowing twin of `protocol::StreamMessage`, to send deltas without copying them.
@@ -140,17 +165,8 @@ impl ConfigServer {
         let leader = self.leadership.borrow().clone();
         if let Some(addr) = leader.leader_address.filter(|a| !leader.is_leader && *a != self.address) {
             // The leader writes status: it needs every dataplane's ack.
-            let mut fwd = Request::post(format!("http://{addr}{ACK_PATH}"));
-            if let Some(a) = auth {
-                fwd = fwd.header(header::AUTHORIZATION, a);
-            }
-            if let Ok(fwd) = fwd.header(header::CONTENT_TYPE, "application/json").body(Full::new(body)) {
-                let client = self.forward.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = client.request(fwd).await {
-                        tracing::debug!(error = %e, %addr, "forwarding an ack to the leader");
-                    }
-                });
+            if self.forward.try_send((addr, auth, body)).is_err() {
+                tracing::warn!("ack forwarding queue full; dropping an ack");
             }
         }
         let mut r = Response::new(Full::new(Bytes::new()).boxed());
@@ -208,8 +224,4 @@ where
             }
         });
     }
-}
-
-pub fn forward_client() -> HttpClient<HttpConnector, Full<Bytes>> {
-    HttpClient::builder(TokioExecutor::new()).build_http()
 }

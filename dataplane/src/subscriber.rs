@@ -30,8 +30,8 @@ const SILENCE: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const SAVE_EVERY: Duration = Duration::from_secs(1);
-/// Heartbeats between full acks.
-const FULL_ACK_EVERY: u32 = 12;
+/// Heartbeats between full acks: a newly elected leader learns everything within this.
+const FULL_ACK_EVERY: u32 = 2;
 
 /// What an ack reports.
 enum Acked {
@@ -40,7 +40,36 @@ enum Acked {
     Nothing,
 }
 
+/// Applies one message to the snapshot; what to acknowledge once it is served.
+fn on_message(current: &mut Option<Snapshot>, msg: StreamMessage) -> anyhow::Result<Option<Acked>> {
+    match msg {
+        StreamMessage::Ping => Ok(None),
+        StreamMessage::Snapshot { snapshot } => {
+            *current = Some(snapshot);
+            Ok(Some(Acked::All))
+        }
+        StreamMessage::Delta(d) => {
+            let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
+            // Out of order means a lost message: reconnect for the whole state.
+            s.apply(&d)?;
+            Ok(Some(Acked::Changed { apis: d.apis.into_keys().collect(), plugins: d.plugins.into_keys().collect() }))
+        }
+    }
+}
+
 impl Acked {
+    fn merge(self, other: Acked) -> Acked {
+        match (self, other) {
+            (Acked::All, _) | (_, Acked::All) => Acked::All,
+            (Acked::Changed { mut apis, mut plugins }, Acked::Changed { apis: a, plugins: p }) => {
+                apis.extend(a);
+                plugins.extend(p);
+                Acked::Changed { apis, plugins }
+            }
+            (Acked::Nothing, x) | (x, Acked::Nothing) => x,
+        }
+    }
+
     fn apis(&self) -> Option<&BTreeSet<String>> {
         match self {
             Acked::Changed { apis, .. } => Some(apis),
@@ -191,8 +220,8 @@ impl Subscriber {
                             gw.apply(s);
                             Acked::All
                         } else if beats.is_multiple_of(FULL_ACK_EVERY) {
-                            // Now and then the whole state, in case a result changed
-                            // outside a delta (a route clash resolved by another change).
+                            // Now and then the whole state: for a newly elected leader, and in
+                            // case a result changed outside a delta (a route clash resolved).
                             Acked::All
                         } else {
                             Acked::Nothing
@@ -208,6 +237,8 @@ impl Subscriber {
         result
     }
 
+    /// Applies every complete message in `buf`, then builds the runtime once and acks once:
+    /// a burst of deltas costs one rebuild, not one per delta.
     async fn on_lines(
         &self,
         gw: &Gateway,
@@ -216,37 +247,23 @@ impl Subscriber {
         dirty: &mut bool,
         token: &str,
     ) -> anyhow::Result<()> {
+        let mut acked: Option<Acked> = None;
         while let Some(end) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(end + 1);
             let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
-            if let Some(acked) = self.on_message(gw, current, msg)? {
-                *dirty = true;
-                self.ack(gw, current.as_ref(), token, &acked).await;
+            if let Some(a) = on_message(current, msg)? {
+                acked = Some(match acked.take() {
+                    None => a,
+                    Some(prev) => prev.merge(a),
+                });
             }
         }
-        Ok(())
-    }
-
-    /// Applies one message; what to acknowledge when a new version is being served.
-    fn on_message(
-        &self,
-        gw: &Gateway,
-        current: &mut Option<Snapshot>,
-        msg: StreamMessage,
-    ) -> anyhow::Result<Option<Acked>> {
-        let (snapshot, acked) = match msg {
-            StreamMessage::Ping => return Ok(None),
-            StreamMessage::Snapshot { snapshot } => (current.insert(snapshot), Acked::All),
-            StreamMessage::Delta(d) => {
-                let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
-                // Out of order means a lost message: reconnect for the whole state.
-                s.apply(&d)?;
-                (s, Acked::Changed { apis: d.apis.into_keys().collect(), plugins: d.plugins.into_keys().collect() })
-            }
-        };
+        let (Some(acked), Some(snapshot)) = (acked, current.as_ref()) else { return Ok(()) };
         gw.apply(snapshot);
         tracing::debug!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
-        Ok(Some(acked))
+        *dirty = true;
+        self.ack(gw, Some(snapshot), token, &acked).await;
+        Ok(())
     }
 
     /// Acknowledges what `acked` names: everything after a snapshot, the changed resources
