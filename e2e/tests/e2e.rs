@@ -2,6 +2,8 @@
 //! `cargo test -p gatehouse-e2e --test e2e`. Every module shares one cluster per test
 //! process (`cluster::cluster()`); each test works in a namespace of its own.
 
+#[path = "e2e/chart.rs"]
+mod chart;
 #[path = "e2e/cluster.rs"]
 mod cluster;
 #[path = "e2e/controller.rs"]
