@@ -86,7 +86,7 @@ async fn bodies_stream_both_ways_without_buffering() {
     let gw = Gatehouse::start(cfg.path(), &[]).await;
 
     // Response: the upstream sends "one" and waits for the test to see it before "two".
-    let resp = reqwest_like(&gw, Request::get(gw.url("/a/gate")).body(empty()).unwrap()).await;
+    let resp = send_unread(Request::get(gw.url("/a/gate")).body(empty()).unwrap()).await;
     let mut body = resp.into_body();
     let first = tokio::time::timeout(PATIENCE, body.frame()).await.expect("first chunk streamed").unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "one");
@@ -118,9 +118,8 @@ async fn bodies_stream_both_ways_without_buffering() {
 }
 
 /// Sends a request and returns the response unread, for tests that read it frame by frame.
-async fn reqwest_like(gw: &Gatehouse, req: Request<Body>) -> http::Response<hyper::body::Incoming> {
+async fn send_unread(req: Request<Body>) -> http::Response<hyper::body::Incoming> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let _ = gw;
     client.request(req).await.unwrap()
 }
 

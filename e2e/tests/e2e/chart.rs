@@ -34,18 +34,15 @@ use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
 use gatehouse_crds::{ApiDefinition, Plugin};
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    client::legacy::Client as HttpClient,
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount, Volume},
@@ -511,19 +508,7 @@ async fn echo_upstream(ip: IpAddr) -> SocketAddr {
 
 /// GET through a dataplane: status, headers, body.
 async fn fetch(dp: &Proc, path: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, HeaderMap, String), String> {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::get(format!("http://{}{path}", dp.addr));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned()))
+    crate::procs::fetch(&format!("http://{}{path}", dp.addr), headers).await
 }
 
 /// What the upstream received for `/httpbin/headers` with alice's key: header → values.
@@ -543,24 +528,6 @@ async fn upstream_saw(dp: &Proc) -> Result<BTreeMap<String, Vec<String>>, String
 // ---------------------------------------------------------------------------------------------
 // Status
 
-/// `(status, message, observedGeneration)` of a condition of a Gatehouse resource.
-async fn condition<K>(client: &Client, ns: &str, name: &str, ty: &str) -> Result<(String, String, i64), String>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let obj = Api::<K>::namespaced(client.clone(), ns).get(name).await.map_err(|e| e.to_string())?;
-    let v = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
-    let conditions = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
-    let c =
-        conditions.iter().find(|c| c["type"] == ty).ok_or_else(|| format!("{name}: no {ty} yet: {}", v["status"]))?;
-    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
-    Ok((s("status"), s("message"), v["status"]["observedGeneration"].as_i64().unwrap_or(-1)))
-}
-
 async fn wait_condition<K>(client: &Client, ns: &str, name: &str, ty: &str, message: &str, generation: i64)
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -571,8 +538,8 @@ where
 {
     let what = format!("{} {name}: {ty}=True \"{message}\", observedGeneration {generation}", K::kind(&()));
     let took = eventually(&what, || async {
-        match condition::<K>(client, ns, name, ty).await? {
-            (s, m, g) if s == "True" && m == message && g == generation => Ok(()),
+        match crate::procs::condition::<K>(client, ns, name, ty).await? {
+            (s, _, m, g) if s == "True" && m == message && g == generation => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })

@@ -73,7 +73,6 @@ fn api_yaml(name: &str, path: &str, upstream: &str, extra: &str) -> String {
     )
 }
 
-/// `(status, reason, message, observedGeneration)` of a condition.
 async fn condition<K>(e: &Env, name: &str, ty: &str) -> Result<(String, String, String, i64), String>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -82,13 +81,7 @@ where
         + serde::Serialize
         + std::fmt::Debug,
 {
-    let api: Api<K> = Api::namespaced(e.c.client.clone(), &e.ns);
-    let obj = api.get(name).await.map_err(|err| err.to_string())?;
-    let v = serde_json::to_value(&obj).map_err(|err| err.to_string())?;
-    let conds = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
-    let c = conds.iter().find(|c| c["type"] == ty).ok_or_else(|| format!("no {ty} condition yet: {}", v["status"]))?;
-    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
-    Ok((s("status"), s("reason"), s("message"), v["status"]["observedGeneration"].as_i64().unwrap_or(-1)))
+    crate::procs::condition::<K>(&e.c.client, &e.ns, name, ty).await
 }
 
 async fn serves(dp: &Proc, path: &str, want: &str) -> Result<(), String> {

@@ -158,6 +158,11 @@ pub fn dataplane(controller: SocketAddr, token: &Path, state: &Path, node: &str)
 
 /// GET with headers: the status and body, or the connection error.
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, String), String> {
+    fetch(url, headers).await.map(|(status, _, body)| (status, body))
+}
+
+/// GET with headers: the status, the response headers and the body.
+pub async fn fetch(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, http::HeaderMap, String), String> {
     let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let mut req = Request::get(url);
     for (k, v) in headers {
@@ -168,9 +173,32 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Str
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `(status, reason, message, observedGeneration)` of a condition of a Gatehouse resource.
+pub async fn condition<K>(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    ty: &str,
+) -> Result<(String, String, String, i64), String>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let obj = kube::Api::<K>::namespaced(client.clone(), ns).get(name).await.map_err(|e| e.to_string())?;
+    let v = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
+    let conditions = v["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let c =
+        conditions.iter().find(|c| c["type"] == ty).ok_or_else(|| format!("{name}: no {ty} yet: {}", v["status"]))?;
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+    Ok((s("status"), s("reason"), s("message"), v["status"]["observedGeneration"].as_i64().unwrap_or(-1)))
 }
 
 /// Polls `check` until it holds; panics with `what` and the last observation if it never
