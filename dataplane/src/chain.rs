@@ -20,6 +20,7 @@ use crate::{
     body::ProxyBody,
     gateway::Gateway,
     limits::{CounterStore, Decision},
+    path::{self, PathError},
     plugins::{self, Exchange as PluginExchange, Next, RequestState, ResponseState},
     proxy,
     reply::GatewayError,
@@ -45,12 +46,20 @@ impl Gateway {
         let started = Instant::now();
         let rt = self.runtime();
         let mut ex = Exchange::default();
+        let mut req = req.map(ProxyBody::Stream);
+        // 1. Route, first half: the normalised path is the one every later step sees,
+        // analytics included.
+        let normal = path::normalise_uri(req.uri_mut()).map_err(GatewayError::BadPath);
         // Only read for analytics, so copied only when a sink is on.
         let seen = self
             .analytics
             .enabled()
             .then(|| (req.method().to_string(), req.uri().path().to_owned(), content_length(req.headers())));
-        let response = match self.run(&rt, &mut ex, req.map(ProxyBody::Stream), peer).await {
+        let result = match normal {
+            Ok(()) => self.run(&rt, &mut ex, req, peer).await,
+            Err(e) => Err(e),
+        };
+        let response = match result {
             Ok(resp) => resp,
             Err(e) => {
                 ex.error = Some(e);
@@ -68,10 +77,17 @@ impl Gateway {
         req: Request<ProxyBody>,
         peer: SocketAddr,
     ) -> Result<Response<ProxyBody>, GatewayError> {
-        // 1. Route: Host, then the longest listen path.
-        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host());
+        // 1. Route: the request-target's authority (absolute form, HTTP/2 `:authority`)
+        // wins over Host (RFC 9112 3.2.2); then the longest listen path.
+        let host = req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
         let api = rt.router.route(host, req.uri().path()).ok_or(GatewayError::NoRoute)?;
         ex.api = Some(api.clone());
+        // A server that drops `;parameters` must land on the same API (see `path`).
+        if let Some(bare) = path::without_parameters(req.uri().path())
+            && !rt.router.route(host, &bare).is_some_and(|b| Arc::ptr_eq(b, api))
+        {
+            return Err(GatewayError::BadPath(PathError::ParametersChangeRoute));
+        }
         let plugins = &api.plugins;
         if plugins.unavailable.is_some() {
             return Err(GatewayError::PluginFailure);

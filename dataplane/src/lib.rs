@@ -16,6 +16,7 @@ mod cli;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
+pub mod path;
 pub mod plugins;
 pub mod proxy;
 pub mod reply;

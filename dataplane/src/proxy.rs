@@ -12,7 +12,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-use crate::{body::ProxyBody, reply::GatewayError, router::prefix_key, runtime::Api};
+use crate::{body::ProxyBody, path::normalise, reply::GatewayError, router::prefix_key, runtime::Api};
 
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
@@ -40,10 +40,14 @@ pub async fn forward(
 ) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
     let target = api.pick_target();
     let uri = upstream_uri(api, &target.authority, &target.base_path, req.uri())?;
-    let original_host = req.headers_mut().remove(header::HOST).or_else(|| {
-        // HTTP/2 clients send :authority instead of Host.
-        req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host_header = req.headers_mut().remove(header::HOST);
+    // The host the request was routed by: the request-target's authority (absolute form,
+    // HTTP/2 `:authority`) wins over Host, as in chain step 1.
+    let original_host = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or("")).ok())
+        .or(host_header);
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
@@ -71,12 +75,14 @@ pub async fn forward(
 
 /// `base path + request path (less the listen path if stripped) + query`.
 fn upstream_uri(api: &Api, authority: &http::uri::Authority, base: &str, incoming: &Uri) -> Result<Uri, GatewayError> {
-    let path = incoming.path();
+    // Step 1 normalised the path already, so this is one pass without allocation; it holds
+    // any later rewrite of the path to the same rules.
+    let path = normalise(incoming.path()).map_err(GatewayError::BadPath)?;
     let rest = if api.entry.spec.strip_listen_path {
         // The router matched this prefix, so slicing at its length is on a boundary.
         path.get(prefix_key(&api.entry.spec.listen_path).len()..).unwrap_or("")
     } else {
-        path
+        &path
     };
     let rest = if rest.is_empty() { "/" } else { rest };
     let mut pq = String::with_capacity(base.len() + rest.len() + incoming.query().map_or(0, |q| q.len() + 1));

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::ProxyBody;
+use crate::{body::ProxyBody, path::PathError};
 
 /// Every way the gateway ends a request itself. Each maps to one status, one message and
 /// one metric label, so a rejection is visible in /metrics and analytics alike.
@@ -39,6 +39,8 @@ pub enum GatewayError {
     BodyTooLarge,
     #[error("could not read the request body")]
     BadBody,
+    #[error("bad request path: {0}")]
+    BadPath(PathError),
 }
 
 impl GatewayError {
@@ -53,7 +55,7 @@ impl GatewayError {
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             PluginFailure | StoreUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            BadBody => StatusCode::BAD_REQUEST,
+            BadBody | BadPath(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -75,6 +77,7 @@ impl GatewayError {
             StoreUnavailable => "store_unavailable",
             BodyTooLarge => "body_too_large",
             BadBody => "bad_body",
+            BadPath(_) => "bad_path",
         }
     }
 
@@ -95,6 +98,7 @@ impl GatewayError {
             StoreUnavailable => r#"{"error":"counter store unavailable"}"#,
             BodyTooLarge => r#"{"error":"body too large for the plugins that read it"}"#,
             BadBody => r#"{"error":"could not read the request body"}"#,
+            BadPath(e) => e.json(),
         }
     }
 
@@ -140,6 +144,9 @@ mod tests {
             UpstreamTimeout,
             PluginFailure,
             StoreUnavailable,
+            BodyTooLarge,
+            BadBody,
+            BadPath(PathError::AboveRoot),
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).expect("json");
             assert_eq!(v["error"], e.to_string());
