@@ -426,7 +426,8 @@ async fn hosted(up: &Upstream) -> (ConfigDir, Gatehouse) {
 async fn absolute_form_authority_wins_over_host() {
     let up = Upstream::start("up").await;
     let (_cfg, gw) = hosted(&up).await;
-    let at = |t: &'static [u8], h: &'static str| raw_get(gw.addr, t, if h.is_empty() { &[] } else { &[h] });
+    let addr = gw.addr;
+    let at = async |t: &[u8], h: &str| raw_get(addr, t, &[h]).await;
 
     let r = at(b"/h/x", "Host: b.example").await;
     assert_eq!(r.json()["path"], "/b/x", "origin form: Host routes");
