@@ -4,17 +4,21 @@
 
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug)]
 pub enum ProxyBody {
     Stream(Incoming),
     Full(Option<Bytes>),
+    /// An upstream's body, holding a slot on its target until it is read or dropped.
+    Held(Incoming, OwnedSemaphorePermit),
 }
 
 impl ProxyBody {
@@ -35,22 +39,119 @@ impl Body for ProxyBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Stream(b) | ProxyBody::Held(b, _) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Stream(b) => b.is_end_stream(),
+            ProxyBody::Stream(b) | ProxyBody::Held(b, _) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Stream(b) => b.size_hint(),
+            ProxyBody::Stream(b) | ProxyBody::Held(b, _) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+/// Bodies the gateway reads whole for plugins: a cap per body (413 past it) and one budget
+/// of bytes shared by every request (503 past it), so memory stays bounded however many
+/// clients upload at once. Bytes are reserved as they arrive and released when the
+/// reservation, kept for the rest of the request, is dropped.
+#[derive(Debug)]
+pub struct BodyBudget {
+    per_body: usize,
+    shared: Arc<Semaphore>,
+}
+
+/// What a request holds of the shared budget; dropping it gives the bytes back.
+pub type Reservation = Option<OwnedSemaphorePermit>;
+
+/// A body read whole would pass the per-body cap, or the shared budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BufferError {
+    #[error("body over the per-request limit")]
+    TooLarge,
+    #[error("buffered-body budget exhausted")]
+    Exhausted,
+    #[error("body could not be read")]
+    Read,
+}
+
+impl Default for BodyBudget {
+    fn default() -> Self {
+        Self::new(16 * 1024 * 1024, 256 * 1024 * 1024)
+    }
+}
+
+impl BodyBudget {
+    pub fn new(per_body: usize, shared: usize) -> Self {
+        Self { per_body, shared: Arc::new(Semaphore::new(shared.min(Semaphore::MAX_PERMITS))) }
+    }
+
+    /// Bytes of the shared budget not reserved now.
+    pub fn available(&self) -> usize {
+        self.shared.available_permits()
+    }
+
+    /// Reads `body` whole, reserving each chunk in the shared budget into `held`.
+    pub async fn read<B>(&self, body: B, held: &mut Reservation) -> Result<Bytes, BufferError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        // A declared length over the cap is refused before a byte is read.
+        if body.size_hint().lower() > self.per_body as u64 {
+            return Err(BufferError::TooLarge);
+        }
+        let mut first: Option<Bytes> = None;
+        let mut rest: Option<bytes::BytesMut> = None;
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return Err(BufferError::Read) };
+            let Ok(chunk) = frame.into_data() else { continue };
+            if chunk.is_empty() {
+                continue;
+            }
+            len += chunk.len();
+            if len > self.per_body {
+                return Err(BufferError::TooLarge);
+            }
+            self.reserve(chunk.len(), held)?;
+            // One chunk (the common case for small bodies) is kept as it came, without a copy.
+            if let Some(buf) = &mut rest {
+                buf.extend_from_slice(&chunk);
+            } else if let Some(f) = first.take() {
+                // Sized by what arrived, not by what the client announced: memory follows
+                // the reservation (at most twice it, as the buffer grows).
+                let mut buf = bytes::BytesMut::with_capacity(len * 2);
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&chunk);
+                rest = Some(buf);
+            } else {
+                first = Some(chunk);
+            }
+        }
+        Ok(match (first, rest) {
+            (_, Some(buf)) => buf.freeze(),
+            (Some(f), None) => f,
+            (None, None) => Bytes::new(),
+        })
+    }
+
+    fn reserve(&self, n: usize, held: &mut Reservation) -> Result<(), BufferError> {
+        let n = u32::try_from(n).map_err(|_| BufferError::Exhausted)?;
+        let permit = self.shared.clone().try_acquire_many_owned(n).map_err(|_| BufferError::Exhausted)?;
+        match held {
+            Some(h) => h.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
     }
 }

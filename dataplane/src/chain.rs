@@ -11,13 +11,12 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use bytes::Bytes;
 use gatehouse_crds::AuthType;
 use http::{HeaderName, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::{
     analytics::Record,
     auth::{self, QuotaLeft},
-    body::ProxyBody,
+    body::{BufferError, ProxyBody},
     gateway::Gateway,
     limits::{CounterStore, Decision},
     path::{self, PathError},
@@ -35,6 +34,9 @@ struct Exchange {
     upstream_latency: Option<std::time::Duration>,
     error: Option<GatewayError>,
     plugin_answered: bool,
+    /// Bytes of bodies buffered for plugins, given back to the shared budget when the
+    /// request ends.
+    held: crate::body::Reservation,
 }
 
 static RATE_LIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -97,7 +99,7 @@ impl Gateway {
         let mut req = RequestState { parts, body: None, body_set: false };
         let mut body = Some(body);
         if plugins.request_body {
-            req.body = Some(buffer(body.take(), GatewayError::BadBody).await?);
+            req.body = Some(self.buffer(body.take(), GatewayError::BadBody, &mut ex.held).await?);
         }
         let mut reply = ResponseState::default();
         macro_rules! hooks {
@@ -158,7 +160,8 @@ impl Gateway {
             (None, Some(stream)) => stream,
             (None, None) => ProxyBody::empty(),
         };
-        let (mut resp, took) = proxy::forward(&self.client, api, Request::from_parts(req.parts, body), peer).await?;
+        let (mut resp, took) =
+            proxy::forward(&self.client, &self.target_slots, api, Request::from_parts(req.parts, body), peer).await?;
         ex.upstream_latency = Some(took);
 
         // 9. `response` plugins, then the answer.
@@ -168,7 +171,7 @@ impl Gateway {
                 ResponseState { status: head.status, headers: head.headers, body: None, body_set: false };
             let mut body = Some(body);
             if plugins.response_body {
-                upstream.body = Some(buffer(body.take(), GatewayError::UpstreamUnreachable).await?);
+                upstream.body = Some(self.buffer(body.take(), GatewayError::UpstreamUnreachable, &mut ex.held).await?);
             }
             let mut req = RequestState { parts, body: None, body_set: false };
             let mut x = PluginExchange { req: &mut req, resp: &mut upstream, session: &mut ex.session, api, peer };
@@ -227,15 +230,21 @@ impl Gateway {
     }
 }
 
-/// Bodies hooks read are held in memory; past this the request is refused with 413.
-const BODY_LIMIT: usize = 16 * 1024 * 1024;
-
-async fn buffer(body: Option<ProxyBody>, on_error: GatewayError) -> Result<Bytes, GatewayError> {
-    let Some(body) = body else { return Ok(Bytes::new()) };
-    match Limited::new(body, BODY_LIMIT).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(GatewayError::BodyTooLarge),
-        Err(_) => Err(on_error),
+impl Gateway {
+    /// Reads a body whole for hooks that asked for it, within the per-body limit (413)
+    /// and the budget shared by all requests (503).
+    async fn buffer(
+        &self,
+        body: Option<ProxyBody>,
+        on_error: GatewayError,
+        held: &mut crate::body::Reservation,
+    ) -> Result<Bytes, GatewayError> {
+        let Some(body) = body else { return Ok(Bytes::new()) };
+        self.bodies.read(body, held).await.map_err(|e| match e {
+            BufferError::TooLarge => GatewayError::BodyTooLarge,
+            BufferError::Exhausted => GatewayError::BodyBudgetExhausted,
+            BufferError::Read => on_error,
+        })
     }
 }
 

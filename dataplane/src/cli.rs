@@ -1,6 +1,6 @@
 //! Command-line flags, as DESIGN.md names them.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -41,6 +41,8 @@ pub struct Cli {
     pub plugin_dir: PathBuf,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,5 +66,86 @@ fn parse_analytics(s: &str) -> Result<AnalyticsSink, String> {
             Some(p) if !p.is_empty() => Ok(AnalyticsSink::File(PathBuf::from(p))),
             _ => Err(format!("{s:?}: expected none, stdout or file:PATH")),
         },
+    }
+}
+
+/// Every client-facing wait and buffer has a bound (DESIGN.md); these are they. Durations
+/// take the Gateway API form (`500ms`, `10s`, `1m`).
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Limits")]
+pub struct Limits {
+    /// Longest a client may take to send a request's headers (HTTP/1.1), counted from the
+    /// moment the gateway waits for them: a new connection, or the end of the previous
+    /// response on a keep-alive one. 10 s is ample for any real client over a slow link and
+    /// short enough that clients which stop mid-header (slowloris) cannot pile up.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive)]
+    pub header_read_timeout: Duration,
+    /// A client connection with no request in flight and no byte moving either way for
+    /// this long is closed (HTTP/1.1 keep-alive and HTTP/2). 60 s outlives the keep-alive
+    /// timeouts of common clients and load balancers' reuse windows, so they close first.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_positive)]
+    pub idle_timeout: Duration,
+    /// Client connections served at once. Past it the gateway stops accepting: new
+    /// connections wait in the listen backlog until one closes, and connections already
+    /// open keep being served. 10,000 keeps a 512 MiB pod well within memory and file
+    /// descriptors; raise it with the pod's limits.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Largest request head (request line and headers, in bytes) on HTTP/1.1, and largest
+    /// header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE); larger gets 431. 64 KiB is what
+    /// Envoy allows and well above what browsers and API clients send.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+    /// Most header fields in one HTTP/1.1 request; more gets 431. 100, as in Envoy and
+    /// hyper: another value costs a heap allocation per request.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_headers: u32,
+    /// Concurrent streams a client may open on one HTTP/2 connection (advertised in
+    /// SETTINGS). 100 is the floor RFC 9113 recommends and what most servers use.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_concurrent_streams: u32,
+    /// Streams an HTTP/2 client may open and reset before the gateway accepted them (the
+    /// "rapid reset" attack, CVE-2023-44487); past it the connection ends with GOAWAY
+    /// ENHANCE_YOUR_CALM. 20, hyper's default: honest clients never come close.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// Streams the gateway may reset because of a client's protocol errors on one HTTP/2
+    /// connection before it ends the connection with GOAWAY. 1024, hyper's default.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub http2_max_local_error_reset_streams: usize,
+    /// How long SIGTERM waits for requests in flight before closing what is left. 30 s
+    /// fits the chart: 5 s preStop + 30 s drain ends well before the kubelet's SIGKILL at
+    /// terminationGracePeriodSeconds (45 s).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Longest a TCP connect to an upstream may take, apart from `upstream.timeout` (which
+    /// bounds the wait for the response headers). 5 s: a healthy target on the cluster
+    /// network connects in milliseconds; one that does not answer SYNs should fail fast.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive)]
+    pub upstream_connect_timeout: Duration,
+    /// Requests in flight to one upstream target (host:port), and so connections open to
+    /// it, across all APIs. Past it requests wait for a free slot up to their API's
+    /// `upstream.timeout`, then get 503. 0 = no cap. 1024, as Envoy's circuit breaker.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub upstream_max_connections_per_target: u32,
+    /// Largest body one request (or upstream response) may have when a plugin reads it
+    /// whole; larger gets 413. 16 MiB.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_buffered_body_bytes: usize,
+    /// Bytes of bodies held in memory for plugins across all requests at once, reserved as
+    /// they arrive and freed when the request ends; a request that would pass it gets 503.
+    /// 256 MiB: half of the chart's 512 MiB memory limit.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub buffered_body_budget_bytes: usize,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<gatehouse_crds::Duration>().map(|d| d.as_std()).map_err(|e| e.to_string())
+}
+
+fn parse_positive(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be more than zero")),
+        d => Ok(d),
     }
 }

@@ -10,7 +10,13 @@ use arc_swap::ArcSwap;
 use gatehouse_crds::snapshot::Snapshot;
 
 use crate::{
-    analytics::Analytics, limits::MemoryStore, metrics::Metrics, plugins::Loader, proxy::UpstreamClient,
+    analytics::Analytics,
+    body::BodyBudget,
+    cli::Limits,
+    limits::MemoryStore,
+    metrics::Metrics,
+    plugins::Loader,
+    proxy::{TargetSlots, UpstreamClient},
     runtime::Runtime,
 };
 
@@ -21,6 +27,10 @@ pub struct Gateway {
     /// resources concerned keep their last good version where they had one.
     source_errors: ArcSwap<Vec<String>>,
     pub client: UpstreamClient,
+    /// Caps requests in flight per upstream target.
+    pub target_slots: TargetSlots,
+    /// Bodies buffered for plugins: per-body cap and shared budget.
+    pub bodies: BodyBudget,
     pub counters: MemoryStore,
     pub analytics: Analytics,
     pub metrics: Metrics,
@@ -35,11 +45,21 @@ impl Gateway {
             ready: AtomicBool::new(false),
             source_errors: ArcSwap::from_pointee(Vec::new()),
             client: crate::proxy::client(),
+            target_slots: TargetSlots::default(),
+            bodies: BodyBudget::default(),
             counters: MemoryStore::default(),
             analytics,
             metrics,
             loader,
         }
+    }
+
+    /// Applies the upstream and body limits of the command line.
+    pub fn with_limits(mut self, limits: &Limits) -> Self {
+        self.client = crate::proxy::client_with(limits.upstream_connect_timeout);
+        self.target_slots = TargetSlots::new(limits.upstream_max_connections_per_target);
+        self.bodies = BodyBudget::new(limits.max_buffered_body_bytes, limits.buffered_body_budget_bytes);
+        self
     }
 
     /// The config for a new request; the request keeps it until it ends.

@@ -29,7 +29,7 @@ pub mod subscriber;
 use std::sync::Arc;
 
 use anyhow::Context;
-pub use cli::{AnalyticsSink, Cli, LogFormat};
+pub use cli::{AnalyticsSink, Cli, Limits, LogFormat};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone::Standalone, subscriber::Subscriber};
@@ -57,7 +57,11 @@ pub fn init_logging(format: LogFormat) {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
-    let gw = Arc::new(Gateway::new(metrics, analytics, plugins::Loader::new(cli.plugin_dir.clone())));
+    let gw = Arc::new(
+        Gateway::new(metrics, analytics, plugins::Loader::new(cli.plugin_dir.clone())).with_limits(&cli.limits),
+    );
+    let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
+    gw.metrics.registry().register(Box::new(open_connections.clone()))?;
 
     let source = match (&cli.config, &cli.controller) {
         (Some(path), _) => Source::Standalone(Standalone::new(path.clone())?),
@@ -97,6 +101,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         stop.clone(),
+        cli.limits.clone(),
+        Some(open_connections),
     ));
     let admin = tokio::spawn(server::serve(
         admin,
@@ -108,6 +114,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         stop,
+        cli.limits.clone(),
+        None,
     ));
 
     shutdown_signal().await;

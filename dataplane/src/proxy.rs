@@ -1,25 +1,45 @@
 //! Step 8 of the chain: forward to the upstream over pooled keep-alive connections and
 //! stream both bodies through.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header,
-    uri::{PathAndQuery, Scheme},
+    uri::{Authority, PathAndQuery, Scheme},
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
 
-use crate::{body::ProxyBody, path::normalise, reply::GatewayError, router::prefix_key, runtime::Api};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{
+    body::ProxyBody,
+    path::normalise,
+    reply::GatewayError,
+    router::prefix_key,
+    runtime::{Api, Target},
+};
 
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
+/// A TCP connect to an upstream that takes longer fails (`--upstream-connect-timeout`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub fn client() -> UpstreamClient {
+    client_with(CONNECT_TIMEOUT)
+}
+
+pub fn client_with(connect_timeout: Duration) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
@@ -30,15 +50,66 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// One semaphore per upstream target (`host:port`), shared by every API and config that
+/// names it, bounding the requests in flight to it and so the connections open to it
+/// (`--upstream-max-connections-per-target`).
+#[derive(Debug, Default)]
+pub struct TargetSlots {
+    /// 0: no cap.
+    cap: u32,
+    by_target: Mutex<HashMap<Authority, Arc<Semaphore>>>,
+}
+
+impl TargetSlots {
+    pub fn new(cap: u32) -> Self {
+        Self { cap, by_target: Mutex::default() }
+    }
+
+    /// The target's semaphore. Looked up once per compiled target, then kept in it, so a
+    /// request pays no lookup.
+    fn of<'t>(&self, target: &'t Target) -> Option<&'t Arc<Semaphore>> {
+        if self.cap == 0 {
+            return None;
+        }
+        Some(target.slots.get_or_init(|| {
+            let mut map = self.by_target.lock().unwrap_or_else(PoisonError::into_inner);
+            map.entry(target.authority.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.cap as usize))).clone()
+        }))
+    }
+
+    /// A slot on `target` if one is free (`Ok(None)` without a cap), else its semaphore.
+    fn try_take<'t>(&self, target: &'t Target) -> Result<Option<OwnedSemaphorePermit>, &'t Arc<Semaphore>> {
+        match self.of(target) {
+            None => Ok(None),
+            Some(sem) => sem.clone().try_acquire_owned().map(Some).map_err(|_| sem),
+        }
+    }
+}
+
 /// Sends `req` to one of the API's targets; the answer's headers must come within the
-/// API's timeout. Returns the upstream's response and how long its headers took.
+/// API's timeout, which also bounds the wait for a free slot on the target. Returns the
+/// upstream's response and how long its headers took.
 pub async fn forward(
     client: &UpstreamClient,
+    slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
     peer: SocketAddr,
 ) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
     let target = api.pick_target();
+    let mut timeout = api.timeout;
+    let slot = match slots.try_take(target) {
+        Ok(s) => s,
+        Err(sem) => {
+            // Every slot is taken: only now is the clock worth reading.
+            let waiting = std::time::Instant::now();
+            let Ok(Ok(s)) = tokio::time::timeout(timeout, sem.clone().acquire_owned()).await else {
+                return Err(GatewayError::UpstreamBusy);
+            };
+            timeout = timeout.saturating_sub(waiting.elapsed());
+            Some(s)
+        }
+    };
     let uri = upstream_uri(api, &target.authority, &target.base_path, req.uri())?;
     let host_header = req.headers_mut().remove(header::HOST);
     // The host the request was routed by: the request-target's authority (absolute form,
@@ -59,8 +130,9 @@ pub async fn forward(
     }
 
     let started = std::time::Instant::now();
-    let resp = match tokio::time::timeout(api.timeout, client.request(req)).await {
+    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) if e.is_connect() && timed_out(&e) => return Err(GatewayError::UpstreamConnectTimeout),
         Ok(Err(e)) => {
             tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
             return Err(GatewayError::UpstreamUnreachable);
@@ -68,9 +140,26 @@ pub async fn forward(
         Ok(Ok(resp)) => resp,
     };
     let took = started.elapsed();
-    let mut resp = resp.map(ProxyBody::Stream);
+    let mut resp = match slot {
+        // The slot stays taken until the body has been read: the connection is busy till then.
+        Some(slot) => resp.map(|b| ProxyBody::Held(b, slot)),
+        None => resp.map(ProxyBody::Stream),
+    };
     strip_hop_by_hop(resp.headers_mut());
     Ok((resp, took))
+}
+
+/// Whether the connect failed on `--upstream-connect-timeout` (the connector's error is an
+/// `io::Error` of kind `TimedOut` somewhere down the chain).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// `base path + request path (less the listen path if stripped) + query`.

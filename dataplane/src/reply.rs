@@ -41,6 +41,12 @@ pub enum GatewayError {
     BadBody,
     #[error("bad request path: {0}")]
     BadPath(PathError),
+    #[error("upstream connect timed out")]
+    UpstreamConnectTimeout,
+    #[error("upstream connection limit reached")]
+    UpstreamBusy,
+    #[error("gateway busy: too many request bodies held for plugins")]
+    BodyBudgetExhausted,
 }
 
 impl GatewayError {
@@ -56,6 +62,8 @@ impl GatewayError {
             PluginFailure | StoreUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BadBody | BadPath(_) => StatusCode::BAD_REQUEST,
+            UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamBusy | BodyBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -78,6 +86,9 @@ impl GatewayError {
             BodyTooLarge => "body_too_large",
             BadBody => "bad_body",
             BadPath(_) => "bad_path",
+            UpstreamConnectTimeout => "upstream_connect_timeout",
+            UpstreamBusy => "upstream_busy",
+            BodyBudgetExhausted => "body_budget",
         }
     }
 
@@ -99,6 +110,9 @@ impl GatewayError {
             BodyTooLarge => r#"{"error":"body too large for the plugins that read it"}"#,
             BadBody => r#"{"error":"could not read the request body"}"#,
             BadPath(e) => e.json(),
+            UpstreamConnectTimeout => r#"{"error":"upstream connect timed out"}"#,
+            UpstreamBusy => r#"{"error":"upstream connection limit reached"}"#,
+            BodyBudgetExhausted => r#"{"error":"gateway busy: too many request bodies held for plugins"}"#,
         }
     }
 
@@ -147,6 +161,9 @@ mod tests {
             BodyTooLarge,
             BadBody,
             BadPath(PathError::AboveRoot),
+            UpstreamConnectTimeout,
+            UpstreamBusy,
+            BodyBudgetExhausted,
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).expect("json");
             assert_eq!(v["error"], e.to_string());

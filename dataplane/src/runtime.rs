@@ -64,6 +64,8 @@ pub struct Target {
     pub authority: Authority,
     /// Path of the upstream URL without its trailing slash ("" for none).
     pub base_path: String,
+    /// This target's connection slots, bound on first use (`proxy::TargetSlots`).
+    pub slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A key's session, looked up by the SHA-256 of the key, or created by an `authCheck` hook.
@@ -146,7 +148,7 @@ impl Api {
 fn parse_target(url: &str) -> Result<Target, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("spec.upstream: {url:?}: {e}"))?;
     let authority = uri.authority().cloned().ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
-    Ok(Target { authority, base_path: uri.path().trim_end_matches('/').to_owned() })
+    Ok(Target { authority, base_path: uri.path().trim_end_matches('/').to_owned(), slots: Default::default() })
 }
 
 impl Session {

@@ -578,6 +578,9 @@ async fn chart_lints_and_its_schema_refuses_bad_values() {
             "/plugins/volumes/0",
         ),
         (&["dataplane.podDisruptionBudget.maxUnavailable=null"], "/dataplane/podDisruptionBudget"),
+        (&["dataplane.drainTimeoutSeconds=0"], "/dataplane/drainTimeoutSeconds"),
+        // The drain must end before the kubelet's SIGKILL.
+        (&["dataplane.drainTimeoutSeconds=40"], "must be less than terminationGracePeriodSeconds"),
     ];
     for (sets, wanted) in bad {
         let sets: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
