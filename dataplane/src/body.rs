@@ -155,3 +155,35 @@ impl BodyBudget {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(n: usize) -> ProxyBody {
+        ProxyBody::from(Bytes::from(vec![b'a'; n]))
+    }
+
+    #[tokio::test]
+    async fn reservations_share_the_budget_and_come_back_when_dropped() {
+        let budget = BodyBudget::new(100, 150);
+        let mut first = None;
+        assert_eq!(budget.read(body(100), &mut first).await.map(|b| b.len()), Ok(100));
+        assert_eq!(budget.available(), 50);
+        let mut second = None;
+        assert_eq!(budget.read(body(60), &mut second).await, Err(BufferError::Exhausted));
+        assert!(second.is_none(), "a refused body holds nothing");
+        drop(first);
+        assert_eq!(budget.available(), 150);
+        assert_eq!(budget.read(body(60), &mut second).await.map(|b| b.len()), Ok(60));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_per_body_cap_is_refused_before_any_reservation() {
+        let budget = BodyBudget::new(100, 1000);
+        let mut held = None;
+        assert_eq!(budget.read(body(101), &mut held).await, Err(BufferError::TooLarge));
+        assert_eq!(budget.available(), 1000);
+        assert_eq!(budget.read(ProxyBody::empty(), &mut held).await, Ok(Bytes::new()));
+    }
+}
