@@ -106,8 +106,9 @@ impl BodyBudget {
     {
         use http_body_util::BodyExt;
         let mut body = body;
-        // A declared length over the cap is refused before a byte is read.
+        // A declared length over the cap is refused before a byte is reserved.
         if body.size_hint().lower() > self.per_body as u64 {
+            linger(&mut body).await;
             return Err(BufferError::TooLarge);
         }
         let mut first: Option<Bytes> = None;
@@ -121,9 +122,13 @@ impl BodyBudget {
             }
             len += chunk.len();
             if len > self.per_body {
+                linger(&mut body).await;
                 return Err(BufferError::TooLarge);
             }
-            self.reserve(chunk.len(), held)?;
+            if let Err(e) = self.reserve(chunk.len(), held) {
+                linger(&mut body).await;
+                return Err(e);
+            }
             // One chunk (the common case for small bodies) is kept as it came, without a copy.
             if let Some(buf) = &mut rest {
                 buf.extend_from_slice(&chunk);
@@ -186,4 +191,32 @@ mod tests {
         assert_eq!(budget.available(), 1000);
         assert_eq!(budget.read(ProxyBody::empty(), &mut held).await, Ok(Bytes::new()));
     }
+}
+
+/// After a body is refused, read and drop up to this much more of it, for at most
+/// `LINGER_TIME`: a connection closed with an upload unread is reset, and the client would
+/// see the reset instead of the answer. Past either bound the connection is closed anyway.
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn linger<B>(body: &mut B)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    if body.size_hint().lower() > LINGER_BYTES as u64 {
+        return;
+    }
+    let drain = async {
+        let mut left = LINGER_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(d) = frame.data_ref() {
+                left = left.saturating_sub(d.len());
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
