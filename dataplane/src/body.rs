@@ -161,6 +161,34 @@ impl BodyBudget {
     }
 }
 
+/// After a body is refused, read and drop up to this much more of it, for at most
+/// `LINGER_TIME`: a connection closed with an upload unread is reset, and the client would
+/// see the reset instead of the answer. Past either bound the connection is closed anyway.
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn linger<B>(body: &mut B)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    if body.size_hint().lower() > LINGER_BYTES as u64 {
+        return;
+    }
+    let drain = async {
+        let mut left = LINGER_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(d) = frame.data_ref() {
+                left = left.saturating_sub(d.len());
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,32 +219,4 @@ mod tests {
         assert_eq!(budget.available(), 1000);
         assert_eq!(budget.read(ProxyBody::empty(), &mut held).await, Ok(Bytes::new()));
     }
-}
-
-/// After a body is refused, read and drop up to this much more of it, for at most
-/// `LINGER_TIME`: a connection closed with an upload unread is reset, and the client would
-/// see the reset instead of the answer. Past either bound the connection is closed anyway.
-const LINGER_BYTES: usize = 1024 * 1024;
-const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
-
-async fn linger<B>(body: &mut B)
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    use http_body_util::BodyExt;
-    if body.size_hint().lower() > LINGER_BYTES as u64 {
-        return;
-    }
-    let drain = async {
-        let mut left = LINGER_BYTES;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Some(d) = frame.data_ref() {
-                left = left.saturating_sub(d.len());
-                if left == 0 {
-                    break;
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
