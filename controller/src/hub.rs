@@ -1,9 +1,15 @@
 //! The current snapshot and its version, and the fan-out of deltas to every connected
 //! dataplane stream.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
-use gatehouse_crds::{protocol::Delta, snapshot::Snapshot};
+use gatehouse_crds::{
+    protocol::Delta,
+    snapshot::{Conflict, Snapshot, route_conflicts},
+};
 use tokio::sync::broadcast;
 
 pub struct Hub {
@@ -62,6 +68,12 @@ impl Hub {
         self.lock().version
     }
 
+    /// APIs in the current snapshot that lose a route to an older API, decided exactly as
+    /// the dataplanes decide when they build it.
+    pub fn route_conflicts(&self) -> BTreeMap<String, Conflict> {
+        route_conflicts(self.lock().apis.values())
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         self.lock().clone()
     }
@@ -79,8 +91,6 @@ impl Default for Hub {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use gatehouse_crds::{KeySession, snapshot::KeyEntry};
 
     use super::*;

@@ -29,9 +29,10 @@ struct Cli {
     /// `/metrics`, `/healthz`, `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8081")]
     admin_listen: SocketAddr,
-    /// Watch only this namespace; all namespaces when unset.
-    #[arg(long)]
-    namespace: Option<String>,
+    /// Watch only this namespace; repeatable (or comma-separated) for several; all
+    /// namespaces when unset.
+    #[arg(long, value_delimiter = ',')]
+    namespace: Vec<String>,
     /// ServiceAccount (`namespace:name`) whose tokens may receive config; repeatable.
     #[arg(long = "allowed-service-account", value_name = "NAMESPACE:NAME", required = true)]
     allowed: Vec<String>,

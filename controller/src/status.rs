@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use gatehouse_crds::{ApiDefinition, Plugin, protocol::Ack};
+use gatehouse_crds::{ApiDefinition, Plugin, protocol::Ack, snapshot::Conflict};
 use k8s_openapi::{
     api::core::v1::ObjectReference,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -83,15 +83,18 @@ impl StatusWriter {
     async fn write_all(&mut self, live: &[Ack]) {
         let (apis, plugins) = {
             let shared = lock(&self.state);
-            let apis: Vec<(String, Outcome)> =
-                shared.api_outcomes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let apis: Vec<(String, Outcome, Option<Conflict>)> = shared
+                .api_outcomes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone(), shared.conflicts.get(k).cloned()))
+                .collect();
             let plugins: Vec<(String, Outcome)> =
                 shared.plugin_outcomes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             (apis, plugins)
         };
-        for (id, outcome) in apis {
+        for (id, outcome, conflict) in apis {
             let t = tally(live, outcome.generation, |a| a.apis.get(&id));
-            let wanted = api_conditions(&outcome, &t);
+            let wanted = api_conditions(&outcome, conflict.as_ref(), &t);
             self.write::<ApiDefinition>(&id, wanted).await;
         }
         for (id, outcome) in plugins {
@@ -222,8 +225,12 @@ fn programmed(t: &Tally, generation: i64, verb: &str) -> (bool, &'static str, St
     }
 }
 
-fn api_conditions(o: &Outcome, t: &Tally) -> Wanted {
+fn api_conditions(o: &Outcome, conflict: Option<&Conflict>, t: &Tally) -> Wanted {
     let mut conditions = accepted_and_resolved(o);
+    // An invalid spec says so first; a valid one that lost its route says to whom.
+    if let (Ok(()), Some(c)) = (&o.accepted, conflict) {
+        conditions[0] = ("Accepted", false, "Conflicted", format!("spec.listenPath: {c}; this API is not served"));
+    }
     let (ok, reason, message) = programmed(t, o.generation, "serve");
     conditions.push(("Programmed", ok, reason, message));
     Wanted { generation: o.generation, conditions }
@@ -248,17 +255,32 @@ mod tests {
     #[test]
     fn programmed_says_how_many_dataplanes_serve_the_generation() {
         let t = Tally { serving: 2, live: 2, problems: vec![] };
-        let w = api_conditions(&outcome(), &t);
+        let w = api_conditions(&outcome(), None, &t);
         assert_eq!(w.conditions[2], ("Programmed", true, "Programmed", "2/2 dataplanes serve generation 3".to_owned()));
     }
 
     #[test]
     fn a_failing_dataplane_makes_programmed_false_with_its_reason() {
         let t = Tally { serving: 1, live: 2, problems: vec!["dp-2: answering 500: plugin x".into()] };
-        let w = api_conditions(&outcome(), &t);
+        let w = api_conditions(&outcome(), None, &t);
         let (_, ok, reason, message) = &w.conditions[2];
         assert_eq!((*ok, *reason), (false, "Failed"));
         assert!(message.contains("1/2 dataplanes serve generation 3; dp-2: answering 500: plugin x"), "{message}");
+    }
+
+    #[test]
+    fn a_conflicted_api_is_not_accepted_and_names_the_winner_and_route() {
+        let c = Conflict { winner: "team-a/orders".into(), host: None, listen_path: "/orders/".into() };
+        let w = api_conditions(&outcome(), Some(&c), &Tally { serving: 0, live: 1, problems: vec![] });
+        let (ty, ok, reason, message) = &w.conditions[0];
+        assert_eq!((*ty, *ok, *reason), ("Accepted", false, "Conflicted"));
+        assert_eq!(
+            message,
+            "spec.listenPath: /orders/ on any host is already served by team-a/orders, which is older; this API is not served"
+        );
+        let invalid = Outcome { accepted: Err("spec.upstream: bad".into()), ..outcome() };
+        let w = api_conditions(&invalid, Some(&c), &Tally { serving: 0, live: 1, problems: vec![] });
+        assert_eq!(w.conditions[0].2, "Invalid", "an invalid spec is reported first");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures::{StreamExt, stream::BoxStream};
-use gatehouse_crds::{ApiDefinition, KEY_LABEL, Plugin, protocol::Delta};
+use gatehouse_crds::{ApiDefinition, KEY_LABEL, Plugin, protocol::Delta, snapshot::Conflict};
 use k8s_openapi::api::{
     core::v1::{Secret, Service},
     discovery::v1::EndpointSlice,
@@ -59,6 +59,8 @@ pub struct Shared {
     pub plugin_outcomes: BTreeMap<String, Outcome>,
     /// Key Secrets that cannot be used, and why (the last good version keeps serving).
     pub key_errors: BTreeMap<String, String>,
+    /// ApiDefinitions not served because an older one holds their route.
+    pub conflicts: BTreeMap<String, Conflict>,
     /// Kinds whose initial list is complete.
     pub synced: BTreeSet<Kind>,
 }
@@ -88,30 +90,45 @@ where
     }
 }
 
-fn stream<K, F>(a: Api<K>, cfg: watcher::Config, wrap: F) -> BoxStream<'static, Result<Change, watcher::Error>>
+/// One watcher's events, tagged with the namespace it watches ("" for all).
+fn stream<K, F>(
+    a: Api<K>,
+    scope: &str,
+    cfg: watcher::Config,
+    wrap: F,
+) -> BoxStream<'static, Result<(Arc<str>, Change), watcher::Error>>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
     K::DynamicType: Default,
     F: Fn(watcher::Event<K>) -> Change + Send + 'static,
 {
-    watcher(a, cfg).default_backoff().map(move |e| e.map(&wrap)).boxed()
+    let scope: Arc<str> = Arc::from(scope);
+    watcher(a, cfg).default_backoff().map(move |e| e.map(|e| (scope.clone(), wrap(e)))).boxed()
 }
 
-/// Runs until the process ends; watch errors are retried with backoff.
-pub async fn run(client: Client, namespace: Option<String>, state: State, hub: Arc<Hub>, metrics: Arc<Metrics>) {
-    let ns = namespace.as_deref();
+/// Runs until the process ends; watch errors are retried with backoff. `namespaces` empty:
+/// every namespace.
+pub async fn run(client: Client, namespaces: Vec<String>, state: State, hub: Arc<Hub>, metrics: Arc<Metrics>) {
+    let scopes: Vec<Option<&str>> =
+        if namespaces.is_empty() { vec![None] } else { namespaces.iter().map(|n| Some(n.as_str())).collect() };
     let default = watcher::Config::default;
-    let mut changes = futures::stream::select_all([
-        stream(api::<ApiDefinition>(&client, ns), default(), Change::Api),
-        stream(api::<Plugin>(&client, ns), default(), Change::Plugin),
-        stream(api::<Secret>(&client, ns), default().labels(&format!("{KEY_LABEL}=true")), Change::Key),
-        stream(api::<Service>(&client, ns), default(), Change::Service),
-        stream(api::<EndpointSlice>(&client, ns), default(), Change::Slice),
-    ]);
-    let mut compiler = Compiler { state, hub, metrics, listing: Listing::new() };
+    let mut streams = Vec::new();
+    for ns in &scopes {
+        let (ns, scope) = (*ns, ns.unwrap_or(""));
+        streams.extend([
+            stream(api::<ApiDefinition>(&client, ns), scope, default(), Change::Api),
+            stream(api::<Plugin>(&client, ns), scope, default(), Change::Plugin),
+            stream(api::<Secret>(&client, ns), scope, default().labels(&format!("{KEY_LABEL}=true")), Change::Key),
+            stream(api::<Service>(&client, ns), scope, default(), Change::Service),
+            stream(api::<EndpointSlice>(&client, ns), scope, default(), Change::Slice),
+        ]);
+    }
+    let mut changes = futures::stream::select_all(streams);
+    let scopes = scopes.len();
+    let mut compiler = Compiler { state, hub, metrics, listing: Listing::new(), listed: BTreeMap::new(), scopes };
     while let Some(change) = changes.next().await {
         match change {
-            Ok(c) => compiler.handle(c),
+            Ok((scope, c)) => compiler.handle(&scope, c),
             Err(e) => {
                 compiler.metrics.watch_errors.inc();
                 tracing::warn!(error = %e, "watch failed; retrying");
@@ -126,6 +143,10 @@ struct Compiler {
     metrics: Arc<Metrics>,
     /// Kinds in their initial list: the ids seen so far, and what to compile at the end.
     listing: Listing,
+    /// Per kind, the namespaces whose initial list is complete; a kind is synced when all are.
+    listed: BTreeMap<Kind, BTreeSet<Arc<str>>>,
+    /// How many namespaces are watched (1 for all of them).
+    scopes: usize,
 }
 
 /// Resources whose entries must be compiled again.
@@ -138,27 +159,29 @@ struct Affected {
     services: BTreeSet<String>,
 }
 
-type Listing = BTreeMap<Kind, (BTreeSet<String>, Affected)>;
+/// Keyed by kind and watched namespace ("" for all).
+type Listing = BTreeMap<(Kind, Arc<str>), (BTreeSet<String>, Affected)>;
 
 impl Compiler {
-    fn handle(&mut self, change: Change) {
+    fn handle(&mut self, scope: &Arc<str>, change: Change) {
         let started = Instant::now();
         let (kind, affected) = {
             let mut shared = lock(&self.state);
             let Shared { resources: r, synced, .. } = &mut *shared;
-            let l = &mut self.listing;
+            let mut w =
+                Watched { listing: &mut self.listing, listed: &mut self.listed, scopes: self.scopes, synced, scope };
             match change {
-                Change::Api(e) => (Kind::Api, event(l, synced, Kind::Api, e, &mut r.apis, |_, id| Affected::api(id))),
+                Change::Api(e) => (Kind::Api, w.event(Kind::Api, e, &mut r.apis, |_, id| Affected::api(id))),
                 Change::Plugin(e) => {
-                    (Kind::Plugin, event(l, synced, Kind::Plugin, e, &mut r.plugins, |_, id| Affected::plugin(id)))
+                    (Kind::Plugin, w.event(Kind::Plugin, e, &mut r.plugins, |_, id| Affected::plugin(id)))
                 }
-                Change::Key(e) => (Kind::Key, event(l, synced, Kind::Key, e, &mut r.keys, |_, id| Affected::key(id))),
+                Change::Key(e) => (Kind::Key, w.event(Kind::Key, e, &mut r.keys, |_, id| Affected::key(id))),
                 Change::Service(e) => {
-                    (Kind::Service, event(l, synced, Kind::Service, e, &mut r.services, |_, id| Affected::service(id)))
+                    (Kind::Service, w.event(Kind::Service, e, &mut r.services, |_, id| Affected::service(id)))
                 }
                 Change::Slice(e) => (
                     Kind::Slice,
-                    event(l, synced, Kind::Slice, e, &mut r.slices, |s: Option<&EndpointSlice>, _| {
+                    w.event(Kind::Slice, e, &mut r.slices, |s: Option<&EndpointSlice>, _| {
                         s.and_then(Resources::service_of_slice).map(|id| Affected::service(&id)).unwrap_or_default()
                     }),
                 ),
@@ -166,8 +189,14 @@ impl Compiler {
         };
         let Some(affected) = affected else { return };
         let delta = self.compile(affected);
+        let routes_may_move = !delta.apis.is_empty();
         self.metrics.changes.with_label_values(&[kind.as_str()]).inc();
         if let Some((v, bytes)) = self.hub.publish(delta) {
+            if routes_may_move {
+                // Any API's change can win or lose another's route, so decide afresh.
+                let conflicts = self.hub.route_conflicts();
+                lock(&self.state).conflicts = conflicts;
+            }
             self.metrics.config_version.set(i64::try_from(v).unwrap_or(i64::MAX));
             self.metrics.delta_bytes.observe(bytes as f64);
             self.metrics.push_seconds.observe(started.elapsed().as_secs_f64());
@@ -237,58 +266,79 @@ impl Compiler {
     }
 }
 
-/// Updates the store from one watch event and says what to recompile, or None while an
-/// initial list is still coming in (it is compiled in one go when it ends).
-fn event<K: Resource + Clone>(
-    listing: &mut Listing,
-    synced: &mut BTreeSet<Kind>,
-    kind: Kind,
-    e: watcher::Event<K>,
-    store: &mut BTreeMap<String, K>,
-    affects: impl Fn(Option<&K>, &str) -> Affected,
-) -> Option<Affected> {
-    match e {
-        watcher::Event::Apply(o) => {
-            let id = id_of(&o);
-            let mut a = affects(store.get(&id), &id);
-            a.extend(affects(Some(&o), &id));
-            store.insert(id, o);
-            Some(a)
-        }
-        watcher::Event::Delete(o) => {
-            let id = id_of(&o);
-            let mut a = affects(Some(&o), &id);
-            if let Some(old) = store.remove(&id) {
-                a.extend(affects(Some(&old), &id));
+/// What one watch event updates besides the store of its kind.
+struct Watched<'a> {
+    listing: &'a mut Listing,
+    listed: &'a mut BTreeMap<Kind, BTreeSet<Arc<str>>>,
+    scopes: usize,
+    synced: &'a mut BTreeSet<Kind>,
+    /// The namespace the event's watcher watches ("" for all).
+    scope: &'a Arc<str>,
+}
+
+impl Watched<'_> {
+    /// Updates the store from one watch event and says what to recompile, or None while an
+    /// initial list is still coming in (it is compiled in one go when it ends).
+    fn event<K: Resource + Clone>(
+        &mut self,
+        kind: Kind,
+        e: watcher::Event<K>,
+        store: &mut BTreeMap<String, K>,
+        affects: impl Fn(Option<&K>, &str) -> Affected,
+    ) -> Option<Affected> {
+        let listing_key = (kind, self.scope.clone());
+        match e {
+            watcher::Event::Apply(o) => {
+                let id = id_of(&o);
+                let mut a = affects(store.get(&id), &id);
+                a.extend(affects(Some(&o), &id));
+                store.insert(id, o);
+                Some(a)
             }
-            Some(a)
-        }
-        watcher::Event::Init => {
-            listing.insert(kind, Default::default());
-            None
-        }
-        watcher::Event::InitApply(o) => {
-            let id = id_of(&o);
-            let a = affects(Some(&o), &id);
-            if let Some((seen, pending)) = listing.get_mut(&kind) {
-                seen.insert(id.clone());
-                pending.extend(a);
-            }
-            store.insert(id, o);
-            None
-        }
-        watcher::Event::InitDone => {
-            let (seen, mut pending) = listing.remove(&kind).unwrap_or_default();
-            // Whatever was not listed again is gone.
-            let gone: Vec<String> = store.keys().filter(|id| !seen.contains(*id)).cloned().collect();
-            for id in gone {
+            watcher::Event::Delete(o) => {
+                let id = id_of(&o);
+                let mut a = affects(Some(&o), &id);
                 if let Some(old) = store.remove(&id) {
-                    pending.extend(affects(Some(&old), &id));
+                    a.extend(affects(Some(&old), &id));
                 }
+                Some(a)
             }
-            synced.insert(kind);
-            tracing::info!(kind = kind.as_str(), objects = seen.len(), "initial list complete");
-            Some(pending)
+            watcher::Event::Init => {
+                self.listing.insert(listing_key, Default::default());
+                None
+            }
+            watcher::Event::InitApply(o) => {
+                let id = id_of(&o);
+                let a = affects(Some(&o), &id);
+                if let Some((seen, pending)) = self.listing.get_mut(&listing_key) {
+                    seen.insert(id.clone());
+                    pending.extend(a);
+                }
+                store.insert(id, o);
+                None
+            }
+            watcher::Event::InitDone => {
+                let (seen, mut pending) = self.listing.remove(&listing_key).unwrap_or_default();
+                // Whatever this watcher's namespace no longer lists is gone.
+                let prefix = format!("{}/", self.scope);
+                let gone: Vec<String> = store
+                    .keys()
+                    .filter(|id| !seen.contains(*id) && (self.scope.is_empty() || id.starts_with(&prefix)))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    if let Some(old) = store.remove(&id) {
+                        pending.extend(affects(Some(&old), &id));
+                    }
+                }
+                let listed = self.listed.entry(kind).or_default();
+                listed.insert(self.scope.clone());
+                if listed.len() == self.scopes {
+                    self.synced.insert(kind);
+                }
+                tracing::info!(kind = kind.as_str(), namespace = %self.scope, objects = seen.len(), "initial list complete");
+                Some(pending)
+            }
         }
     }
 }

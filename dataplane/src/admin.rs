@@ -1,4 +1,10 @@
 //! The admin port: /metrics, /healthz, /readyz, /config.
+//!
+//! `/config` lists every namespace's APIs, targets and failure reasons, so by default it
+//! answers loopback clients only (`kubectl port-forward` arrives on loopback); probes and
+//! scrapers reach the other endpoints on any address.
+
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -7,7 +13,25 @@ use serde_json::json;
 
 use crate::{body::ProxyBody, gateway::Gateway, reply};
 
-pub fn serve(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
+/// Who may read `/config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigAccess {
+    LoopbackOnly,
+    Anyone,
+}
+
+impl ConfigAccess {
+    /// From `--expose-config`.
+    pub fn from_flag(expose: bool) -> Self {
+        if expose { Self::Anyone } else { Self::LoopbackOnly }
+    }
+
+    fn allows(self, peer: SocketAddr) -> bool {
+        self == Self::Anyone || peer.ip().to_canonical().is_loopback()
+    }
+}
+
+pub fn serve(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr, access: ConfigAccess) -> Response<ProxyBody> {
     match req.uri().path() {
         "/metrics" => {
             let mut r = Response::new(ProxyBody::from(Bytes::from(gw.metrics.render())));
@@ -19,6 +43,12 @@ pub fn serve(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
         "/readyz" => {
             reply::json(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(br#"{"status":"no config applied yet"}"#))
         }
+        "/config" if !access.allows(peer) => reply::json(
+            StatusCode::FORBIDDEN,
+            Bytes::from_static(
+                br#"{"error":"/config answers loopback clients only: it lists every namespace's APIs; start the dataplane with --expose-config to serve it on other addresses"}"#,
+            ),
+        ),
         "/config" => {
             let rt = gw.runtime();
             let body = json!({
@@ -32,5 +62,21 @@ pub fn serve(gw: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
             reply::json(StatusCode::OK, Bytes::from(body.to_string()))
         }
         _ => reply::json(StatusCode::NOT_FOUND, Bytes::from_static(br#"{"error":"not found"}"#)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_for_loopback_clients_unless_exposed() {
+        let peer = |s: &str| s.parse::<SocketAddr>().expect("address");
+        let only = ConfigAccess::from_flag(false);
+        assert!(only.allows(peer("127.0.0.1:5000")));
+        assert!(only.allows(peer("[::1]:5000")));
+        assert!(only.allows(peer("[::ffff:127.0.0.1]:5000")));
+        assert!(!only.allows(peer("10.1.2.3:5000")));
+        assert!(ConfigAccess::from_flag(true).allows(peer("10.1.2.3:5000")));
     }
 }

@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
+use crate::egress::AllowUpstream;
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "gatehouse-dataplane", version, about = "The Gatehouse API gateway dataplane")]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "controller"])))]
@@ -43,6 +45,16 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub limits: Limits,
+    /// Upstream addresses to allow that are refused by default, comma-separated:
+    /// `link-local` (169.254.0.0/16 and fe80::/10, where cloud metadata services answer)
+    /// and `self` (this gateway's own --listen and --admin-listen addresses).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "KIND")]
+    pub allow_upstream: Vec<AllowUpstream>,
+    /// Serve /config (every namespace's APIs and their state) to clients that are not on
+    /// loopback. Without it, only loopback clients get /config; /metrics, /healthz and
+    /// /readyz answer everyone.
+    #[arg(long)]
+    pub expose_config: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

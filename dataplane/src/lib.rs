@@ -13,6 +13,7 @@ pub mod auth;
 pub mod body;
 pub mod chain;
 mod cli;
+pub mod egress;
 pub mod gateway;
 pub mod limits;
 pub mod metrics;
@@ -71,6 +72,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cli.listen).await.with_context(|| format!("--listen {}", cli.listen))?;
     let admin =
         TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
+    // Before any config is applied: runtimes refuse upstreams by this policy.
+    egress::install(egress::EgressPolicy::new(&cli.allow_upstream, vec![listener.local_addr()?, admin.local_addr()?]));
     let from =
         cli.config.as_ref().map_or_else(|| cli.controller.clone().unwrap_or_default(), |p| p.display().to_string());
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %from, "gatehouse dataplane starting");
@@ -108,9 +111,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         admin,
         {
             let gw = gw.clone();
-            move |req, _| {
+            let access = admin::ConfigAccess::from_flag(cli.expose_config);
+            move |req, peer| {
                 let gw = gw.clone();
-                async move { admin::serve(&gw, &req) }
+                async move { admin::serve(&gw, &req, peer, access) }
             }
         },
         stop,

@@ -21,13 +21,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     body::ProxyBody,
+    egress::{GuardedConnector, GuardedResolver},
     path::normalise,
     reply::GatewayError,
     router::prefix_key,
     runtime::{Api, Target},
 };
 
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+pub type UpstreamClient = Client<GuardedConnector, ProxyBody>;
 
 /// A TCP connect to an upstream that takes longer fails (`--upstream-connect-timeout`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,13 +38,13 @@ pub fn client() -> UpstreamClient {
 }
 
 pub fn client_with(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
+    let mut connector = HttpConnector::new_with_resolver(GuardedResolver::default());
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
-        .build(connector)
+        .build(GuardedConnector::new(connector))
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -134,7 +135,12 @@ pub async fn forward(
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) if e.is_connect() && timed_out(&e) => return Err(GatewayError::UpstreamConnectTimeout),
         Ok(Err(e)) => {
-            tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
+            match crate::egress::refusal_in(&e) {
+                Some(refusal) => tracing::warn!(api = %api.id, reason = %refusal, "upstream refused"),
+                None => {
+                    tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed")
+                }
+            }
             return Err(GatewayError::UpstreamUnreachable);
         }
         Ok(Ok(resp)) => resp,

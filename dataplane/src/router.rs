@@ -59,8 +59,15 @@ impl Router {
         if api.entry.spec.hosts.is_empty() {
             return self.any_host.insert(api.clone());
         }
-        for h in &api.entry.spec.hosts {
-            self.by_host.entry(h.to_ascii_lowercase()).or_default().insert(api.clone())?;
+        let hosts: std::collections::BTreeSet<String> =
+            api.entry.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        // All or nothing: an API refused on one host must not be served on the others.
+        let key = prefix_key(&api.entry.spec.listen_path);
+        if let Some(holder) = hosts.iter().find_map(|h| self.by_host.get(h)?.by_prefix.get(key)) {
+            return Err(holder.clone());
+        }
+        for h in hosts {
+            self.by_host.entry(h).or_default().insert(api.clone())?;
         }
         Ok(())
     }
@@ -152,5 +159,14 @@ mod tests {
         r.insert(&api("first", "/x/", &[])).expect("first");
         let holder = r.insert(&api("second", "/x", &[])).expect_err("clash");
         assert_eq!(holder.entry.name, "first");
+    }
+
+    #[test]
+    fn a_clash_on_one_host_leaves_the_other_hosts_free() {
+        let mut r = Router::default();
+        r.insert(&api("first", "/x/", &["b.example"])).expect("first");
+        r.insert(&api("second", "/x/", &["a.example", "B.example"])).expect_err("clash on b.example");
+        assert_eq!(routed(&r, Some("a.example"), "/x/y"), None);
+        r.insert(&api("dup", "/y/", &["c.example", "C.EXAMPLE"])).expect("one API, one host twice");
     }
 }

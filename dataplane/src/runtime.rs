@@ -15,7 +15,7 @@ use std::{
 
 use gatehouse_crds::{
     KeySession,
-    snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot},
+    snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot, route_conflicts},
 };
 use http::uri::Authority;
 use serde::Serialize;
@@ -27,6 +27,9 @@ use crate::{
 };
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the `/config` state of an API that lost its route to an older one starts.
+pub const CONFLICTED: &str = "conflicted";
 
 pub struct Runtime {
     pub version: u64,
@@ -148,6 +151,9 @@ impl Api {
 fn parse_target(url: &str) -> Result<Target, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("spec.upstream: {url:?}: {e}"))?;
     let authority = uri.authority().cloned().ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
+    // The connector speaks plain HTTP whatever the scheme, so a missing port means 80.
+    crate::egress::check_literal(authority.host(), authority.port_u16().unwrap_or(80))
+        .map_err(|r| format!("spec.upstream: {url:?}: {r}"))?;
     Ok(Target { authority, base_path: uri.path().trim_end_matches('/').to_owned(), slots: Default::default() })
 }
 
@@ -203,10 +209,15 @@ impl Runtime {
             })
             .collect();
         let mut apis = HashMap::with_capacity(snapshot.apis.len());
+        // Decided before anything is compiled, by the same rule as the controller's status,
+        // so that the order of the snapshot never picks a route's owner.
+        let conflicts = route_conflicts(snapshot.apis.values());
         for (id, entry) in &snapshot.apis {
             let mut state = "serving".to_owned();
             if !entry.spec.active {
                 state = "inactive".to_owned();
+            } else if let Some(c) = conflicts.get(id) {
+                state = format!("{CONFLICTED}: spec.listenPath: {c}");
             } else {
                 let reused = prev
                     .and_then(|p| p.apis.get(id).filter(|a| a.entry == *entry && p.same_plugins(entry, &plugin_state)))

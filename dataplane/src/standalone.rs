@@ -4,7 +4,7 @@
 //! resources it had, and a resource that fails validation keeps its last good version.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -25,6 +25,10 @@ pub struct Standalone {
     /// The resources being served, with the file each came from.
     good: BTreeMap<ResourceId, (PathBuf, Resource)>,
     current: Snapshot,
+    /// When each API (`namespace/name`) without a `creationTimestamp` was first seen: its
+    /// age when it claims a route, kept across reloads so that editing an API that serves
+    /// never lets a newer one take its route.
+    first_seen: HashMap<String, jiff::Timestamp>,
 }
 
 /// Events closer together than this are one change (editors write, rename and chmod).
@@ -33,7 +37,7 @@ const SETTLE: Duration = Duration::from_millis(150);
 impl Standalone {
     pub fn new(path: PathBuf) -> anyhow::Result<Self> {
         std::fs::metadata(&path).with_context(|| format!("--config {}", path.display()))?;
-        Ok(Self { path, good: BTreeMap::new(), current: Snapshot::default() })
+        Ok(Self { path, good: BTreeMap::new(), current: Snapshot::default(), first_seen: HashMap::new() })
     }
 
     /// Reads everything again and applies it if anything changed.
@@ -92,6 +96,7 @@ impl Standalone {
         let (mut snapshot, compile_errors) =
             Snapshot::compile(self.current.version, next.values().map(|(_, r)| r.clone()));
         errors.extend(compile_errors.iter().map(ToString::to_string));
+        self.date_apis(&mut snapshot);
         for e in &errors {
             tracing::warn!(config = %self.path.display(), "{e}");
         }
@@ -110,6 +115,18 @@ impl Standalone {
             "config applied"
         );
         self.current = snapshot;
+    }
+
+    /// Gives each API without a `creationTimestamp` the time it was first seen; an API that
+    /// goes away is forgotten, so one added again later is new again.
+    fn date_apis(&mut self, snapshot: &mut Snapshot) {
+        self.first_seen.retain(|id, _| snapshot.apis.contains_key(id));
+        let now = jiff::Timestamp::now();
+        for (id, entry) in &mut snapshot.apis {
+            if entry.creation_timestamp.is_none() {
+                entry.creation_timestamp = Some(*self.first_seen.entry(id.clone()).or_insert(now));
+            }
+        }
     }
 
     fn keep(&self, id: &ResourceId, next: &mut BTreeMap<ResourceId, (PathBuf, Resource)>) -> bool {

@@ -217,9 +217,21 @@ impl Gatehouse {
 
     /// Starts without waiting for a config to be applied.
     pub fn spawn(config: &Path, extra: &[&str]) -> Self {
+        Self::spawn_at(config, "127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    /// Starts with the given `--listen` and `--admin-listen` addresses, and waits for a
+    /// config to be applied.
+    pub async fn start_at(config: &Path, listen: &str, admin: &str, extra: &[&str]) -> Self {
+        let gw = Self::spawn_at(config, listen, admin, extra);
+        gw.wait_ready().await;
+        gw
+    }
+
+    fn spawn_at(config: &Path, listen: &str, admin: &str, extra: &[&str]) -> Self {
         let plugin_cache = tempfile::tempdir().unwrap();
         let mut child = Command::new(binary())
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json", "--config"])
+            .args(["--listen", listen, "--admin-listen", admin, "--log-format", "json", "--config"])
             .arg(config)
             .arg("--plugin-dir")
             .arg(plugin_cache.path())
@@ -248,8 +260,12 @@ impl Gatehouse {
                 l.lock().unwrap().push(line);
             }
         });
+        // A wildcard bind is reached through loopback.
+        let local = |a: SocketAddr| {
+            if a.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], a.port())) } else { a }
+        };
         let (addr, admin) = match addr_rx.recv_timeout(PATIENCE) {
-            Ok(a) => a,
+            Ok((addr, admin)) => (local(addr), local(admin)),
             Err(_) => panic!("gateway did not start; logs:\n{}", logs.lock().unwrap().join("\n")),
         };
         let client = Client::builder(TokioExecutor::new()).build_http();
@@ -282,7 +298,12 @@ impl Gatehouse {
     }
 
     pub async fn admin(&self, path: &str) -> Reply {
-        let req = Request::get(format!("http://{}{path}", self.admin)).body(empty()).unwrap();
+        self.admin_at(self.admin, path).await
+    }
+
+    /// An admin request to `addr`: the admin port reached through another address.
+    pub async fn admin_at(&self, addr: SocketAddr, path: &str) -> Reply {
+        let req = Request::get(format!("http://{addr}{path}")).body(empty()).unwrap();
         Reply::read(self.client.request(req).await.expect("admin answers")).await
     }
 

@@ -1,7 +1,15 @@
 //! The controller against the real API server, with dataplanes as local processes: config
 //! reaches every dataplane, status says so, and outages of either side are survived.
 
-use std::{io::Write, path::PathBuf, process::Stdio};
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use gatehouse_crds::{ApiDefinition, Plugin};
 use http::StatusCode;
@@ -13,7 +21,7 @@ use kube::{
 
 use crate::{
     cluster::{Cluster, cluster, fresh_namespace, install_crds},
-    procs::{Proc, controller, dataplane, eventually, get, upstream},
+    procs::{Proc, controller, controller_of, dataplane, eventually, get, upstream},
 };
 
 struct Env {
@@ -378,4 +386,102 @@ async fn two_controllers_elect_one_leader_and_the_other_takes_over_when_it_dies(
         }
     })
     .await;
+}
+
+/// Requests `path` through `dp` until told to stop; returns how many were sent and every
+/// answer that was not `want`.
+fn keep_requesting(
+    dp: &Proc,
+    path: &str,
+    want: &str,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(usize, Vec<String>)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, want, s) = (format!("http://{}{path}", dp.addr), want.to_owned(), stop.clone());
+    let task = tokio::spawn(async move {
+        let (mut sent, mut wrong) = (0, Vec::new());
+        while !s.load(Ordering::Relaxed) {
+            sent += 1;
+            match get(&url, &[]).await {
+                Ok((StatusCode::OK, body)) if body == want => {}
+                other => wrong.push(format!("{other:?}")),
+            }
+        }
+        (sent, wrong)
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_api_keeps_its_route_while_a_newer_one_in_another_namespace_claims_it() {
+    // The newer API's namespace and name sort first: only its age can make it lose.
+    let e = env("zz-owner").await;
+    let newer_ns = fresh_namespace(&e.c.client, "aa-owner").await;
+    let (old_up, new_up) = (upstream("old").await, upstream("new").await);
+    let ctl = controller_of(&e.c.kubeconfig, &[&e.ns, &newer_ns], "ctl-1");
+    let dp = dataplane(ctl.addr, &e.token, &e.dir.path().join("dp"), "dp-1");
+
+    apply(&e, &api_yaml("zz-shop", "/shop/", &old_up.to_string(), ""));
+    eventually("the older API to be served", || serves(&dp, "/shop/x", "upstream old /x")).await;
+    // creationTimestamp counts whole seconds: let one pass, so the newer one is newer.
+    let created = Api::<ApiDefinition>::namespaced(e.c.client.clone(), &e.ns)
+        .get("zz-shop")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"))
+        .metadata
+        .creation_timestamp
+        .unwrap_or_else(|| panic!("no creationTimestamp"))
+        .0;
+    eventually("the next second", || async {
+        let elapsed = jiff::Timestamp::now().duration_since(created);
+        if elapsed >= jiff::SignedDuration::from_secs(1) { Ok(()) } else { Err(format!("{elapsed:?}")) }
+    })
+    .await;
+    let (stop, requests) = keep_requesting(&dp, "/shop/x", "upstream old /x");
+
+    kubectl(&e.c, &newer_ns, &["apply", "-f", "-"], Some(&api_yaml("aa-shop", "/shop", &new_up.to_string(), "")));
+    let winner = format!("{}/zz-shop", e.ns);
+    eventually("Accepted=False/Conflicted naming the winner and the route", || async {
+        match crate::procs::condition::<ApiDefinition>(&e.c.client, &newer_ns, "aa-shop", "Accepted").await? {
+            (s, r, m, _)
+                if s == "False"
+                    && r == "Conflicted"
+                    && m == format!("spec.listenPath: /shop on any host is already served by {winner}, which is older; this API is not served") =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let loser = format!("{newer_ns}/aa-shop");
+    eventually("the dataplane to report the loser", || async {
+        let (_, body) = get(&format!("http://{}/config", dp.admin), &[]).await?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
+        let state =
+            v["apis"].as_array().into_iter().flatten().find(|a| a["id"] == loser.as_str()).map(|a| a["state"].clone());
+        match state.as_ref().and_then(|s| s.as_str()) {
+            Some(s) if s.starts_with("conflicted: ") && s.contains(&winner) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for ty in ["Accepted", "Programmed"] {
+        let c = condition::<ApiDefinition>(&e, "zz-shop", ty).await;
+        assert_eq!(c.as_ref().map(|c| c.0.as_str()), Ok("True"), "the winner's {ty}: {c:?}");
+    }
+
+    kubectl(&e.c, &newer_ns, &["delete", "apidef", "aa-shop"], None);
+    eventually("the newer API to be gone from the dataplane", || async {
+        let (_, body) = get(&format!("http://{}/config", dp.admin), &[]).await?;
+        if body.contains(&loser) { Err("still there".into()) } else { Ok(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, wrong) = requests.await.unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        sent > 0 && wrong.is_empty(),
+        "{} of {sent} requests were not served by the older API: {wrong:?}",
+        wrong.len()
+    );
+    serves(&dp, "/shop/x", "upstream old /x").await.unwrap_or_else(|err| panic!("{err}"));
 }

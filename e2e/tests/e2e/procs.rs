@@ -128,14 +128,21 @@ impl Proc {
 
 /// A controller watching one namespace, as the chart runs it (one replica).
 pub fn controller(kubeconfig: &Path, ns: &str, identity: &str) -> Proc {
+    controller_of(kubeconfig, &[ns], identity)
+}
+
+/// A controller watching several namespaces; its Lease and dataplane ServiceAccount are in
+/// the first.
+pub fn controller_of(kubeconfig: &Path, namespaces: &[&str], identity: &str) -> Proc {
+    let home = namespaces.first().copied().unwrap_or("default");
     let args = [
         "--listen=127.0.0.1:0",
         "--admin-listen=127.0.0.1:0",
         "--log-format=json",
-        &format!("--namespace={ns}"),
-        &format!("--lease-namespace={ns}"),
+        &format!("--namespace={}", namespaces.join(",")),
+        &format!("--lease-namespace={home}"),
         &format!("--identity={identity}"),
-        &format!("--allowed-service-account={ns}:dataplane"),
+        &format!("--allowed-service-account={home}:dataplane"),
     ]
     .map(str::to_owned);
     Proc::start("gatehouse-controller", &args, &[("KUBECONFIG", kubeconfig)], "gatehouse controller starting")
