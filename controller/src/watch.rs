@@ -24,7 +24,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use crate::{
-    compile::{Outcome, Resources, id_of},
+    compile::{KeyObject, Outcome, Resources, id_of},
     hub::Hub,
     metrics::Metrics,
 };
@@ -72,7 +72,7 @@ pub fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
 enum Change {
     Api(watcher::Event<ApiDefinition>),
     Plugin(watcher::Event<Plugin>),
-    Key(watcher::Event<Secret>),
+    Key(watcher::Event<KeyObject>),
     Service(watcher::Event<Service>),
     Slice(watcher::Event<EndpointSlice>),
 }
@@ -104,7 +104,11 @@ pub async fn run(client: Client, namespace: Option<String>, state: State, hub: A
     let mut changes = futures::stream::select_all([
         stream(api::<ApiDefinition>(&client, ns), default(), Change::Api),
         stream(api::<Plugin>(&client, ns), default(), Change::Plugin),
-        stream(api::<Secret>(&client, ns), default().labels(&format!("{KEY_LABEL}=true")), Change::Key),
+        // Each key Secret is compiled and dropped as it arrives: only its hash and session
+        // are kept (see `KeyObject`), never the raw key.
+        stream(api::<Secret>(&client, ns), default().labels(&format!("{KEY_LABEL}=true")), |e| {
+            Change::Key(map_event(e, KeyObject::from_secret))
+        }),
         stream(api::<Service>(&client, ns), default(), Change::Service),
         stream(api::<EndpointSlice>(&client, ns), default(), Change::Slice),
     ]);
@@ -117,6 +121,17 @@ pub async fn run(client: Client, namespace: Option<String>, state: State, hub: A
                 tracing::warn!(error = %e, "watch failed; retrying");
             }
         }
+    }
+}
+
+/// The same event about a smaller object.
+fn map_event<A, B>(e: watcher::Event<A>, f: impl Fn(&A) -> B) -> watcher::Event<B> {
+    match e {
+        watcher::Event::Apply(o) => watcher::Event::Apply(f(&o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(f(&o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(f(&o)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
 }
 
