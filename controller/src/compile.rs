@@ -12,6 +12,7 @@ use k8s_openapi::api::{
     core::v1::{Secret, Service},
     discovery::v1::EndpointSlice,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 
 /// Every watched object, by `namespace/name`.
@@ -19,9 +20,61 @@ use kube::ResourceExt;
 pub struct Resources {
     pub apis: BTreeMap<String, ApiDefinition>,
     pub plugins: BTreeMap<String, Plugin>,
-    pub keys: BTreeMap<String, Secret>,
+    /// Key Secrets as [`KeyObject`]s: never the Secrets themselves.
+    pub keys: BTreeMap<String, KeyObject>,
     pub services: BTreeMap<String, Service>,
     pub slices: BTreeMap<String, EndpointSlice>,
+}
+
+/// What the controller keeps of a key Secret: its identity and the compiled entry (the
+/// SHA-256 of the key and the parsed session), or why it cannot be used. The watcher maps
+/// each Secret to this as it arrives and drops the Secret, so no raw key stays in the
+/// controller's memory (or in a core dump of it) for longer than one event.
+#[derive(Debug, Clone)]
+pub struct KeyObject {
+    /// Name, namespace, uid and resourceVersion only.
+    pub meta: ObjectMeta,
+    pub compiled: Result<KeyEntry, ResourceError>,
+}
+
+impl KeyObject {
+    pub fn from_secret(s: &Secret) -> Self {
+        let m = &s.metadata;
+        let meta = ObjectMeta {
+            name: m.name.clone(),
+            namespace: m.namespace.clone(),
+            uid: m.uid.clone(),
+            resource_version: m.resource_version.clone(),
+            ..ObjectMeta::default()
+        };
+        Self { meta, compiled: key_from_secret(s).map(KeyEntry::from) }
+    }
+}
+
+/// Kind, group and version are those of a Secret: events and ids read the same as for
+/// any other watched object.
+impl kube::Resource for KeyObject {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        Secret::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        Secret::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        Secret::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        Secret::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.meta
+    }
 }
 
 /// What compiling a resource found, for its status.
@@ -91,7 +144,7 @@ impl Resources {
     }
 
     pub fn compile_key(&self, id: &str) -> Option<Result<KeyEntry, ResourceError>> {
-        self.keys.get(id).map(|s| key_from_secret(s).map(KeyEntry::from))
+        self.keys.get(id).map(|k| k.compiled.clone())
     }
 
     /// `http://address:port` for each ready endpoint of the Service port `svc.port`.
@@ -203,6 +256,34 @@ mod tests {
         }));
         r.slices.insert("shop/web-abc".into(), slice);
         r
+    }
+
+    #[test]
+    fn the_key_store_keeps_the_hash_and_session_but_not_the_raw_key() {
+        let raw = "raw-token-that-must-not-be-kept";
+        let secret: Secret = obj(serde_json::json!({
+            "metadata": {"name": "alice", "namespace": "shop", "resourceVersion": "7",
+                         "labels": {"gatehouse.dev/key": "true"}, "annotations": {"note": raw}},
+            "stringData": {"key": raw, "session.yaml": "rate: 5\nper: 1s\naccessRights: [web]\n"}
+        }));
+        let kept = KeyObject::from_secret(&secret);
+        let mut r = Resources::default();
+        r.keys.insert(id_of(&kept), kept);
+        let stored = format!("{:?}", r.keys);
+        assert!(!stored.contains(raw), "the store holds the raw key: {stored}");
+        let entry = r.compile_key("shop/alice").expect("known").expect("valid");
+        assert_eq!(entry.hash, gatehouse_crds::key_hash(raw.as_bytes()));
+        assert_eq!(entry.session.rate, Some(5));
+        assert_eq!(r.keys["shop/alice"].meta.resource_version.as_deref(), Some("7"));
+
+        let broken: Secret = obj(serde_json::json!({
+            "metadata": {"name": "bob", "namespace": "shop", "labels": {"gatehouse.dev/key": "true"}},
+            "stringData": {"key": raw, "session.yaml": "rate: 0\nper: 1s\n"}
+        }));
+        let kept = KeyObject::from_secret(&broken);
+        assert!(!format!("{kept:?}").contains(raw));
+        let e = kept.compiled.expect_err("rate 0 is refused");
+        assert_eq!(e.to_string(), "Secret shop/bob: data.session.yaml: rate: must be at least 1");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use crate::{
-    compile::{Outcome, Resources, id_of},
+    compile::{KeyObject, Outcome, Resources, id_of},
     hub::Hub,
     metrics::Metrics,
 };
@@ -74,7 +74,7 @@ pub fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
 enum Change {
     Api(watcher::Event<ApiDefinition>),
     Plugin(watcher::Event<Plugin>),
-    Key(watcher::Event<Secret>),
+    Key(watcher::Event<KeyObject>),
     Service(watcher::Event<Service>),
     Slice(watcher::Event<EndpointSlice>),
 }
@@ -118,7 +118,11 @@ pub async fn run(client: Client, namespaces: Vec<String>, state: State, hub: Arc
         streams.extend([
             stream(api::<ApiDefinition>(&client, ns), scope, default(), Change::Api),
             stream(api::<Plugin>(&client, ns), scope, default(), Change::Plugin),
-            stream(api::<Secret>(&client, ns), scope, default().labels(&format!("{KEY_LABEL}=true")), Change::Key),
+            // Each key Secret is compiled and dropped as it arrives: only its hash and session
+            // are kept (see `KeyObject`), never the raw key.
+            stream(api::<Secret>(&client, ns), scope, default().labels(&format!("{KEY_LABEL}=true")), |e| {
+                Change::Key(map_event(e, KeyObject::from_secret))
+            }),
             stream(api::<Service>(&client, ns), scope, default(), Change::Service),
             stream(api::<EndpointSlice>(&client, ns), scope, default(), Change::Slice),
         ]);
@@ -134,6 +138,17 @@ pub async fn run(client: Client, namespaces: Vec<String>, state: State, hub: Arc
                 tracing::warn!(error = %e, "watch failed; retrying");
             }
         }
+    }
+}
+
+/// The same event about a smaller object.
+fn map_event<A, B>(e: watcher::Event<A>, f: impl Fn(&A) -> B) -> watcher::Event<B> {
+    match e {
+        watcher::Event::Apply(o) => watcher::Event::Apply(f(&o)),
+        watcher::Event::Delete(o) => watcher::Event::Delete(f(&o)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(o) => watcher::Event::InitApply(f(&o)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
 }
 

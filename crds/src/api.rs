@@ -186,6 +186,11 @@ pub struct AuthToken {
     pub query: String,
     #[serde(default)]
     pub cookie: String,
+    /// Remove the credential (that header, that query parameter, that one cookie) before
+    /// the request goes on, so upstreams and later hooks never see the key (Tyk's
+    /// `strip_auth_data`).
+    #[serde(default = "yes")]
+    pub strip_credentials: bool,
 }
 
 fn authorization() -> String {
@@ -194,7 +199,7 @@ fn authorization() -> String {
 
 impl Default for AuthToken {
     fn default() -> Self {
-        Self { header: authorization(), query: String::new(), cookie: String::new() }
+        Self { header: authorization(), query: String::new(), cookie: String::new(), strip_credentials: true }
     }
 }
 

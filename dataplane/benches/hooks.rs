@@ -43,7 +43,8 @@ fn runtime(path: &str) -> Runtime {
     let (snap, errors) = Snapshot::compile(1, parsed.resources.into_iter().map(|(_, r)| r));
     assert!(errors.is_empty());
     let dir = std::env::temp_dir().join("gatehouse-bench-plugins");
-    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), None)
+    let key_ids = gatehouse_dataplane::key_id::KeyIdSecret::new(b"benchmark key id secret");
+    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), &key_ids, None)
 }
 
 fn hooks(c: &mut Criterion) {

@@ -24,8 +24,10 @@ pub struct Record {
     /// Request start to response headers, milliseconds.
     pub latency_total_ms: f64,
     pub latency_upstream_ms: Option<f64>,
-    /// Hex SHA-256 of the key the client sent, when it matched one.
-    pub key_hash: Option<Arc<str>>,
+    /// The key the client sent, when it matched a key Secret: HMAC-SHA256 of its SHA-256
+    /// under the installation's secret (see `key_id`). Never the plain hash, which would
+    /// let a reader of this file test guesses offline.
+    pub key_id: Option<Arc<str>>,
     /// `namespace/name` of the key Secret.
     pub key_alias: Option<Arc<str>>,
     pub client_ip: String,

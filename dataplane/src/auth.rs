@@ -20,6 +20,67 @@ pub fn authenticate(rt: &Runtime, cfg: &AuthToken, req: &Parts) -> Result<Arc<Se
     rt.session(&digest).cloned().ok_or(GatewayError::UnknownKey)
 }
 
+/// Removes the credential from the request, wherever `cfg` says to look for one: the
+/// header, the query parameter (other parameters kept as sent), the cookie (other cookies
+/// kept). Allocates only when a credential is present in the query or a cookie.
+pub fn strip_credentials(cfg: &AuthToken, req: &mut Parts) {
+    if !cfg.header.is_empty() {
+        req.headers.remove(cfg.header.as_str());
+    }
+    if !cfg.query.is_empty()
+        && let Some(uri) = without_query_param(&req.uri, &cfg.query)
+    {
+        req.uri = uri;
+    }
+    if !cfg.cookie.is_empty() {
+        strip_cookie(&mut req.headers, &cfg.cookie);
+    }
+}
+
+/// The URI without every `name=…` (or bare `name`) pair, or None when it has none.
+fn without_query_param(uri: &http::Uri, name: &str) -> Option<http::Uri> {
+    let query = uri.query()?;
+    let is_it = |pair: &str| pair.split_once('=').map_or(pair, |(k, _)| k) == name;
+    if !query.split('&').any(is_it) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_it(p)).collect();
+    let mut pq = uri.path().to_owned();
+    if !kept.is_empty() {
+        pq.push('?');
+        pq.push_str(&kept.join("&"));
+    }
+    let mut parts = uri.clone().into_parts();
+    // Built from a valid path and a subset of a valid query: it parses.
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// Drops the cookie `name` from every `Cookie` header; a header left empty goes too.
+fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    let is_it = |c: &str| c.trim().split_once('=').is_some_and(|(k, _)| k == name);
+    let has_it =
+        headers.get_all(http::header::COOKIE).iter().any(|v| v.to_str().is_ok_and(|line| line.split(';').any(is_it)));
+    if !has_it {
+        return;
+    }
+    let kept: Vec<http::HeaderValue> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| match v.to_str() {
+            Ok(line) if line.split(';').any(is_it) => {
+                let rest: Vec<&str> = line.split(';').filter(|c| !is_it(c)).map(str::trim).collect();
+                http::HeaderValue::from_str(&rest.join("; ")).ok().filter(|v| !v.is_empty())
+            }
+            _ => Some(v.clone()),
+        })
+        .collect();
+    headers.remove(http::header::COOKIE);
+    for v in kept {
+        headers.append(http::header::COOKIE, v);
+    }
+}
+
 fn find_token<'a>(cfg: &AuthToken, req: &'a Parts) -> Option<&'a str> {
     let from_header = || {
         let v = req.headers.get(cfg.header.as_str())?.to_str().ok()?.trim();
@@ -102,7 +163,41 @@ mod tests {
     }
 
     fn cfg(header: &str, query: &str, cookie: &str) -> AuthToken {
-        AuthToken { header: header.into(), query: query.into(), cookie: cookie.into() }
+        AuthToken { header: header.into(), query: query.into(), cookie: cookie.into(), strip_credentials: true }
+    }
+
+    fn cookies(p: &Parts) -> Vec<&str> {
+        p.headers.get_all("cookie").iter().map(|v| v.to_str().expect("ascii")).collect()
+    }
+
+    #[test]
+    fn stripping_removes_only_the_credential() {
+        let c = cfg("X-Api-Key", "key", "session");
+        let mut p = parts(
+            "/x/y?a=1&key=secret&b=2&key&c",
+            &[
+                ("x-api-key", "secret"),
+                ("cookie", "a=1; session=secret; b=2"),
+                ("cookie", "session=s2"),
+                ("x-other", "v"),
+            ],
+        );
+        strip_credentials(&c, &mut p);
+        assert_eq!(p.uri.to_string(), "/x/y?a=1&b=2&c");
+        assert!(p.headers.get("x-api-key").is_none());
+        assert_eq!(cookies(&p), ["a=1; b=2"]);
+        assert_eq!(p.headers["x-other"], "v");
+
+        let mut only = parts("http://h:1/p?key=secret", &[("cookie", "session=x")]);
+        strip_credentials(&c, &mut only);
+        assert_eq!(only.uri.to_string(), "http://h:1/p");
+        assert!(cookies(&only).is_empty());
+
+        // Names are matched whole: `keyring` and `sessions` are not the credential.
+        let mut near = parts("/p?keyring=1", &[("cookie", "sessions=1")]);
+        strip_credentials(&c, &mut near);
+        assert_eq!(near.uri.to_string(), "/p?keyring=1");
+        assert_eq!(cookies(&near), ["sessions=1"]);
     }
 
     #[test]

@@ -127,7 +127,11 @@ impl Gateway {
         match api.entry.spec.auth.kind {
             AuthType::Keyless => {}
             AuthType::AuthToken => {
-                ex.session = Some(auth::authenticate(rt, &api.entry.spec.auth.auth_token, &req.parts)?);
+                let cfg = &api.entry.spec.auth.auth_token;
+                ex.session = Some(auth::authenticate(rt, cfg, &req.parts)?);
+                if cfg.strip_credentials {
+                    auth::strip_credentials(cfg, &mut req.parts);
+                }
             }
             AuthType::Plugin => {
                 // The hook creates the session (or answers itself); none means refused.
@@ -219,7 +223,7 @@ impl Gateway {
             status,
             latency_total_ms: took.as_secs_f64() * 1e3,
             latency_upstream_ms: ex.upstream_latency.map(|d| d.as_secs_f64() * 1e3),
-            key_hash: ex.session.as_ref().map(|s| s.hash.clone()),
+            key_id: ex.session.as_ref().and_then(|s| s.key_id.clone()),
             key_alias: ex.session.as_ref().map(|s| s.alias.clone()),
             client_ip: peer.ip().to_string(),
             request_bytes,

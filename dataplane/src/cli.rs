@@ -55,6 +55,11 @@ pub struct Cli {
     /// /readyz answer everyone.
     #[arg(long)]
     pub expose_config: bool,
+    /// A file holding the secret (at least 16 bytes) that keys analytics' key ids:
+    /// HMAC-SHA256 of each key's hash. Without it, one is generated once and kept in
+    /// `--state-dir` as `key-id-secret`. Replicas that share analytics should share it.
+    #[arg(long, value_name = "PATH", env = "GATEHOUSE_KEY_ID_SECRET_FILE")]
+    pub key_id_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,6 +13,8 @@ use crate::{
     analytics::Analytics,
     body::BodyBudget,
     cli::Limits,
+    config_thread::{ConfigThread, Stopped},
+    key_id::KeyIdSecret,
     limits::MemoryStore,
     metrics::Metrics,
     plugins::Loader,
@@ -33,14 +35,18 @@ pub struct Gateway {
     pub bodies: BodyBudget,
     pub counters: MemoryStore,
     pub analytics: Analytics,
-    pub metrics: Metrics,
-    pub loader: Loader,
+    /// Shared with the config thread, which resolves per-API handles while building.
+    pub metrics: Arc<Metrics>,
+    pub loader: Arc<Loader>,
+    key_ids: Arc<KeyIdSecret>,
+    /// Where runtimes are built and plugin files checked: never on a request worker.
+    config_thread: ConfigThread,
 }
 
 impl Gateway {
-    pub fn new(metrics: Metrics, analytics: Analytics, loader: Loader) -> Self {
-        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, None);
-        Self {
+    pub fn new(metrics: Metrics, analytics: Analytics, loader: Loader, key_ids: KeyIdSecret) -> std::io::Result<Self> {
+        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, &key_ids, None);
+        Ok(Self {
             runtime: ArcSwap::from_pointee(empty),
             ready: AtomicBool::new(false),
             source_errors: ArcSwap::from_pointee(Vec::new()),
@@ -49,9 +55,11 @@ impl Gateway {
             bodies: BodyBudget::default(),
             counters: MemoryStore::default(),
             analytics,
-            metrics,
-            loader,
-        }
+            metrics: Arc::new(metrics),
+            loader: Arc::new(loader),
+            key_ids: Arc::new(key_ids),
+            config_thread: ConfigThread::spawn()?,
+        })
     }
 
     /// Applies the upstream and body limits of the command line.
@@ -67,24 +75,63 @@ impl Gateway {
         self.runtime.load_full()
     }
 
-    /// Swaps in a new config: requests in flight finish on the old one.
-    pub fn apply(&self, snapshot: &Snapshot) {
-        let started = std::time::Instant::now();
-        let prev = self.runtime.load();
-        let rt = Runtime::build(snapshot, &self.metrics, &self.loader, Some(&prev));
-        self.metrics.config_version.set(i64::try_from(rt.version).unwrap_or(i64::MAX));
-        self.runtime.store(Arc::new(rt));
-        self.ready.store(true, Ordering::Release);
-        tracing::debug!(version = snapshot.version, took = ?started.elapsed(), "runtime built");
+    /// Builds a runtime for `snapshot` on the config thread and swaps it in: requests in
+    /// flight finish on the old one. One config source calls this, one build at a time.
+    pub async fn apply(&self, snapshot: Arc<Snapshot>) -> Result<(), Stopped> {
+        let build = self.build_job(snapshot);
+        let rt = self.config_thread.run(build).await?;
+        self.swap_in(rt);
+        Ok(())
     }
 
-    /// Whether a plugin file now holds other content than the one being served.
-    pub fn plugins_changed(&self) -> bool {
-        self.runtime
-            .load()
-            .plugin_files
-            .iter()
-            .any(|(path, served)| crate::plugins::Loader::file_hash(std::path::Path::new(path)).ok() != *served)
+    /// `apply` for a caller on a thread of its own (the standalone file watcher).
+    pub fn apply_blocking(&self, snapshot: Arc<Snapshot>) -> Result<(), Stopped> {
+        let build = self.build_job(snapshot);
+        let rt = self.config_thread.run_blocking(build)?;
+        self.swap_in(rt);
+        Ok(())
+    }
+
+    fn build_job(&self, snapshot: Arc<Snapshot>) -> impl FnOnce() -> (Runtime, std::time::Duration) + Send + 'static {
+        let prev = self.runtime.load_full();
+        let (metrics, loader, key_ids) = (self.metrics.clone(), self.loader.clone(), self.key_ids.clone());
+        move || {
+            let started = std::time::Instant::now();
+            let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, Some(&prev));
+            // The previous runtime is released here too, not on a request worker, unless a
+            // request still holds it.
+            drop(prev);
+            (rt, started.elapsed())
+        }
+    }
+
+    fn swap_in(&self, (rt, took): (Runtime, std::time::Duration)) {
+        let version = rt.version;
+        self.metrics.config_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.runtime.store(Arc::new(rt));
+        self.ready.store(true, Ordering::Release);
+        tracing::debug!(version, ?took, "runtime built");
+    }
+
+    /// Whether a plugin file now holds other content than the one being served. Checked on
+    /// the config thread: it stats every plugin file, and hashes those whose size, mtime or
+    /// inode moved.
+    pub async fn plugins_changed(&self) -> Result<bool, Stopped> {
+        let job = self.plugins_changed_job();
+        self.config_thread.run(job).await
+    }
+
+    pub fn plugins_changed_blocking(&self) -> Result<bool, Stopped> {
+        let job = self.plugins_changed_job();
+        self.config_thread.run_blocking(job)
+    }
+
+    fn plugins_changed_job(&self) -> impl FnOnce() -> bool + Send + 'static {
+        let rt = self.runtime.load_full();
+        let loader = self.loader.clone();
+        move || {
+            rt.plugin_files.iter().any(|(path, served)| loader.file_hash(std::path::Path::new(path)).ok() != *served)
+        }
     }
 
     pub fn set_source_errors(&self, errors: Vec<String>) {

@@ -14,7 +14,9 @@ pub mod body;
 pub mod chain;
 mod cli;
 pub mod egress;
+pub mod config_thread;
 pub mod gateway;
+pub mod key_id;
 pub mod limits;
 pub mod metrics;
 pub mod path;
@@ -58,8 +60,12 @@ pub fn init_logging(format: LogFormat) {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
+    let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
+    let loader = plugins::Loader::new(cli.plugin_dir.clone());
     let gw = Arc::new(
-        Gateway::new(metrics, analytics, plugins::Loader::new(cli.plugin_dir.clone())).with_limits(&cli.limits),
+        Gateway::new(metrics, analytics, loader, key_ids)
+            .context("starting the config thread")?
+            .with_limits(&cli.limits),
     );
     let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
     gw.metrics.registry().register(Box::new(open_connections.clone()))?;

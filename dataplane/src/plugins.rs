@@ -105,6 +105,36 @@ pub enum PluginError {
 pub struct Loader {
     dir: PathBuf,
     by_hash: Mutex<HashMap<String, Result<Arc<Library>, PluginError>>>,
+    /// Each plugin file's content hash and what `stat` said when it was taken: a file whose
+    /// size, mtime, ctime and inode are unchanged is not read and hashed again.
+    hashed: Mutex<HashMap<PathBuf, (Stamp, String)>>,
+    /// How many times a plugin file was read to be hashed.
+    files_hashed: std::sync::atomic::AtomicU64,
+}
+
+/// What `stat` (following symlinks, as mounted ConfigMaps need) says about a file. A
+/// rewrite changes mtime and ctime, a replacement (rename, `..data` swap) the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+    dev: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            ino: m.ino(),
+            dev: m.dev(),
+        })
+    }
 }
 
 /// What loading one Plugin resource gave, for `/config` and acknowledgements.
@@ -123,31 +153,64 @@ pub struct PluginReport {
 
 impl Loader {
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir, by_hash: Mutex::new(HashMap::new()) }
+        Self {
+            dir,
+            by_hash: Mutex::new(HashMap::new()),
+            hashed: Mutex::new(HashMap::new()),
+            files_hashed: Default::default(),
+        }
     }
 
-    /// The hex sha256 of a file, or why it cannot be read.
-    pub fn file_hash(path: &Path) -> Result<String, PluginError> {
-        let bytes = std::fs::read(path).map_err(|e| PluginError::Unreadable(e.to_string()))?;
-        Ok(hex::encode(Sha256::digest(&bytes)))
+    /// The hex sha256 of a file, or why it cannot be read. Read and hashed only when its
+    /// `stat` changed since the last time.
+    pub fn file_hash(&self, path: &Path) -> Result<String, PluginError> {
+        let unreadable = |e: std::io::Error| PluginError::Unreadable(e.to_string());
+        let before = Stamp::of(path).map_err(unreadable)?;
+        // A poisoned lock only means another caller panicked; the map is still consistent.
+        if let Some((stamp, sha)) = self.hashed.lock().unwrap_or_else(|p| p.into_inner()).get(path)
+            && *stamp == before
+        {
+            return Ok(sha.clone());
+        }
+        let bytes = std::fs::read(path).map_err(unreadable)?;
+        self.files_hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sha = hex::encode(Sha256::digest(&bytes));
+        // Remembered only if the file did not move while being read.
+        if Stamp::of(path).ok() == Some(before) {
+            self.hashed.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_path_buf(), (before, sha.clone()));
+        }
+        Ok(sha)
+    }
+
+    /// How many times a plugin file was read and hashed since start.
+    pub fn files_hashed(&self) -> u64 {
+        self.files_hashed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn load(&self, path: &Path, pin: Option<&str>) -> Result<(Arc<Library>, String), PluginError> {
-        let bytes = std::fs::read(path).map_err(|e| PluginError::Unreadable(e.to_string()))?;
-        let sha = hex::encode(Sha256::digest(&bytes));
-        if let Some(pin) = pin
-            && !pin.eq_ignore_ascii_case(&sha)
-        {
-            return Err(PluginError::Sha256Mismatch { expected: pin.to_ascii_lowercase(), actual: sha });
+        let mut sha = self.file_hash(path)?;
+        loop {
+            if let Some(pin) = pin
+                && !pin.eq_ignore_ascii_case(&sha)
+            {
+                return Err(PluginError::Sha256Mismatch { expected: pin.to_ascii_lowercase(), actual: sha });
+            }
+            let mut cache = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(done) = cache.get(&sha) {
+                return done.clone().map(|l| (l, sha));
+            }
+            // New content: read it once more, and load exactly the bytes that were hashed.
+            let bytes = std::fs::read(path).map_err(|e| PluginError::Unreadable(e.to_string()))?;
+            let actual = hex::encode(Sha256::digest(&bytes));
+            if actual != sha {
+                // Changed since it was hashed: check the pin and the cache for what it is now.
+                sha = actual;
+                continue;
+            }
+            let loaded = self.copy_in(&sha, &bytes).and_then(|file| Library::open(&file).map(Arc::new));
+            cache.insert(sha.clone(), loaded.clone());
+            return loaded.map(|l| (l, sha));
         }
-        // A poisoned lock only means another load panicked; the map is still consistent.
-        let mut cache = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(done) = cache.get(&sha) {
-            return done.clone().map(|l| (l, sha));
-        }
-        let loaded = self.copy_in(&sha, &bytes).and_then(|file| Library::open(&file).map(Arc::new));
-        cache.insert(sha.clone(), loaded.clone());
-        loaded.map(|l| (l, sha))
     }
 
     /// Writes the content to `<dir>/<sha>.so` (once): a new path per content, which is what
@@ -437,7 +500,9 @@ fn session_to_json(s: &Session) -> serde_json::Value {
     let k = &s.session;
     serde_json::json!({
         "id": &*s.alias,
-        "key_hash": &*s.hash,
+        // The keyed id, as in analytics: plugins log what they see, and a plain hash of
+        // the key in a log can be tested against guesses offline.
+        "key_hash": s.key_id.as_deref().unwrap_or_default(),
         "rate": k.rate,
         "per": k.per.map(|p| p.as_std().as_secs_f64()),
         "quota_max": k.quota_max,
@@ -531,5 +596,34 @@ fn log_from_plugin(level: gh_level, msg: &str) {
         abi::GH_LOG_WARN => tracing::warn!(target: "plugin", "{msg}"),
         abi::GH_LOG_INFO => tracing::info!(target: "plugin", "{msg}"),
         _ => tracing::debug!(target: "plugin", "{msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_file_is_hashed_again_only_when_its_stat_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("libp.so");
+        std::fs::write(&file, b"one").expect("write");
+        let loader = Loader::new(dir.path().join("cache"));
+        let first = loader.file_hash(&file).expect("hash");
+        assert_eq!(first, hex::encode(Sha256::digest(b"one")));
+        for _ in 0..5 {
+            assert_eq!(loader.file_hash(&file).expect("hash"), first);
+        }
+        assert_eq!(loader.files_hashed(), 1, "unchanged files are not read again");
+
+        // Replaced by rename (as a ConfigMap update or `cp` + `mv` does): a new inode.
+        let tmp = dir.path().join(".libp.so.tmp");
+        std::fs::write(&tmp, b"two").expect("write");
+        std::fs::rename(&tmp, &file).expect("rename");
+        assert_eq!(loader.file_hash(&file).expect("hash"), hex::encode(Sha256::digest(b"two")));
+        assert_eq!(loader.files_hashed(), 2);
+
+        std::fs::remove_file(&file).expect("remove");
+        assert!(matches!(loader.file_hash(&file), Err(PluginError::Unreadable(_))));
     }
 }

@@ -21,6 +21,7 @@ use http::uri::Authority;
 use serde::Serialize;
 
 use crate::{
+    key_id::KeyIdSecret,
     metrics::{ApiMetrics, Metrics},
     plugins::{ChainBuilder, Loader, PluginChain, PluginReport},
     router::Router,
@@ -34,7 +35,8 @@ pub const CONFLICTED: &str = "conflicted";
 pub struct Runtime {
     pub version: u64,
     pub router: Router,
-    keys: HashMap<[u8; 32], Arc<Session>>,
+    /// Shared with the next runtime when no key changed: most config changes touch APIs.
+    keys: Arc<HashMap<[u8; 32], Arc<Session>>>,
     /// Per-resource results, for /config and acknowledgements.
     pub report: Report,
     /// Each Plugin file and the content hash loaded from it (None: not loaded).
@@ -77,6 +79,10 @@ pub struct Session {
     /// `namespace/name` of the key Secret.
     pub alias: Arc<str>,
     pub hash: Arc<str>,
+    /// What analytics records identify the key by: HMAC-SHA256 of `hash` under the
+    /// installation's secret (see `key_id`), never the plain hash. None for sessions an
+    /// `authCheck` hook created.
+    pub key_id: Option<Arc<str>>,
     pub namespace: String,
     pub session: KeySession,
     pub rate_key: Arc<str>,
@@ -158,20 +164,26 @@ fn parse_target(url: &str) -> Result<Target, String> {
 }
 
 impl Session {
-    fn compile(k: &KeyEntry) -> Option<([u8; 32], Self)> {
-        let mut digest = [0u8; 32];
-        hex::decode_to_slice(&k.hash, &mut digest).ok()?;
-        Some((
-            digest,
-            Self {
-                alias: Arc::from(k.id()),
-                hash: Arc::from(k.hash.as_str()),
-                namespace: k.namespace.clone(),
-                session: k.session.clone(),
-                rate_key: Arc::from(format!("key:{}", k.hash)),
-                quota_key: Arc::from(format!("quota:{}", k.hash)),
-            },
-        ))
+    fn compile(k: &KeyEntry, digest: &[u8; 32], key_ids: &KeyIdSecret) -> Self {
+        Self {
+            alias: Arc::from(k.id()),
+            hash: Arc::from(k.hash.as_str()),
+            key_id: Some(key_ids.id(digest)),
+            namespace: k.namespace.clone(),
+            session: k.session.clone(),
+            rate_key: Arc::from(format!("key:{}", k.hash)),
+            quota_key: Arc::from(format!("quota:{}", k.hash)),
+        }
+    }
+
+    /// Whether this session was compiled from `k` as it is now (same key, same Secret, same
+    /// session), so a rebuild can keep it, keyed id included.
+    fn is_from(&self, k: &KeyEntry) -> bool {
+        let alias = self.alias.strip_prefix(k.namespace.as_str()).and_then(|rest| rest.strip_prefix('/'));
+        alias == Some(k.name.as_str())
+            && *self.hash == *k.hash
+            && self.namespace == k.namespace
+            && self.session == k.session
     }
 
     pub fn from_plugin(namespace: &str, plugin: &str, id: &str, session: KeySession) -> Self {
@@ -179,6 +191,7 @@ impl Session {
         Self {
             alias: Arc::from(id),
             hash: Arc::from(""),
+            key_id: None,
             namespace: namespace.to_owned(),
             session,
             rate_key: Arc::from(format!("key:{scoped}")),
@@ -192,11 +205,53 @@ impl Session {
     }
 }
 
+/// The key lookup table. Sessions whose key Secret did not change are taken over from
+/// `prev` (no new HMAC); when none changed, the whole table is (no allocation at all).
+fn build_keys(
+    snapshot: &Snapshot,
+    key_ids: &KeyIdSecret,
+    prev: Option<&Runtime>,
+) -> Arc<HashMap<[u8; 32], Arc<Session>>> {
+    let digest = |k: &KeyEntry| {
+        let mut d = [0u8; 32];
+        hex::decode_to_slice(&k.hash, &mut d).ok().map(|()| d)
+    };
+    let kept = |k: &KeyEntry| {
+        let d = digest(k)?;
+        prev?.keys.get(&d).filter(|s| s.is_from(k)).map(|s| (d, s.clone()))
+    };
+    if let Some(p) = prev
+        && p.keys.len() == snapshot.keys.len()
+        && snapshot.keys.values().all(|k| kept(k).is_some())
+    {
+        return p.keys.clone();
+    }
+    let mut keys = HashMap::with_capacity(snapshot.keys.len());
+    for k in snapshot.keys.values() {
+        let (d, session) = match (kept(k), digest(k)) {
+            (Some(reused), _) => reused,
+            (None, Some(d)) => (d, Arc::new(Session::compile(k, &d, key_ids))),
+            (None, None) => {
+                tracing::warn!(key = %k.id(), "key hash is not 64 hex digits; key not served");
+                continue;
+            }
+        };
+        keys.insert(d, session);
+    }
+    Arc::new(keys)
+}
+
 impl Runtime {
     /// Compiles a snapshot. An API whose entry and Plugins are unchanged since `prev` is
     /// reused as it is, so a one-API change costs one API's compilation (plus rebuilding
     /// the router), however many APIs there are.
-    pub fn build(snapshot: &Snapshot, metrics: &Metrics, loader: &Loader, prev: Option<&Runtime>) -> Self {
+    pub fn build(
+        snapshot: &Snapshot,
+        metrics: &Metrics,
+        loader: &Loader,
+        key_ids: &KeyIdSecret,
+        prev: Option<&Runtime>,
+    ) -> Self {
         let mut router = Router::default();
         let mut report = Report { version: snapshot.version, ..Default::default() };
         let plugins = ChainBuilder::new(snapshot, loader, metrics);
@@ -258,8 +313,7 @@ impl Runtime {
                 state,
             });
         }
-        let keys: HashMap<_, _> =
-            snapshot.keys.values().filter_map(|k| Session::compile(k).map(|(h, s)| (h, Arc::new(s)))).collect();
+        let keys = build_keys(snapshot, key_ids, prev);
         report.keys = keys.len();
         let plugin_files = plugins.loaded_hashes();
         report.plugins = plugins.reports;
@@ -293,6 +347,48 @@ pub(crate) mod tests {
         };
         let entry = ApiEntry::compile(&a, None).expect("compiles");
         Arc::new(Api::compile(&entry, &Metrics::new(), PluginChain::default(), Vec::new()).expect("compiles"))
+    }
+
+    fn key(name: &str, token: &str, rate: Option<u64>) -> KeyEntry {
+        KeyEntry {
+            namespace: "default".into(),
+            name: name.into(),
+            hash: gatehouse_crds::key_hash(token.as_bytes()),
+            session: KeySession {
+                rate,
+                per: rate.map(|_| gatehouse_crds::Duration(Duration::from_secs(1))),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn snapshot(keys: &[KeyEntry]) -> Snapshot {
+        Snapshot { keys: keys.iter().map(|k| (k.id(), k.clone())).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn unchanged_keys_are_taken_over_by_the_next_runtime() {
+        let (metrics, loader) = (Metrics::new(), Loader::new(std::env::temp_dir().join("gatehouse-unused")));
+        let secret = KeyIdSecret::new(b"0123456789abcdef");
+        let (alice, bob) = (key("alice", "a-token", None), key("bob", "b-token", Some(5)));
+        let first = Runtime::build(&snapshot(&[alice.clone(), bob.clone()]), &metrics, &loader, &secret, None);
+        let same = Runtime::build(&snapshot(&[alice.clone(), bob.clone()]), &metrics, &loader, &secret, Some(&first));
+        assert!(Arc::ptr_eq(&first.keys, &same.keys), "no key changed: the same table");
+
+        let bob2 = key("bob", "b-token", Some(6));
+        let next = Runtime::build(&snapshot(&[alice.clone(), bob2]), &metrics, &loader, &secret, Some(&same));
+        let digest =
+            |t: &str| -> [u8; 32] { sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(t)).into() };
+        let (a, b) = (digest("a-token"), digest("b-token"));
+        assert!(Arc::ptr_eq(&same.keys[&a], &next.keys[&a]), "alice did not change");
+        assert!(!Arc::ptr_eq(&same.keys[&b], &next.keys[&b]), "bob changed");
+        assert_eq!(next.keys[&b].session.rate, Some(6));
+        assert_eq!(next.keys[&b].key_id, same.keys[&b].key_id, "same key, same id");
+        assert_ne!(next.keys[&a].key_id.as_deref(), Some(alice.hash.as_str()), "never the plain hash");
+
+        let gone = Runtime::build(&snapshot(&[alice]), &metrics, &loader, &secret, Some(&next));
+        assert_eq!(gone.keys.len(), 1);
+        assert!(gone.session(&b).is_none());
     }
 
     #[test]

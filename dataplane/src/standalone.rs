@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, mpsc},
     time::Duration,
 };
 
@@ -16,7 +16,7 @@ use gatehouse_crds::{
     snapshot::Snapshot,
 };
 use notify::Watcher;
-use tokio::sync::mpsc;
+use sha2::{Digest, Sha256};
 
 use crate::gateway::Gateway;
 
@@ -24,37 +24,84 @@ pub struct Standalone {
     path: PathBuf,
     /// The resources being served, with the file each came from.
     good: BTreeMap<ResourceId, (PathBuf, Resource)>,
-    current: Snapshot,
+    current: Arc<Snapshot>,
     /// When each API (`namespace/name`) without a `creationTimestamp` was first seen: its
     /// age when it claims a route, kept across reloads so that editing an API that serves
     /// never lets a newer one take its route.
     first_seen: HashMap<String, jiff::Timestamp>,
+    /// SHA-256 of the file list and every file's content (or read error) at the last load:
+    /// the same inputs are not parsed, counted or reported again.
+    read: Option<[u8; 32]>,
 }
 
 /// Events closer together than this are one change (editors write, rename and chmod).
 const SETTLE: Duration = Duration::from_millis(150);
 
+/// What one pass over the config path read.
+struct Inputs {
+    /// Each YAML file and its text, or why it could not be read.
+    files: Vec<(PathBuf, Result<String, String>)>,
+    /// Why the path itself could not be listed.
+    listing: Option<String>,
+    fingerprint: [u8; 32],
+}
+
 impl Standalone {
     pub fn new(path: PathBuf) -> anyhow::Result<Self> {
         std::fs::metadata(&path).with_context(|| format!("--config {}", path.display()))?;
-        Ok(Self { path, good: BTreeMap::new(), current: Snapshot::default(), first_seen: HashMap::new() })
+        Ok(Self { path, good: BTreeMap::new(), current: Arc::default(), read: None, first_seen: HashMap::new() })
     }
 
-    /// Reads everything again and applies it if anything changed.
+    fn read_inputs(&self) -> Inputs {
+        let (paths, listing) = match self.files() {
+            Ok(f) => (f, None),
+            Err(e) => (Vec::new(), Some(format!("{}: {e:#}", self.path.display()))),
+        };
+        let mut h = Sha256::new();
+        h.update(listing.as_deref().unwrap_or_default());
+        let files: Vec<_> = paths
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).map_err(|e| e.to_string());
+                h.update(p.as_os_str().as_encoded_bytes());
+                h.update([0]);
+                let (tag, body) = match &text {
+                    Ok(t) => (b'+', t),
+                    Err(e) => (b'-', e),
+                };
+                h.update([tag]);
+                h.update(body);
+                h.update([0]);
+                (p, text)
+            })
+            .collect();
+        Inputs { files, listing, fingerprint: h.finalize().into() }
+    }
+
+    /// Reads everything again and applies it if anything changed: a file's content, the
+    /// set of files, or a plugin file. Unchanged inputs are neither parsed nor reported
+    /// again, so an invalid manifest is logged once per change, not once per look.
+    /// Blocking: runs on the watcher's own thread.
     pub fn reload(&mut self, gw: &Gateway) {
+        let inputs = self.read_inputs();
+        let plugins_changed = || gw.plugins_changed_blocking().unwrap_or(false);
+        if self.read == Some(inputs.fingerprint) && gw.is_ready() {
+            if plugins_changed() {
+                tracing::info!("a plugin file changed; reloading it");
+                let mut snapshot = (*self.current).clone();
+                snapshot.version += 1;
+                self.apply(gw, snapshot);
+            }
+            return;
+        }
+        self.read = Some(inputs.fingerprint);
         let mut errors = Vec::new();
         let mut next: BTreeMap<ResourceId, (PathBuf, Resource)> = BTreeMap::new();
-        let files = match self.files() {
-            Ok(f) => f,
-            Err(e) => {
-                errors.push(format!("{}: {e:#}", self.path.display()));
-                Vec::new()
-            }
-        };
+        errors.extend(inputs.listing);
         let mut unreadable = Vec::new();
-        for file in &files {
+        for (file, text) in &inputs.files {
             let label = file.display().to_string();
-            let text = match std::fs::read_to_string(file) {
+            let text = match text {
                 Ok(t) => t,
                 Err(e) => {
                     errors.push(format!("{label}: {e}"));
@@ -62,7 +109,7 @@ impl Standalone {
                     continue;
                 }
             };
-            let parsed = manifest::parse(&label, &text);
+            let parsed = manifest::parse(&label, text);
             for ignored in parsed.ignored {
                 tracing::debug!("{ignored}: ignored");
             }
@@ -103,11 +150,19 @@ impl Standalone {
         gw.metrics.config_reloads.with_label_values(&[if errors.is_empty() { "ok" } else { "partial" }]).inc();
         gw.set_source_errors(errors);
         self.good = next;
-        if snapshot == self.current && gw.is_ready() && !gw.plugins_changed() {
+        if snapshot == *self.current && gw.is_ready() && !plugins_changed() {
             return;
         }
         snapshot.version = self.current.version + 1;
-        gw.apply(&snapshot);
+        self.apply(gw, snapshot);
+    }
+
+    fn apply(&mut self, gw: &Gateway, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        if let Err(e) = gw.apply_blocking(snapshot.clone()) {
+            tracing::error!(error = %e, "config not applied");
+            return;
+        }
         tracing::info!(
             version = snapshot.version,
             apis = snapshot.apis.len(),
@@ -159,12 +214,28 @@ impl Standalone {
     }
 
     /// Loads once, then reloads on every change under the path until the process ends.
-    pub async fn run(mut self, gw: Arc<Gateway>) -> anyhow::Result<()> {
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                // A full channel already holds a pending reload.
-                let _ = tx.try_send(());
+    /// Reading, parsing and watching happen on a thread of their own, and runtimes are
+    /// built on the gateway's config thread: no request worker ever waits on them.
+    pub async fn run(self, gw: Arc<Gateway>) -> anyhow::Result<()> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("gatehouse-watch".to_owned()).spawn(move || {
+            let _ = done.send(self.watch(&gw));
+        })?;
+        finished.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the config watcher thread panicked")))
+    }
+
+    fn watch(mut self, gw: &Gateway) -> anyhow::Result<()> {
+        let (tx, rx) = mpsc::channel::<notify::Event>();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            // Opening and reading files are events too (inotify's IN_OPEN): without this
+            // filter, the reload's own reads trigger the next reload, forever.
+            Ok(e) if is_read(&e.kind) => {}
+            Ok(e) => {
+                let _ = tx.send(e);
+            }
+            // Overflow or a watch error: something may have changed; look again.
+            Err(_) => {
+                let _ = tx.send(notify::Event::new(notify::EventKind::Any));
             }
         })?;
         // Watch the directory even for a single file: editors and ConfigMap updates
@@ -173,7 +244,7 @@ impl Standalone {
         let config_dir = if self.path.is_dir() { self.path.clone() } else { parent(&self.path) };
         watcher.watch(&config_dir, notify::RecursiveMode::NonRecursive)?;
         let mut watched = BTreeSet::from([config_dir]);
-        self.reload(&gw);
+        self.reload(gw);
         loop {
             // Plugin files change too (hot reload): watch the directories they are in.
             let mut added = false;
@@ -193,16 +264,59 @@ impl Standalone {
             }
             if added {
                 // A plugin may have changed before its directory was watched.
-                self.reload(&gw);
+                self.reload(gw);
                 continue;
             }
-            if rx.recv().await.is_none() {
-                return Ok(());
+            let Ok(first) = rx.recv() else { return Ok(()) };
+            let mut relevant = self.concerns(&first);
+            // One change is often several events: wait until they settle, then look once.
+            let settle_until = std::time::Instant::now() + SETTLE;
+            while let Some(left) = settle_until.checked_duration_since(std::time::Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(e) => relevant |= self.concerns(&e),
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
             }
-            tokio::time::sleep(SETTLE).await;
-            while rx.try_recv().is_ok() {}
-            self.reload(&gw);
+            while let Ok(e) = rx.try_recv() {
+                relevant |= self.concerns(&e);
+            }
+            if relevant {
+                self.reload(gw);
+            }
         }
+    }
+
+    /// Whether an event may change the config: a YAML file of the config path, the config
+    /// file itself, a plugin file, or a `..`-prefixed entry (how a mounted ConfigMap swaps
+    /// its content). Other files in the same directories (analytics output, editor swap
+    /// files, the plugin copies) are not looked at.
+    fn concerns(&self, e: &notify::Event) -> bool {
+        if e.paths.is_empty() {
+            return true;
+        }
+        e.paths.iter().any(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+            *p == self.path
+                || p.file_name() == self.path.file_name()
+                || name.starts_with("..")
+                || (yaml && !name.starts_with('.'))
+                || self.current.plugins.values().any(|plugin| {
+                    let plugin = Path::new(&plugin.spec.path);
+                    p == plugin || plugin.file_name().is_some_and(|n| n == name)
+                })
+        })
+    }
+}
+
+/// Events that only say a file was opened or read, never that it changed.
+fn is_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+        EventKind::Access(_) => true,
+        _ => false,
     }
 }
 

@@ -41,17 +41,18 @@ enum Acked {
 }
 
 /// Applies one message to the snapshot; what to acknowledge once it is served.
-fn on_message(current: &mut Option<Snapshot>, msg: StreamMessage) -> anyhow::Result<Option<Acked>> {
+fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage) -> anyhow::Result<Option<Acked>> {
     match msg {
         StreamMessage::Ping => Ok(None),
         StreamMessage::Snapshot { snapshot } => {
-            *current = Some(snapshot);
+            *current = Some(Arc::new(snapshot));
             Ok(Some(Acked::All))
         }
         StreamMessage::Delta(d) => {
             let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
-            // Out of order means a lost message: reconnect for the whole state.
-            s.apply(&d)?;
+            // Out of order means a lost message: reconnect for the whole state. The config
+            // thread has let go of the last one applied, so this changes it in place.
+            Arc::make_mut(s).apply(&d)?;
             Ok(Some(Acked::Changed { apis: d.apis.into_keys().collect(), plugins: d.plugins.into_keys().collect() }))
         }
     }
@@ -122,7 +123,9 @@ impl Subscriber {
                     apis = s.apis.len(),
                     "serving the config saved on disk until the controller answers"
                 );
-                gw.apply(&s);
+                if let Err(e) = gw.apply(Arc::new(s)).await {
+                    tracing::error!(error = %e, "saved config not applied");
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -184,7 +187,7 @@ impl Subscriber {
         }
         let mut body = resp.into_body();
         let mut buf = BytesMut::new();
-        let mut current: Option<Snapshot> = None;
+        let mut current: Option<Arc<Snapshot>> = None;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         // Saving is O(config size): at most once per SAVE_EVERY, not once per delta.
         let mut save = tokio::time::interval(SAVE_EVERY);
@@ -215,9 +218,11 @@ impl Subscriber {
                     if let Some(s) = &current {
                         // In Kubernetes, plugin files change under mounted volumes.
                         beats += 1;
-                        let acked = if gw.plugins_changed() {
+                        let acked = if gw.plugins_changed().await.unwrap_or(false) {
                             tracing::info!("a plugin file changed; reloading it");
-                            gw.apply(s);
+                            if let Err(e) = gw.apply(s.clone()).await {
+                                tracing::error!(error = %e, "config not applied");
+                            }
                             Acked::All
                         } else if beats.is_multiple_of(FULL_ACK_EVERY) {
                             // Now and then the whole state: for a newly elected leader, and in
@@ -226,7 +231,7 @@ impl Subscriber {
                         } else {
                             Acked::Nothing
                         };
-                        self.ack(gw, current.as_ref(), &token, &acked).await;
+                        self.ack(gw, current.as_deref(), &token, &acked).await;
                     }
                 }
             }
@@ -243,7 +248,7 @@ impl Subscriber {
         &self,
         gw: &Gateway,
         buf: &mut BytesMut,
-        current: &mut Option<Snapshot>,
+        current: &mut Option<Arc<Snapshot>>,
         dirty: &mut bool,
         token: &str,
     ) -> anyhow::Result<()> {
@@ -259,7 +264,7 @@ impl Subscriber {
             }
         }
         let (Some(acked), Some(snapshot)) = (acked, current.as_ref()) else { return Ok(()) };
-        gw.apply(snapshot);
+        gw.apply(snapshot.clone()).await.context("building the runtime")?;
         tracing::debug!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
         *dirty = true;
         self.ack(gw, Some(snapshot), token, &acked).await;

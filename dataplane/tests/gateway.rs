@@ -366,7 +366,7 @@ async fn analytics_records_are_written_for_answered_and_rejected_requests() {
     );
     assert_eq!(ok["status"], 200);
     assert_eq!(ok["key_alias"], "default/k");
-    assert_eq!(ok["key_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(ok["key_id"].as_str().unwrap().len(), 64, "a keyed id (see tests/keys.rs)");
     assert!(ok["latency_upstream_ms"].as_f64().unwrap() <= ok["latency_total_ms"].as_f64().unwrap());
     assert_eq!(ok["client_ip"], "127.0.0.1");
     assert_eq!(ok["plugin_answered"], false);

@@ -311,6 +311,26 @@ impl<'a> Pod<'a> {
         local
     }
 
+    /// The file a Secret volume holds at `path`: the Secret's item, read from the API server
+    /// as the kubelet would, written to a local file.
+    fn secret_file(&self, c: &Cluster, path: &str) -> PathBuf {
+        let (volume, rest) = self.volume_at(path);
+        let secret = volume.secret.as_ref().unwrap_or_else(|| panic!("{}: {path} is on no Secret volume", self.name));
+        let name = secret.secret_name.as_deref().unwrap_or_else(|| panic!("{}: {path}: no secretName", self.name));
+        let key = secret
+            .items
+            .iter()
+            .flatten()
+            .find(|i| Path::new(&i.path) == rest)
+            .map_or_else(|| rest.to_string_lossy().into_owned(), |i| i.key.clone());
+        let template = format!("go-template={{{{index .data \"{key}\" | base64decode}}}}");
+        let value = must(kubectl(c, &["-n", self.ns, "get", "secret", name, "-o", &template], None));
+        let local = self.root.join(format!("secret-{name}-{key}"));
+        std::fs::create_dir_all(&self.root).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&local, value).unwrap_or_else(|e| panic!("{e}"));
+        local
+    }
+
     fn start(&self, args: Vec<String>, env: &[(String, String)], starting: &str) -> Proc {
         let env: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (k.as_str(), Path::new(v.as_str()))).collect();
         eprintln!("{}: {} {}", self.name, self.binary(), args.join(" "));
@@ -387,6 +407,7 @@ fn start_dataplane(
                 format!("http://{}", controller.addr)
             }
             "--token-file" => pod.token(c, &value).display().to_string(),
+            "--key-id-secret-file" => pod.secret_file(c, &value).display().to_string(),
             "--state-dir" | "--plugin-dir" => pod.writable(&value).display().to_string(),
             _ => value,
         };
@@ -1018,6 +1039,13 @@ async fn chart_user_journey_install_configure_upgrade_uninstall() {
 
     // helm upgrade with other values: the objects follow.
     step("helm upgrade");
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &ns);
+    let key_id_secret = async || {
+        let s = secrets.get("gatehouse-dataplane-key-id").await.unwrap_or_else(|e| panic!("key id Secret: {e}"));
+        s.data.unwrap_or_default().get("secret").map(|b| b.0.clone()).unwrap_or_default()
+    };
+    let key_id_before = key_id_secret().await;
+    assert!(key_id_before.len() >= 16, "the chart generates a key id secret");
     let upgrade = [
         &["upgrade", "gatehouse", CHART][..],
         &install[..],
@@ -1031,6 +1059,7 @@ async fn chart_user_journey_install_configure_upgrade_uninstall() {
     let spec = dp_svc.spec.unwrap_or_default();
     assert_eq!(spec.type_.as_deref(), Some("NodePort"));
     assert!(spec.ports.unwrap_or_default().iter().all(|p| p.node_port.is_some()), "a node port is allocated");
+    assert_eq!(key_id_secret().await, key_id_before, "an upgrade keeps the key id secret");
     let ctl_after = deployments.get("gatehouse-controller").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ctl_after.metadata.generation, ctl_dep.metadata.generation, "the controller Deployment is unchanged");
     // The running gateways are not disturbed by an upgrade of other objects.

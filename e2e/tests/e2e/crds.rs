@@ -171,7 +171,7 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
         },
         auth: Auth {
             kind: AuthType::AuthToken,
-            auth_token: AuthToken { header: String::new(), query: "key".to_owned(), cookie: String::new() },
+            auth_token: AuthToken { header: String::new(), query: "key".to_owned(), ..AuthToken::default() },
         },
         ..serde_json::from_value(json!({"listenPath": "/", "upstream": {"url": "http://127.0.0.1:1"}}))
             .unwrap_or_else(|e| panic!("minimal spec: {e}"))
