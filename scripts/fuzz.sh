@@ -8,7 +8,7 @@
 #
 # Seeds live in fuzz/seeds/<target>/ (committed); what the fuzzer learns goes to
 # fuzz/corpus/<target>/ and inputs that fail to fuzz/artifacts/<target>/ (both ignored by
-# git). Replay a finding with `RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none <target> <file>`.
+# git). Replay a finding with `RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none -a <target> <file>`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +23,10 @@ fi
 
 # cargo-fuzz passes rustc flags that are unstable (-Z...); RUSTC_BOOTSTRAP lets a stable
 # toolchain take them, so no nightly is needed. No sanitizer: the code under test is safe
-# Rust, and the sanitizer runtimes ship only with nightly.
+# Rust, and the sanitizer runtimes ship only with nightly. Debug assertions catch overflows;
+# 16 codegen units keep the instrumented build of the dependencies short on small machines.
 export RUSTC_BOOTSTRAP=1
-FUZZ=(--sanitizer none)
+FUZZ=(--sanitizer none --debug-assertions --codegen-units 16)
 
 if [ "${1:-}" = "--build" ]; then
   echo "==> cargo fuzz build"
