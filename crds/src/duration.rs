@@ -41,10 +41,8 @@ impl FromStr for Duration {
     type Err = ParseDurationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseDurationError {
-            input: s.to_owned(),
-            reason: "expected parts like 500ms, 1s, 2m, 1h (e.g. 1m30s)",
-        };
+        let err =
+            || ParseDurationError { input: s.to_owned(), reason: "expected parts like 500ms, 1s, 2m, 1h (e.g. 1m30s)" };
         let mut rest = s;
         let mut total = std::time::Duration::ZERO;
         let mut parts = 0;
