@@ -12,6 +12,12 @@ pub struct Duration(pub std::time::Duration);
 
 pub const PATTERN: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 
+/// The longest duration accepted: the pattern allows `99999h99999h`, but a duration is
+/// written back as whole hours first (`199998h`), which the pattern refuses. Capping at the
+/// largest hour count one part can hold keeps every accepted duration writable; nothing
+/// Gatehouse times needs more than 11 years.
+pub const MAX: std::time::Duration = std::time::Duration::from_secs(99_999 * 3600);
+
 impl Duration {
     pub const fn from_secs(secs: u64) -> Self {
         Self(std::time::Duration::from_secs(secs))
@@ -25,16 +31,18 @@ impl Duration {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: expected parts like 500ms, 1s, 2m, 1h (e.g. 1m30s)")]
+#[error("invalid duration {input:?}: {reason}")]
 pub struct ParseDurationError {
     input: String,
+    reason: &'static str,
 }
 
 impl FromStr for Duration {
     type Err = ParseDurationError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseDurationError { input: s.to_owned() };
+        let err =
+            || ParseDurationError { input: s.to_owned(), reason: "expected parts like 500ms, 1s, 2m, 1h (e.g. 1m30s)" };
         let mut rest = s;
         let mut total = std::time::Duration::ZERO;
         let mut parts = 0;
@@ -62,6 +70,9 @@ impl FromStr for Duration {
         }
         if parts == 0 || parts > 4 {
             return Err(err());
+        }
+        if total > MAX {
+            return Err(ParseDurationError { input: s.to_owned(), reason: "at most 99999h" });
         }
         Ok(Self(total))
     }
@@ -124,6 +135,19 @@ mod tests {
         for s in ["", "1", "s", "1x", "1.5s", "123456s", "1h1m1s1ms1s", "-1s", "1 s"] {
             assert!(s.parse::<Duration>().is_err(), "{s:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn longer_than_one_part_of_hours_is_refused_rather_than_written_unreadably() {
+        // `99999h99999h` matched the pattern and parsed, but was written
+        // back as `199998h`, which neither the parser nor the CRD pattern accepts.
+        let err = "99999h99999h".parse::<Duration>().expect_err("above MAX");
+        assert_eq!(err.to_string(), r#"invalid duration "99999h99999h": at most 99999h"#);
+        for s in ["99999h", "99998h59m60s", "99999h0ms"] {
+            let d: Duration = s.parse().expect("at most MAX");
+            assert_eq!(d.to_string().parse::<Duration>(), Ok(d), "{s}");
+        }
+        assert!("99999h1ms".parse::<Duration>().is_err());
     }
 
     #[test]

@@ -85,6 +85,15 @@ async fn open_append(path: &Path) -> anyhow::Result<tokio::fs::File> {
         .with_context(|| format!("opening analytics file {}", path.display()))
 }
 
+/// Replaces `line` with `r` as one JSON object and a newline. JSON escapes every control
+/// character inside strings, so whatever a client sent, one record is exactly one line.
+pub fn encode_line(r: &Record, line: &mut Vec<u8>) -> serde_json::Result<()> {
+    line.clear();
+    serde_json::to_writer(&mut *line, r)?;
+    line.push(b'\n');
+    Ok(())
+}
+
 fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(w: W) -> mpsc::Sender<Record> {
     let (tx, mut rx) = mpsc::channel::<Record>(QUEUE);
     tokio::spawn(async move {
@@ -95,12 +104,10 @@ fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(w: W) -> mpsc::Sender<Re
             // Write what is queued, then flush once: records reach the file promptly without
             // a syscall per record under load.
             while let Some(r) = next {
-                line.clear();
-                if serde_json::to_writer(&mut line, &r).is_ok() {
-                    line.push(b'\n');
-                    if let Err(e) = out.write_all(&line).await {
-                        tracing::error!(error = %e, "writing analytics");
-                    }
+                if encode_line(&r, &mut line).is_ok()
+                    && let Err(e) = out.write_all(&line).await
+                {
+                    tracing::error!(error = %e, "writing analytics");
                 }
                 next = rx.try_recv().ok();
             }

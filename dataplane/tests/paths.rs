@@ -352,16 +352,9 @@ async fn analytics_see_the_normalised_path_and_the_refusal_reason() {
     let (_cfg, gw) = layout(&up, false, Some(&out)).await;
     assert_eq!(raw_get(gw.addr, b"/pub/a/%2e%2e/b", &["Host: gw.test"]).await.status, 200);
     assert_eq!(raw_get(gw.addr, b"/pub/..%2f", &["Host: gw.test"]).await.status, 400);
-    let mut records = Vec::new();
-    gw.wait_until("two analytics records", async || {
-        records = std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .collect();
-        records.len() == 2
-    })
-    .await;
+    let records: Vec<serde_json::Value> =
+        wait_for_lines(&out, 2).await.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 2, "{records:?}");
     assert_eq!((records[0]["path"].as_str(), records[0]["api_id"].as_str()), (Some("/pub/b"), Some("default/pub")));
     assert_eq!((records[1]["status"].as_u64(), records[1]["error"].as_str()), (Some(400), Some("bad_path")));
 }

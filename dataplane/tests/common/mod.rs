@@ -511,3 +511,68 @@ pub fn api_state(config: &serde_json::Value, id: &str) -> String {
         .find(|a| a["id"] == id)
         .map_or_else(|| panic!("no API {id} in {config}"), |a| a["state"].as_str().unwrap().to_owned())
 }
+
+// ---------------------------------------------------------------- waiting on what the gateway writes
+//
+// The gateway's log reaches the test through a pipe and a reader thread, and analytics
+// through a background writer: a line the gateway wrote a moment ago may not be readable yet.
+// Tests wait for it (up to PATIENCE) rather than read once.
+
+impl Gatehouse {
+    /// Waits for a log line that satisfies `pred` and returns it.
+    pub async fn wait_for_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let mut found = None;
+        self.wait_until(what, async || {
+            found = self.logs.lock().unwrap().iter().find(|l| pred(l)).cloned();
+            found.is_some()
+        })
+        .await;
+        found.unwrap()
+    }
+
+    /// Waits for a log line that contains `text` and returns it.
+    pub async fn wait_for_log_containing(&self, text: &str) -> String {
+        self.wait_for_log(&format!("a log line containing {text:?}"), |l| l.contains(text)).await
+    }
+}
+
+/// Waits until the file at `path` holds at least `n` lines, and returns them all.
+pub async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // Only whole lines: the writer may be between a record and its newline.
+        let lines: Vec<String> =
+            text.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')).map(str::to_owned).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} has {} lines, not {n}:\n{text}", path.display(), lines.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Calls `call` until it answers `want`, first waiting out the `Retry-After` of `refused` (a
+/// 429) as a client would. Returns how many more refusals came before `want`, so a test can
+/// still count every rejection exactly.
+pub async fn retry_until(refused: &Reply, want: StatusCode, mut call: impl AsyncFnMut() -> Reply) -> usize {
+    let secs: u64 =
+        refused.header("retry-after").parse().unwrap_or_else(|_| panic!("no Retry-After: {:?}", refused.headers));
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut others = 0;
+    loop {
+        let r = call().await;
+        if r.status == want {
+            return others;
+        }
+        others += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} (not {want}) {PATIENCE:?} after Retry-After: {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

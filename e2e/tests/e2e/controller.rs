@@ -301,7 +301,10 @@ async fn with_the_controller_down_dataplanes_keep_serving_and_restart_from_disk(
     eventually("serving from disk", || serves(&dp, "/web/x", "upstream d /x")).await;
     let ready = get(&format!("http://{}/readyz", dp.admin), &[]).await;
     assert_eq!(ready.map(|r| r.0), Ok(StatusCode::OK));
-    assert!(dp.logs().contains("serving the config saved on disk"), "{}", dp.logs());
+    eventually("the restart from disk in the log", || async {
+        if dp.logs().contains("serving the config saved on disk") { Ok(()) } else { Err(dp.logs()) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
