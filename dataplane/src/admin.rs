@@ -34,6 +34,7 @@ impl ConfigAccess {
 pub fn serve(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr, access: ConfigAccess) -> Response<ProxyBody> {
     match req.uri().path() {
         "/metrics" => {
+            gw.metrics.buffered_body_bytes.set(i64::try_from(gw.bodies.held()).unwrap_or(i64::MAX));
             let mut r = Response::new(ProxyBody::from(Bytes::from(gw.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(prometheus::TEXT_FORMAT));
             r

@@ -66,6 +66,7 @@ impl Body for ProxyBody {
 #[derive(Debug)]
 pub struct BodyBudget {
     per_body: usize,
+    capacity: usize,
     shared: Arc<Semaphore>,
 }
 
@@ -91,12 +92,13 @@ impl Default for BodyBudget {
 
 impl BodyBudget {
     pub fn new(per_body: usize, shared: usize) -> Self {
-        Self { per_body, shared: Arc::new(Semaphore::new(shared.min(Semaphore::MAX_PERMITS))) }
+        let capacity = shared.min(Semaphore::MAX_PERMITS);
+        Self { per_body, capacity, shared: Arc::new(Semaphore::new(capacity)) }
     }
 
-    /// Bytes of the shared budget not reserved now.
-    pub fn available(&self) -> usize {
-        self.shared.available_permits()
+    /// Bytes of the shared budget reserved by requests now.
+    pub fn held(&self) -> usize {
+        self.capacity.saturating_sub(self.shared.available_permits())
     }
 
     /// Reads `body` whole, reserving each chunk in the shared budget into `held`.
@@ -122,10 +124,13 @@ impl BodyBudget {
             }
             len += chunk.len();
             if len > self.per_body {
+                *held = None;
                 linger(&mut body).await;
                 return Err(BufferError::TooLarge);
             }
             if let Err(e) = self.reserve(chunk.len(), held) {
+                // Given back before lingering: a refused body must not crowd out others.
+                *held = None;
                 linger(&mut body).await;
                 return Err(e);
             }
@@ -202,12 +207,12 @@ mod tests {
         let budget = BodyBudget::new(100, 150);
         let mut first = None;
         assert_eq!(budget.read(body(100), &mut first).await.map(|b| b.len()), Ok(100));
-        assert_eq!(budget.available(), 50);
+        assert_eq!(budget.held(), 100);
         let mut second = None;
         assert_eq!(budget.read(body(60), &mut second).await, Err(BufferError::Exhausted));
         assert!(second.is_none(), "a refused body holds nothing");
         drop(first);
-        assert_eq!(budget.available(), 150);
+        assert_eq!(budget.held(), 0);
         assert_eq!(budget.read(body(60), &mut second).await.map(|b| b.len()), Ok(60));
     }
 
@@ -216,7 +221,30 @@ mod tests {
         let budget = BodyBudget::new(100, 1000);
         let mut held = None;
         assert_eq!(budget.read(body(101), &mut held).await, Err(BufferError::TooLarge));
-        assert_eq!(budget.available(), 1000);
+        assert_eq!(budget.held(), 0);
         assert_eq!(budget.read(ProxyBody::empty(), &mut held).await, Ok(Bytes::new()));
+    }
+
+    #[tokio::test]
+    async fn a_refused_body_gives_its_bytes_back_before_lingering() {
+        let budget = Arc::new(BodyBudget::new(1000, 100));
+        // A buffer of one: each send returns only once the reader took the frame before it.
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(1);
+        let reader = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut held = None;
+                let r = budget.read(body, &mut held).await;
+                (r, held.is_none())
+            })
+        };
+        for _ in 0..4 {
+            tx.send_data(Bytes::from(vec![b'a'; 60])).await.unwrap();
+        }
+        // The reader took the second frame (refused) and then a third while lingering.
+        assert!(!reader.is_finished());
+        assert_eq!(budget.held(), 0, "nothing is held while the refused body is drained");
+        drop(tx);
+        assert_eq!(reader.await.unwrap(), (Err(BufferError::Exhausted), true));
     }
 }

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub config_version: IntGauge,
     pub config_reloads: IntCounterVec,
     pub analytics_dropped: IntCounter,
+    /// Set when metrics are rendered, from the body budget.
+    pub buffered_body_bytes: IntGauge,
     pub plugin_calls: IntCounterVec,
     pub plugin_duration: HistogramVec,
     pub plugin_failures: IntCounterVec,
@@ -85,6 +87,10 @@ impl Metrics {
             "gatehouse_analytics_dropped_total",
             "Analytics records dropped because the sink fell behind",
         ));
+        let buffered_body_bytes = must(IntGauge::new(
+            "gatehouse_buffered_body_bytes",
+            "Bytes of request bodies held for plugins now, out of --buffered-body-budget-bytes",
+        ));
         let hook_labels = &["plugin", "symbol", "phase", "event"];
         let plugin_calls = must(IntCounterVec::new(
             Opts::new("gatehouse_plugin_calls_total", "Plugin hook calls, by plugin file, symbol and phase"),
@@ -112,6 +118,7 @@ impl Metrics {
         reg(Box::new(config_version.clone()));
         reg(Box::new(config_reloads.clone()));
         reg(Box::new(analytics_dropped.clone()));
+        reg(Box::new(buffered_body_bytes.clone()));
         Self {
             unrouted: ApiMetrics::resolve(&requests, &duration, &upstream, &rejections, ""),
             registry,
@@ -122,6 +129,7 @@ impl Metrics {
             config_version,
             config_reloads,
             analytics_dropped,
+            buffered_body_bytes,
             plugin_calls,
             plugin_duration,
             plugin_failures,

@@ -290,35 +290,19 @@ async fn bodies_buffered_for_plugins_share_one_budget_413_then_503() {
     let r = gw.send(upload(900 * kib)).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "one body over the per-request limit: {}", r.text());
 
-    // A slow upload holds 600 KiB of the budget while it is being read.
-    let start_slow = async || {
-        let mut slow = TcpStream::connect(gw.addr).await.unwrap();
-        let head = format!("POST /b/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", 700 * kib);
-        slow.write_all(head.as_bytes()).await.unwrap();
-        slow.write_all(&vec![b'a'; 600 * kib]).await.unwrap();
-        slow
-    };
-    let mut slow = start_slow().await;
-
-    // Until those bytes are in, a second upload may still fit; once they are, it cannot.
-    // While both are being read, the second may also be the one holding the budget when the
-    // slow one asks for more: then the slow one is refused instead, and starts over.
-    let mut refused = None;
-    for _ in 0..(PATIENCE.as_millis() / 50) {
-        let r = gw.send(upload(600 * kib)).await;
-        if r.status == StatusCode::SERVICE_UNAVAILABLE {
-            refused = Some(r);
-            break;
-        }
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        let mut answer = [0u8; 64];
-        match slow.try_read(&mut answer) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            _ => slow = start_slow().await,
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let refused = refused.expect("a second upload was never refused while the budget was held");
+    // A slow upload holds 600 KiB of the budget while it is being read; once those bytes
+    // are in, a second upload of 600 KiB cannot fit.
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!("POST /b/upload HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", 700 * kib);
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&vec![b'a'; 600 * kib]).await.unwrap();
+    let held = (600 * kib) as f64;
+    gw.wait_until("the slow upload's bytes to be held", async || {
+        gw.metric("gatehouse_buffered_body_bytes").await == held
+    })
+    .await;
+    let refused = gw.send(upload(600 * kib)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text());
     assert_eq!(refused.error(), "gateway busy: too many request bodies held for plugins");
     assert_eq!(gw.get("/a/x").await.status, StatusCode::OK, "requests without buffered bodies are served");
 
@@ -326,6 +310,8 @@ async fn bodies_buffered_for_plugins_share_one_budget_413_then_503() {
     let (status, body) = read_response(&mut slow).await;
     assert_eq!((status.as_str(), body), ("HTTP/1.1 200 OK", (700 * kib).to_string()), "the slow upload completes");
     // The budget is given back when requests end.
+    gw.wait_until("the budget to be given back", async || gw.metric("gatehouse_buffered_body_bytes").await == 0.0)
+        .await;
     let r = gw.send(upload(600 * kib)).await;
     assert_eq!((r.status, r.text()), (StatusCode::OK, (600 * kib).to_string()));
     assert!(gw.metric("gatehouse_rejections_total{api=\"default/b\",reason=\"body_budget\"}").await >= 1.0);
