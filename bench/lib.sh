@@ -46,10 +46,10 @@ start_upstream() {
   pids+=($!)
 }
 
-# start_gatehouse LISTEN ADMIN CONFIG-DIR: one worker thread, on the proxy CPU.
+# start_gatehouse LISTEN ADMIN CONFIG-DIR [BINARY]: one worker thread, on the proxy CPU.
 start_gatehouse() {
-  RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" target/release/gatehouse-dataplane \
-    --listen "$1" --admin-listen "$2" --config "$3" --plugin-dir "$work/plugin-cache" &
+  RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "${4:-target/release/gatehouse-dataplane}" \
+    --listen "$1" --admin-listen "$2" --config "$3" --plugin-dir "$work/plugin-cache-${1##*:}" &
   pids+=($!)
   for _ in $(seq 100); do curl -fs "http://$2/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "gatehouse did not become ready" >&2
