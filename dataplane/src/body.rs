@@ -13,12 +13,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::slots::Slot;
+
 #[derive(Debug)]
 pub enum ProxyBody {
     Stream(Incoming),
     Full(Option<Bytes>),
     /// An upstream's body, holding a slot on its target until it is read or dropped.
-    Held(Incoming, OwnedSemaphorePermit),
+    Held(Incoming, Slot),
 }
 
 impl ProxyBody {
@@ -239,12 +241,12 @@ mod tests {
             })
         };
         for _ in 0..4 {
-            tx.send_data(Bytes::from(vec![b'a'; 60])).await.unwrap();
+            tx.send_data(Bytes::from(vec![b'a'; 60])).await.expect("the reader takes it");
         }
         // The reader took the second frame (refused) and then a third while lingering.
         assert!(!reader.is_finished());
         assert_eq!(budget.held(), 0, "nothing is held while the refused body is drained");
         drop(tx);
-        assert_eq!(reader.await.unwrap(), (Err(BufferError::Exhausted), true));
+        assert_eq!(reader.await.expect("reader"), (Err(BufferError::Exhausted), true));
     }
 }

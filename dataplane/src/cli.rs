@@ -91,14 +91,16 @@ fn parse_analytics(s: &str) -> Result<AnalyticsSink, String> {
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Limits")]
 pub struct Limits {
-    /// Longest a client may take to send a request's headers (HTTP/1.1), counted from the
-    /// moment the gateway waits for them: a new connection, or the end of the previous
-    /// response on a keep-alive one. 10 s is ample for any real client over a slow link and
-    /// short enough that clients which stop mid-header (slowloris) cannot pile up.
+    /// Longest a new connection may take to start its first request, and (HTTP/1.1) how
+    /// long a keep-alive connection may wait for its next request to start: it is closed
+    /// after between one and two of these (or of `--idle-timeout`, if shorter) with no
+    /// request in flight, none started and nothing written. Bytes of an unfinished head
+    /// do not count, so clients that stop mid-header (slowloris) cannot pile up. 10 s is
+    /// ample for any real client over a slow link.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive)]
     pub header_read_timeout: Duration,
-    /// A client connection with no request in flight and no byte moving either way for
-    /// this long is closed (HTTP/1.1 keep-alive and HTTP/2). 60 s outlives the keep-alive
+    /// A client connection with no request (HTTP/2: stream) in flight and no byte moving
+    /// either way for between one and two of these is closed. 60 s outlives the keep-alive
     /// timeouts of common clients and load balancers' reuse windows, so they close first.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_positive)]
     pub idle_timeout: Duration,

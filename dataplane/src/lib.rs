@@ -26,6 +26,7 @@ pub mod reply;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod slots;
 pub mod standalone;
 pub mod subscriber;
 

@@ -17,8 +17,6 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
 use crate::{
     body::ProxyBody,
     egress::{GuardedConnector, GuardedResolver},
@@ -26,6 +24,7 @@ use crate::{
     reply::GatewayError,
     router::prefix_key,
     runtime::{Api, Target},
+    slots::{Slot, Slots},
 };
 
 pub type UpstreamClient = Client<GuardedConnector, ProxyBody>;
@@ -51,14 +50,14 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// One semaphore per upstream target (`host:port`), shared by every API and config that
+/// One `Slots` per upstream target (`host:port`), shared by every API and config that
 /// names it, bounding the requests in flight to it and so the connections open to it
 /// (`--upstream-max-connections-per-target`).
 #[derive(Debug, Default)]
 pub struct TargetSlots {
     /// 0: no cap.
     cap: u32,
-    by_target: Mutex<HashMap<Authority, Arc<Semaphore>>>,
+    by_target: Mutex<HashMap<Authority, Arc<Slots>>>,
 }
 
 impl TargetSlots {
@@ -66,23 +65,23 @@ impl TargetSlots {
         Self { cap, by_target: Mutex::default() }
     }
 
-    /// The target's semaphore. Looked up once per compiled target, then kept in it, so a
+    /// The target's slots. Looked up once per compiled target, then kept in it, so a
     /// request pays no lookup.
-    fn of<'t>(&self, target: &'t Target) -> Option<&'t Arc<Semaphore>> {
+    fn of<'t>(&self, target: &'t Target) -> Option<&'t Arc<Slots>> {
         if self.cap == 0 {
             return None;
         }
         Some(target.slots.get_or_init(|| {
             let mut map = self.by_target.lock().unwrap_or_else(PoisonError::into_inner);
-            map.entry(target.authority.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.cap as usize))).clone()
+            map.entry(target.authority.clone()).or_insert_with(|| Slots::new(self.cap)).clone()
         }))
     }
 
-    /// A slot on `target` if one is free (`Ok(None)` without a cap), else its semaphore.
-    fn try_take<'t>(&self, target: &'t Target) -> Result<Option<OwnedSemaphorePermit>, &'t Arc<Semaphore>> {
+    /// A slot on `target` if one is free (`Ok(None)` without a cap), else its slots.
+    fn try_take<'t>(&self, target: &'t Target) -> Result<Option<Slot>, &'t Arc<Slots>> {
         match self.of(target) {
             None => Ok(None),
-            Some(sem) => sem.clone().try_acquire_owned().map(Some).map_err(|_| sem),
+            Some(slots) => slots.try_take().map(Some).ok_or(slots),
         }
     }
 }
@@ -101,10 +100,10 @@ pub async fn forward(
     let mut timeout = api.timeout;
     let slot = match slots.try_take(target) {
         Ok(s) => s,
-        Err(sem) => {
+        Err(slots) => {
             // Every slot is taken: only now is the clock worth reading.
             let waiting = std::time::Instant::now();
-            let Ok(Ok(s)) = tokio::time::timeout(timeout, sem.clone().acquire_owned()).await else {
+            let Ok(s) = tokio::time::timeout(timeout, slots.take()).await else {
                 return Err(GatewayError::UpstreamBusy);
             };
             timeout = timeout.saturating_sub(waiting.elapsed());

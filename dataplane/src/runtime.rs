@@ -70,7 +70,7 @@ pub struct Target {
     /// Path of the upstream URL without its trailing slash ("" for none).
     pub base_path: String,
     /// This target's connection slots, bound on first use (`proxy::TargetSlots`).
-    pub slots: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
+    pub slots: std::sync::OnceLock<Arc<crate::slots::Slots>>,
 }
 
 /// A key's session, looked up by the SHA-256 of the key, or created by an `authCheck` hook.

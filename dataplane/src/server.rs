@@ -4,8 +4,8 @@
 //! Bounds, per connection unless said otherwise (the flags are in `cli::Limits`):
 //! - connections at once: a semaphore taken before `accept`, so past the cap new clients
 //!   wait in the kernel's backlog and open connections are untouched;
-//! - the time to the first request and between requests (`Watched`), and hyper's own
-//!   header-read timer for every HTTP/1.1 request head;
+//! - the time to the first request, the wait for each next request's head, and idle time
+//!   (`Watched`, one timer per connection rather than hyper's timer per request);
 //! - header size and count (hyper: 431), HTTP/2 streams and resets (h2: GOAWAY);
 //! - the drain on shutdown: past it, connections still open are dropped.
 
@@ -17,7 +17,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -89,10 +89,8 @@ pub async fn serve<H, F>(
             // Held while the request is being answered, so an idle check never closes a
             // connection that waits on its upstream.
             let in_flight = busy.upgrade();
-            if let Some(b) = &in_flight
-                && !b.load(Ordering::Relaxed)
-            {
-                b.store(true, Ordering::Relaxed);
+            if let Some(b) = &in_flight {
+                b.fetch_add(1, Ordering::Relaxed);
             }
             let fut = handler(req, peer);
             async move {
@@ -130,8 +128,9 @@ pub async fn serve<H, F>(
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let mut h1 = b.http1();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+    // `Watched` bounds the wait for a request head, with one timer per connection: hyper's
+    // own timer costs an allocation, a clock read and a timer-wheel insert per request.
+    h1.header_read_timeout(None)
         // The head must fit the read buffer; past it hyper answers 431. The body streams
         // through in chunks of at most this size.
         .max_buf_size(limits.max_header_bytes as usize);
@@ -147,55 +146,101 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// A client connection that closes itself when it stalls: no first request within the
-/// header-read timeout, or, later, neither a request in flight nor a byte moved during an
-/// idle period. One timer per connection, re-armed once per period rather than on every
-/// read, so the hot path pays one flag write per read or write.
+/// A client connection that closes itself when it stalls, checked by one timer per
+/// connection that fires once per period, so a request pays one counter increment and a
+/// flag write per read or write, and no clock read:
+/// - no request started within the header-read timeout of the connection opening;
+/// - HTTP/1.1: a whole period (the shorter of the header-read and idle timeouts) with no
+///   request in flight, none started and nothing written. Bytes read do not count: a client
+///   trickling a request head is still waiting for its request to start (slowloris), so it
+///   is closed between one and two periods after the previous response;
+/// - HTTP/2: a whole idle period with no stream in flight, none started and no byte moving
+///   either way.
 ///
-/// hyper 1.12 has no idle timeout of its own (for HTTP/1.1 its header-read timer also runs
-/// between keep-alive requests, which this does not replace; HTTP/2 has none at all), and
-/// its header-read timer starts only once it knows the protocol, after the first bytes.
+/// hyper 1.12 has no idle timeout (HTTP/2 has none at all), and its header-read timer
+/// starts only once it knows the protocol, after the first bytes.
 struct Watched {
     stream: TcpStream,
     timer: Pin<Box<Sleep>>,
+    header_read: Duration,
     idle: Duration,
-    /// Alive while requests are in flight (`Weak::upgrade` in the service); the flag is set
-    /// once the first request arrived.
-    busy: Arc<AtomicBool>,
-    moved: bool,
+    /// Requests started (the service counts them); alive while requests are in flight
+    /// (`Weak::upgrade` in the service).
+    requests: Arc<AtomicU32>,
+    /// `requests` when the timer last fired, and whether one was in flight then.
+    seen: u32,
+    was_in_flight: bool,
+    read: bool,
+    wrote: bool,
+    protocol: Protocol,
     serving: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+/// What every HTTP/2 connection starts with (RFC 9113 3.4); no HTTP/1.1 method is `PRI`.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
 impl Watched {
-    fn new(stream: TcpStream, header_read: Duration, idle: Duration) -> (Self, Weak<AtomicBool>) {
-        let busy = Arc::new(AtomicBool::new(false));
-        let weak = Arc::downgrade(&busy);
+    fn new(stream: TcpStream, header_read: Duration, idle: Duration) -> (Self, Weak<AtomicU32>) {
+        let requests = Arc::new(AtomicU32::new(0));
+        let weak = Arc::downgrade(&requests);
         let timer = Box::pin(tokio::time::sleep(header_read));
-        (Self { stream, timer, idle, busy, moved: false, serving: false }, weak)
+        let protocol = Protocol::Unknown;
+        let me = Self {
+            stream,
+            timer,
+            header_read,
+            idle,
+            requests,
+            seen: 0,
+            was_in_flight: false,
+            read: false,
+            wrote: false,
+            protocol,
+            serving: false,
+        };
+        (me, weak)
+    }
+
+    fn period(&self) -> Duration {
+        match self.protocol {
+            Protocol::Http2 => self.idle,
+            _ => self.header_read.min(self.idle),
+        }
+    }
+
+    fn rearm(&mut self) {
+        let next = Instant::now() + self.period();
+        self.timer.as_mut().reset(next);
     }
 
     /// Polled while the connection waits to read: whether it has stalled for good.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        if !self.serving && self.busy.load(Ordering::Relaxed) {
-            // The first request came: from now on the idle period applies. Once per connection.
+        if !self.serving && self.requests.load(Ordering::Relaxed) > 0 {
+            // The first request came: from now on the protocol's period applies. Once per
+            // connection.
             self.serving = true;
-            self.moved = false;
-            let next = Instant::now() + self.idle;
-            self.timer.as_mut().reset(next);
+            self.rearm();
         }
         while self.timer.as_mut().poll(cx).is_ready() {
-            let in_flight = Arc::strong_count(&self.busy) > 1;
-            if !self.serving {
-                if !in_flight && !self.busy.load(Ordering::Relaxed) {
-                    return Some(io::Error::new(io::ErrorKind::TimedOut, "no request within the header-read timeout"));
-                }
-                self.serving = true;
-            } else if !in_flight && !self.moved {
-                return Some(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+            let in_flight = Arc::strong_count(&self.requests) > 1;
+            let requests = self.requests.load(Ordering::Relaxed);
+            if requests == 0 && !in_flight {
+                return Some(io::Error::new(io::ErrorKind::TimedOut, "no request within the header-read timeout"));
             }
-            self.moved = false;
-            let next = Instant::now() + self.idle;
-            self.timer.as_mut().reset(next);
+            let moved = self.wrote || (self.protocol == Protocol::Http2 && self.read);
+            if !in_flight && !self.was_in_flight && requests == self.seen && !moved {
+                let why = if self.protocol == Protocol::Http2 { "idle timeout" } else { "no next request in time" };
+                return Some(io::Error::new(io::ErrorKind::TimedOut, why));
+            }
+            (self.seen, self.was_in_flight, self.read, self.wrote) = (requests, in_flight, false, false);
+            self.rearm();
         }
         None
     }
@@ -206,8 +251,13 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    self.moved = true;
+                let new = &buf.filled()[before..];
+                if !new.is_empty() {
+                    self.read = true;
+                    if self.protocol == Protocol::Unknown && new.len() >= H2_PREFACE_START.len() {
+                        let h2 = new.starts_with(H2_PREFACE_START);
+                        self.protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -226,7 +276,7 @@ impl AsyncWrite for Watched {
         if let Poll::Ready(Ok(n)) = r
             && n > 0
         {
-            self.moved = true;
+            self.wrote = true;
         }
         r
     }
@@ -240,7 +290,7 @@ impl AsyncWrite for Watched {
         if let Poll::Ready(Ok(n)) = r
             && n > 0
         {
-            self.moved = true;
+            self.wrote = true;
         }
         r
     }

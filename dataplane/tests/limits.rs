@@ -94,6 +94,26 @@ async fn clients_that_stop_before_their_headers_end_are_closed_while_others_are_
     );
     read_until_closed(&mut silent, "client that sent nothing").await;
     assert_eq!(up.hits(), 1, "only the complete request reached the upstream");
+
+    // Keep-alive: after one answered request, a client trickles the next head, a header
+    // line at a time well within the period. Bytes arriving are not a request starting.
+    let mut trickle = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(get_on(&mut trickle, "/a/first").await.0, "HTTP/1.1 200 OK");
+    trickle.write_all(b"GET /a/next HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let closed = async {
+        let mut buf = [0u8; 256];
+        loop {
+            if trickle.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, closed).await.expect("a keep-alive connection trickling its next head is closed");
+    assert_eq!(up.hits(), 2, "the trickled request never reached the upstream");
     // On a new connection: the harness client's pooled one has been waiting for a next
     // request longer than the 300 ms, and the gateway may be closing it just as it is reused.
     let mut fresh = TcpStream::connect(gw.addr).await.unwrap();
