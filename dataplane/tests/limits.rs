@@ -106,9 +106,8 @@ async fn clients_that_stop_before_their_headers_end_are_closed_while_others_are_
             if trickle.write_all(b"X-Slow: 1\r\n").await.is_err() {
                 return;
             }
-            match tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => return,
-                _ => {}
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await {
+                return;
             }
         }
     };
