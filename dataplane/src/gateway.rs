@@ -30,7 +30,7 @@ pub struct Gateway {
     source_errors: ArcSwap<Vec<String>>,
     pub client: UpstreamClient,
     /// Caps requests in flight per upstream target.
-    pub target_slots: TargetSlots,
+    pub target_slots: Arc<TargetSlots>,
     /// Bodies buffered for plugins: per-body cap and shared budget.
     pub bodies: BodyBudget,
     pub counters: MemoryStore,
@@ -51,7 +51,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             source_errors: ArcSwap::from_pointee(Vec::new()),
             client: crate::proxy::client(),
-            target_slots: TargetSlots::default(),
+            target_slots: Arc::default(),
             bodies: BodyBudget::default(),
             counters: MemoryStore::default(),
             analytics,
@@ -65,7 +65,7 @@ impl Gateway {
     /// Applies the upstream and body limits of the command line.
     pub fn with_limits(mut self, limits: &Limits) -> Self {
         self.client = crate::proxy::client_with(limits.upstream_connect_timeout);
-        self.target_slots = TargetSlots::new(limits.upstream_max_connections_per_target);
+        self.target_slots = Arc::new(TargetSlots::new(limits.upstream_max_connections_per_target));
         self.bodies = BodyBudget::new(limits.max_buffered_body_bytes, limits.buffered_body_budget_bytes);
         self
     }
@@ -95,12 +95,14 @@ impl Gateway {
     fn build_job(&self, snapshot: Arc<Snapshot>) -> impl FnOnce() -> (Runtime, std::time::Duration) + Send + 'static {
         let prev = self.runtime.load_full();
         let (metrics, loader, key_ids) = (self.metrics.clone(), self.loader.clone(), self.key_ids.clone());
+        let slots = self.target_slots.clone();
         move || {
             let started = std::time::Instant::now();
             let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, Some(&prev));
             // The previous runtime is released here too, not on a request worker, unless a
             // request still holds it.
             drop(prev);
+            slots.prune();
             (rt, started.elapsed())
         }
     }

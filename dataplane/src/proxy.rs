@@ -77,6 +77,19 @@ impl TargetSlots {
         }))
     }
 
+    /// Forgets targets no runtime and no request uses any more, so the map does not grow
+    /// with every upstream ever configured. One that comes back starts with no slot taken,
+    /// which is right: nothing holds one.
+    pub fn prune(&self) {
+        let mut map = self.by_target.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, slots| Arc::strong_count(slots) > 1);
+    }
+
+    #[cfg(test)]
+    fn known(&self) -> usize {
+        self.by_target.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     /// A slot on `target` if one is free (`Ok(None)` without a cap), else its slots.
     fn try_take<'t>(&self, target: &'t Target) -> Result<Option<Slot>, &'t Arc<Slots>> {
         match self.of(target) {
@@ -272,5 +285,22 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1:5".parse().expect("addr"));
         append_forwarded_for(&mut h, "127.0.0.1:6".parse().expect("addr"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn targets_nothing_uses_are_forgotten() {
+        let slots = TargetSlots::new(4);
+        let (a, b) = (api("a", "/a/", &[]), api("b", "/b/", &[]));
+        let (ta, tb) = (a.pick_target(), b.pick_target());
+        let held = slots.try_take(ta).expect("free").expect("capped");
+        let _ = slots.try_take(tb).expect("free");
+        slots.prune();
+        assert_eq!(slots.known(), 1, "both runtimes' targets are alive: only one authority, shared");
+        drop((a, b));
+        slots.prune();
+        assert_eq!(slots.known(), 1, "a request still holds a slot");
+        drop(held);
+        slots.prune();
+        assert_eq!(slots.known(), 0);
     }
 }
