@@ -5,6 +5,7 @@
 //! there, so a changed file is a new library loaded beside the old one (hot reload without
 //! renaming), and a file already loaded is never opened twice. Libraries are never unloaded.
 
+mod elf;
 mod ffi;
 
 use std::{
@@ -70,12 +71,18 @@ pub enum PluginError {
     NoSuchPlugin(String),
     #[error("cannot read the file: {0}")]
     Unreadable(String),
+    #[error("the file is still being written ({0}); it is loaded once it stops changing")]
+    Unstable(String),
+    #[error("cannot use the plugin directory: {0}")]
+    PluginDir(String),
     #[error("sha256 is {actual}, but spec.sha256 pins {expected}")]
     Sha256Mismatch { expected: String, actual: String },
     #[error("cannot copy it to the plugin directory: {0}")]
     CopyFailed(String),
     #[error("not a loadable shared object: {0}")]
     NotSharedObject(String),
+    #[error("the dynamic loader refused it: {0}")]
+    DlopenFailed(String),
     #[error(
         "exports no `gatehouse_plugin` declaration: not a Gatehouse plugin (build it with the gatehouse-plugin SDK or gatehouse_plugin.h)"
     )]
@@ -92,16 +99,30 @@ pub enum PluginError {
     InitFailed(String),
     #[error("symbol {0:?} not found in the library")]
     MissingSymbol(String),
-    #[error("symbol {0:?} is not a Gatehouse hook (its table is too small)")]
-    NotAHook(String),
+    #[error("symbol {symbol:?} is not a Gatehouse hook: {why}")]
+    NotAHook { symbol: String, why: String },
     #[error("symbol {symbol:?} has no handler for the {phase} phase")]
     PhaseNotHandled { symbol: String, phase: Phase },
     #[error("the hook refused its config: {0}")]
     CreateFailed(String),
 }
 
-/// Loaded libraries by content hash, and load failures by content hash, so a broken file
-/// is not re-run on every config change.
+impl PluginError {
+    /// A failure that may go away by itself (the file is being written, the copy could not
+    /// be made, the plugin directory is fixed): retried on the next check, never cached for
+    /// the content. (A missing file is retried when it appears.)
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unstable(_) | Self::PluginDir(_) | Self::CopyFailed(_))
+    }
+}
+
+/// How long a plugin file must go unchanged (size, mtime, ctime, inode) before its content
+/// is accepted: a file copied in place in chunks (scp, a slow `cp`) is read only once the
+/// writer has stopped.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Loaded libraries by content hash, and deterministic load failures by content hash, so a
+/// broken file is not re-run on every config change.
 pub struct Loader {
     dir: PathBuf,
     by_hash: Mutex<HashMap<String, Result<Arc<Library>, PluginError>>>,
@@ -151,6 +172,34 @@ pub struct PluginReport {
     pub sdk: Option<String>,
 }
 
+/// A load that failed: why, and the content hash of what was refused when the file was
+/// read whole (none when it could not be read, or was still changing).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub sha256: Option<String>,
+    pub error: PluginError,
+}
+
+impl Stamp {
+    /// How much longer to wait before a file last changed at this stamp counts as settled.
+    fn settle_left(&self, settle: std::time::Duration) -> Option<std::time::Duration> {
+        let at = |(s, ns): (i64, i64)| {
+            let secs = u64::try_from(s).unwrap_or(0);
+            std::time::UNIX_EPOCH + std::time::Duration::new(secs, u32::try_from(ns).unwrap_or(0))
+        };
+        let changed = at(self.mtime).max(at(self.ctime));
+        match std::time::SystemTime::now().duration_since(changed) {
+            Ok(ago) => settle.checked_sub(ago).filter(|left| !left.is_zero()),
+            // Changed "in the future" (clock steps, network filesystems): wait the whole period.
+            Err(_) => Some(settle),
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 impl Loader {
     pub fn new(dir: PathBuf) -> Self {
         Self {
@@ -166,20 +215,27 @@ impl Loader {
     pub fn file_hash(&self, path: &Path) -> Result<String, PluginError> {
         let unreadable = |e: std::io::Error| PluginError::Unreadable(e.to_string());
         let before = Stamp::of(path).map_err(unreadable)?;
-        // A poisoned lock only means another caller panicked; the map is still consistent.
-        if let Some((stamp, sha)) = self.hashed.lock().unwrap_or_else(|p| p.into_inner()).get(path)
-            && *stamp == before
-        {
-            return Ok(sha.clone());
+        if let Some(sha) = self.known_hash(path, &before) {
+            return Ok(sha);
         }
         let bytes = std::fs::read(path).map_err(unreadable)?;
         self.files_hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let sha = hex::encode(Sha256::digest(&bytes));
+        let sha = sha256_hex(&bytes);
         // Remembered only if the file did not move while being read.
         if Stamp::of(path).ok() == Some(before) {
-            self.hashed.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_path_buf(), (before, sha.clone()));
+            self.remember_hash(path, before, &sha);
         }
         Ok(sha)
+    }
+
+    fn known_hash(&self, path: &Path, now: &Stamp) -> Option<String> {
+        // A poisoned lock only means another caller panicked; the map is still consistent.
+        let hashed = self.hashed.lock().unwrap_or_else(|p| p.into_inner());
+        hashed.get(path).filter(|(stamp, _)| stamp == now).map(|(_, sha)| sha.clone())
+    }
+
+    fn remember_hash(&self, path: &Path, stamp: Stamp, sha: &str) {
+        self.hashed.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_path_buf(), (stamp, sha.to_owned()));
     }
 
     /// How many times a plugin file was read and hashed since start.
@@ -187,46 +243,152 @@ impl Loader {
         self.files_hashed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn load(&self, path: &Path, pin: Option<&str>) -> Result<(Arc<Library>, String), PluginError> {
-        let mut sha = self.file_hash(path)?;
-        loop {
-            if let Some(pin) = pin
-                && !pin.eq_ignore_ascii_case(&sha)
-            {
-                return Err(PluginError::Sha256Mismatch { expected: pin.to_ascii_lowercase(), actual: sha });
-            }
-            let mut cache = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(done) = cache.get(&sha) {
-                return done.clone().map(|l| (l, sha));
-            }
-            // New content: read it once more, and load exactly the bytes that were hashed.
-            let bytes = std::fs::read(path).map_err(|e| PluginError::Unreadable(e.to_string()))?;
-            let actual = hex::encode(Sha256::digest(&bytes));
-            if actual != sha {
-                // Changed since it was hashed: check the pin and the cache for what it is now.
-                sha = actual;
-                continue;
-            }
-            let loaded = self.copy_in(&sha, &bytes).and_then(|file| Library::open(&file).map(Arc::new));
-            cache.insert(sha.clone(), loaded.clone());
-            return loaded.map(|l| (l, sha));
+    /// Loads the content of `path`: from memory when this content was loaded (or refused
+    /// for good) before, otherwise read whole once it has settled, checked, copied into the
+    /// plugin directory and opened from there. The user's file is never mapped.
+    pub fn load(&self, path: &Path, pin: Option<&str>) -> Result<(Arc<Library>, String), Refused> {
+        let refused = |sha: &str, error| Refused { sha256: Some(sha.to_owned()), error };
+        let unreadable = |e: std::io::Error| Refused { sha256: None, error: PluginError::Unreadable(e.to_string()) };
+        let stamp = Stamp::of(path).map_err(unreadable)?;
+        let pinned = |sha: &str| match pin {
+            Some(pin) if !pin.eq_ignore_ascii_case(sha) => Err(refused(
+                sha,
+                PluginError::Sha256Mismatch { expected: pin.to_ascii_lowercase(), actual: sha.to_owned() },
+            )),
+            _ => Ok(()),
+        };
+        // Content seen before, with its stat unchanged since: the answer is known.
+        if let Some(sha) = self.known_hash(path, &stamp)
+            && let Some(done) = self.cached(&sha)
+        {
+            pinned(&sha)?;
+            return done.map(|l| (l, sha.clone())).map_err(|e| refused(&sha, e));
         }
+        let (bytes, sha) = self.read_settled(path).map_err(|error| Refused { sha256: None, error })?;
+        pinned(&sha)?;
+        if let Some(done) = self.cached(&sha) {
+            return done.map(|l| (l, sha.clone())).map_err(|e| refused(&sha, e));
+        }
+        let loaded = self.open_new(&sha, &bytes);
+        match &loaded {
+            Err(e) if e.is_transient() => {}
+            _ => {
+                self.by_hash.lock().unwrap_or_else(|p| p.into_inner()).insert(sha.clone(), loaded.clone());
+            }
+        }
+        loaded.map(|l| (l, sha.clone())).map_err(|e| refused(&sha, e))
     }
 
-    /// Writes the content to `<dir>/<sha>.so` (once): a new path per content, which is what
-    /// makes the dynamic loader treat a changed plugin as a new library.
-    fn copy_in(&self, sha: &str, bytes: &[u8]) -> Result<PathBuf, PluginError> {
-        let target = self.dir.join(format!("{sha}.so"));
-        if target.exists() {
-            return Ok(target);
-        }
-        let fail = |e: std::io::Error| PluginError::CopyFailed(format!("{}: {e}", self.dir.display()));
-        std::fs::create_dir_all(&self.dir).map_err(fail)?;
-        let tmp = self.dir.join(format!(".{sha}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, bytes).map_err(fail)?;
-        std::fs::rename(&tmp, &target).map_err(fail)?;
-        Ok(target)
+    fn cached(&self, sha: &str) -> Option<Result<Arc<Library>, PluginError>> {
+        self.by_hash.lock().unwrap_or_else(|p| p.into_inner()).get(sha).cloned()
     }
+
+    /// Reads the whole file, and accepts the bytes only if its size, times and inode did not
+    /// move while it was read nor within `SETTLE` of its last change. A file being copied
+    /// in place is refused as `Unstable` (transient) until its writer has stopped.
+    fn read_settled(&self, path: &Path) -> Result<(Vec<u8>, String), PluginError> {
+        let unreadable = |e: std::io::Error| PluginError::Unreadable(e.to_string());
+        let before = Stamp::of(path).map_err(unreadable)?;
+        let bytes = std::fs::read(path).map_err(unreadable)?;
+        self.files_hashed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sha = sha256_hex(&bytes);
+        if Stamp::of(path).map_err(unreadable)? != before || bytes.len() as u64 != before.len {
+            return Err(PluginError::Unstable("it changed while it was read".to_owned()));
+        }
+        if let Some(left) = before.settle_left(SETTLE) {
+            // Written moments ago: a writer pausing between chunks would write again soon.
+            std::thread::sleep(left);
+            if Stamp::of(path).map_err(unreadable)? != before {
+                return Err(PluginError::Unstable(format!("it changed again within {}ms", SETTLE.as_millis())));
+            }
+        }
+        self.remember_hash(path, before, &sha);
+        Ok((bytes, sha))
+    }
+
+    /// Checks new content, copies it in and opens the copy.
+    fn open_new(&self, sha: &str, bytes: &[u8]) -> Result<Arc<Library>, PluginError> {
+        let checked = elf::check(bytes).map_err(PluginError::NotSharedObject)?;
+        let dir = self.private_dir()?;
+        let file = copy_in(&dir, sha, bytes)?;
+        Library::open(&file, checked.defined).map(Arc::new)
+    }
+
+    /// The plugin directory, created `0700` if missing. One that another user owns, or that
+    /// group or others can write, is refused: whoever can write there chooses the code the
+    /// gateway runs.
+    fn private_dir(&self) -> Result<PathBuf, PluginError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let fail = |why: String| PluginError::PluginDir(format!("{}: {why}", self.dir.display()));
+        if let Err(e) = std::fs::metadata(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(fail(e.to_string()));
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(|e| fail(format!("cannot create it: {e}")))?;
+        }
+        let m = std::fs::metadata(&self.dir).map_err(|e| fail(e.to_string()))?;
+        if !m.is_dir() {
+            return Err(fail("not a directory".to_owned()));
+        }
+        let me = ffi::effective_uid();
+        if m.uid() != me {
+            return Err(fail(format!(
+                "owned by uid {}, not by the gateway's uid {me}; another user could replace the libraries it loads (give it to the gateway's user, or choose another --plugin-dir)",
+                m.uid()
+            )));
+        }
+        let mode = m.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            let who = if mode & 0o002 != 0 { "everyone" } else { "its group" };
+            return Err(fail(format!(
+                "writable by {who} (mode {mode:o}); others could replace the libraries it loads (chmod go-w it, or choose another --plugin-dir)"
+            )));
+        }
+        // Absolute, so that the name the dynamic loader keeps is the one `inside_library`
+        // compares against.
+        std::fs::canonicalize(&self.dir).map_err(|e| fail(e.to_string()))
+    }
+}
+
+/// Writes `bytes` to `<dir>/<sha>.so` through a temporary file, fsync and rename, unless a
+/// copy with that exact content is already there, then checks what is on disk: a new path
+/// per content is what makes the dynamic loader treat a changed plugin as a new library,
+/// and only a verified copy is ever opened.
+fn copy_in(dir: &Path, sha: &str, bytes: &[u8]) -> Result<PathBuf, PluginError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let target = dir.join(format!("{sha}.so"));
+    match std::fs::read(&target) {
+        Ok(existing) if sha256_hex(&existing) == sha => return Ok(target),
+        Ok(_) => {
+            tracing::warn!(file = %target.display(), "a plugin copy does not match its content hash (truncated or replaced); writing it again");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %target.display(), error = %e, "cannot read a plugin copy; writing it again"),
+    }
+    let seq = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{sha}.{}.{seq}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        // The rename itself is durable only once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PluginError::CopyFailed(format!("{}: {e}", target.display())));
+    }
+    let written = std::fs::read(&target).map_err(|e| PluginError::CopyFailed(format!("{}: {e}", target.display())))?;
+    if sha256_hex(&written) != sha {
+        return Err(PluginError::CopyFailed(format!("{}: the copy does not match its content hash", target.display())));
+    }
+    Ok(target)
 }
 
 /// One `middleware` entry, bound to its plugin's hook and instance.
@@ -269,35 +431,90 @@ impl PluginChain {
     }
 }
 
+/// The library each Plugin resource is served by, and its content hash: what the next
+/// build falls back to when a Plugin's new content cannot be loaded.
+#[derive(Clone, Default)]
+pub struct ServedPlugins(HashMap<String, (String, Arc<Library>)>);
+
 /// Loads every Plugin of a snapshot (memoised per build) and binds entries to hooks.
 pub struct ChainBuilder<'a> {
     snapshot: &'a Snapshot,
     metrics: &'a Metrics,
     libs: HashMap<String, Result<Arc<Library>, PluginError>>,
     pub reports: Vec<PluginReport>,
+    served: ServedPlugins,
+    /// Per Plugin file, the content hash last examined for good (loaded or refused for
+    /// that content); none when it could not be examined, so the next check retries.
+    files: Vec<(String, Option<String>)>,
+    retry: bool,
 }
 
 impl<'a> ChainBuilder<'a> {
-    pub fn new(snapshot: &'a Snapshot, loader: &'a Loader, metrics: &'a Metrics) -> Self {
-        let mut b = Self { snapshot, metrics, libs: HashMap::new(), reports: Vec::new() };
+    /// Loads each Plugin. When a Plugin's file holds new content that cannot be loaded,
+    /// the library `prev` served for that Plugin keeps serving (if it satisfies the
+    /// Plugin's pin); a Plugin that never loaded gets its `failurePolicy`.
+    pub fn new(snapshot: &'a Snapshot, loader: &'a Loader, metrics: &'a Metrics, prev: Option<&ServedPlugins>) -> Self {
+        let mut b = Self {
+            snapshot,
+            metrics,
+            libs: HashMap::new(),
+            reports: Vec::new(),
+            served: ServedPlugins::default(),
+            files: Vec::new(),
+            retry: false,
+        };
         for (id, p) in &snapshot.plugins {
-            let loaded = loader.load(Path::new(&p.spec.path), p.spec.sha256.as_deref());
-            let (state, sha, sdk) = match &loaded {
-                Ok((lib, sha)) => ("loaded".to_owned(), Some(sha.clone()), Some(lib.sdk())),
-                Err(e) => {
-                    tracing::warn!(plugin = %id, path = %p.spec.path, reason = %e, "plugin not loaded");
-                    (e.to_string(), None, None)
+            let pin = p.spec.sha256.as_deref();
+            let (state, sha, lib) = match loader.load(Path::new(&p.spec.path), pin) {
+                Ok((lib, sha)) => {
+                    b.files.push((p.spec.path.clone(), Some(sha.clone())));
+                    ("loaded".to_owned(), Some(sha), Ok(lib))
+                }
+                Err(Refused { sha256, error }) => {
+                    let transient = error.is_transient();
+                    b.retry |= transient;
+                    b.files.push((p.spec.path.clone(), if transient { None } else { sha256.clone() }));
+                    let previous = prev
+                        .and_then(|s| s.0.get(id))
+                        .filter(|(old, _)| pin.is_none_or(|pin| pin.eq_ignore_ascii_case(old)));
+                    let refused =
+                        sha256.as_deref().map_or_else(|| "new content".to_owned(), |s| format!("new content {s}"));
+                    match previous {
+                        Some((old, lib)) => {
+                            tracing::warn!(plugin = %id, path = %p.spec.path, serving = %old, refused = sha256.as_deref().unwrap_or(""), reason = %error, "plugin file not loaded; serving its previous version");
+                            (format!("serving {old}; {refused} refused: {error}"), Some(old.clone()), Ok(lib.clone()))
+                        }
+                        None => {
+                            tracing::warn!(plugin = %id, path = %p.spec.path, refused = sha256.as_deref().unwrap_or(""), reason = %error, "plugin not loaded");
+                            (error.to_string(), None, Err(error))
+                        }
+                    }
                 }
             };
+            if let (Some(sha), Ok(lib)) = (&sha, &lib) {
+                b.served.0.insert(id.clone(), (sha.clone(), lib.clone()));
+            }
+            let sdk = lib.as_ref().ok().map(|l| l.sdk());
             b.reports.push(PluginReport { id: id.clone(), path: p.spec.path.clone(), sha256: sha, state, sdk });
-            b.libs.insert(id.clone(), loaded.map(|(l, _)| l));
+            b.libs.insert(id.clone(), lib);
         }
         b
     }
 
-    /// The content hashes the built chains use, to notice a plugin file changing.
-    pub fn loaded_hashes(&self) -> Vec<(String, Option<String>)> {
-        self.reports.iter().map(|r| (r.path.clone(), r.sha256.clone())).collect()
+    /// Per Plugin file, the content hash examined, to notice the file changing.
+    pub fn checked_files(&self) -> Vec<(String, Option<String>)> {
+        self.files.clone()
+    }
+
+    /// Whether some Plugin failed for a reason that may pass (a file still being written):
+    /// its file should be looked at again soon even if nothing else changes.
+    pub fn retry_pending(&self) -> bool {
+        self.retry
+    }
+
+    /// The libraries this build serves, for the next build to fall back to.
+    pub fn served(&self) -> ServedPlugins {
+        self.served.clone()
     }
 
     /// Binds an API's `middleware`. Returns the chain and notes on skipped hooks.

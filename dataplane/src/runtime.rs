@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::{
     key_id::KeyIdSecret,
     metrics::{ApiMetrics, Metrics},
-    plugins::{ChainBuilder, Loader, PluginChain, PluginReport},
+    plugins::{ChainBuilder, Loader, PluginChain, PluginReport, ServedPlugins},
     router::Router,
 };
 
@@ -39,8 +39,14 @@ pub struct Runtime {
     keys: Arc<HashMap<[u8; 32], Arc<Session>>>,
     /// Per-resource results, for /config and acknowledgements.
     pub report: Report,
-    /// Each Plugin file and the content hash loaded from it (None: not loaded).
+    /// Each Plugin file and the content hash last examined in it (None: it could not be
+    /// examined, so any content now there is new).
     pub plugin_files: Vec<(String, Option<String>)>,
+    /// Some Plugin failed for a reason that may pass by itself (its file was still being
+    /// written): look at plugin files again soon.
+    pub plugin_retry: bool,
+    /// The library each Plugin is served by, for the next build to fall back to.
+    served_plugins: ServedPlugins,
     /// Compiled APIs by id, for the next build to reuse.
     apis: HashMap<String, Arc<Api>>,
     /// Each Plugin and the content loaded for it, to tell which APIs a change touches.
@@ -254,7 +260,7 @@ impl Runtime {
     ) -> Self {
         let mut router = Router::default();
         let mut report = Report { version: snapshot.version, ..Default::default() };
-        let plugins = ChainBuilder::new(snapshot, loader, metrics);
+        let plugins = ChainBuilder::new(snapshot, loader, metrics, prev.map(|p| &p.served_plugins));
         let plugin_state: BTreeMap<String, (PluginEntry, Option<String>)> = snapshot
             .plugins
             .iter()
@@ -315,9 +321,20 @@ impl Runtime {
         }
         let keys = build_keys(snapshot, key_ids, prev);
         report.keys = keys.len();
-        let plugin_files = plugins.loaded_hashes();
+        let (plugin_files, plugin_retry, served_plugins) =
+            (plugins.checked_files(), plugins.retry_pending(), plugins.served());
         report.plugins = plugins.reports;
-        Self { version: snapshot.version, router, keys, report, plugin_files, apis, plugin_state }
+        Self {
+            version: snapshot.version,
+            router,
+            keys,
+            report,
+            plugin_files,
+            plugin_retry,
+            served_plugins,
+            apis,
+            plugin_state,
+        }
     }
 
     /// Whether every Plugin `entry` names is as it was (resource and loaded content).

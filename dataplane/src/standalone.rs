@@ -36,6 +36,8 @@ pub struct Standalone {
 
 /// Events closer together than this are one change (editors write, rename and chmod).
 const SETTLE: Duration = Duration::from_millis(150);
+/// How soon a plugin file that failed for a passing reason is looked at again.
+const PLUGIN_RETRY: Duration = Duration::from_secs(1);
 
 /// What one pass over the config path read.
 struct Inputs {
@@ -267,7 +269,21 @@ impl Standalone {
                 self.reload(gw);
                 continue;
             }
-            let Ok(first) = rx.recv() else { return Ok(()) };
+            let first = if gw.runtime().plugin_retry {
+                // A plugin file was still being written (or could not be copied): look
+                // again even if no further event comes.
+                match rx.recv_timeout(PLUGIN_RETRY) {
+                    Ok(e) => e,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.reload(gw);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            } else {
+                let Ok(first) = rx.recv() else { return Ok(()) };
+                first
+            };
             let mut relevant = self.concerns(&first);
             // One change is often several events: wait until they settle, then look once.
             let settle_until = std::time::Instant::now() + SETTLE;

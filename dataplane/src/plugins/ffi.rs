@@ -3,34 +3,59 @@
 //! dataplane lives here.
 #![allow(unsafe_code)]
 
-use std::{ffi::c_void, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    ffi::{CStr, c_void},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use gatehouse_plugin::abi::*;
 use http::{HeaderName, HeaderValue, StatusCode};
+use libloading::os::unix::{Library as DlHandle, RTLD_LOCAL, RTLD_NOW};
 
-use super::{CallCtx, Phase, PluginError};
+use super::{CallCtx, Phase, PluginError, elf::Defined};
+
+/// The size of a `gh_hook` as ABI 1.0 defines it (six fields: size, flags, create,
+/// destroy, on_request, on_response). Spelled out rather than `size_of::<gh_hook>()`,
+/// which grows with later minors.
+const GH_HOOK_1_0_SIZE: u64 = (std::mem::offset_of!(gh_hook, on_response) + size_of::<usize>()) as u64;
 
 /// A loaded library. Never unloaded: `dlclose` is unsound for Rust libraries (thread-local
 /// destructors, statics), so the handle is leaked on purpose.
 pub struct Library {
-    lib: &'static libloading::Library,
+    lib: &'static DlHandle,
     decl: &'static gh_plugin,
+    /// The private copy it was opened from, as the dynamic loader names it.
+    path: PathBuf,
+    /// What the plugin's own `.dynsym` defines (from `elf::check`).
+    defined: HashMap<String, Defined>,
 }
 
 impl Library {
-    /// Opens `file`, checks its declaration and runs its `init`.
-    pub fn open(file: &Path) -> Result<Self, PluginError> {
+    /// Opens `file` (a checked private copy whose own symbols are `defined`), checks its
+    /// declaration and runs its `init`.
+    pub fn open(file: &Path, defined: HashMap<String, Defined>) -> Result<Self, PluginError> {
         // SAFETY: loading runs the library's initialisers. That is the point of a plugin:
-        // the operator chose to trust this file (and may pin its sha256). The declaration
-        // is checked before any plugin function is called.
-        let lib = unsafe { libloading::Library::new(file) }.map_err(|e| PluginError::NotSharedObject(e.to_string()))?;
-        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+        // the operator chose to trust this file (and may pin its sha256). The file is a
+        // complete, hash-verified private copy (see `Loader::load`). RTLD_NOW: an
+        // unresolved symbol refuses the load here instead of killing the process at its
+        // first call; RTLD_LOCAL: a plugin's symbols never satisfy another's.
+        let lib = unsafe { DlHandle::open(Some(file), RTLD_NOW | RTLD_LOCAL) }
+            .map_err(|e| PluginError::DlopenFailed(dl_error_text(&e)))?;
+        let lib: &'static DlHandle = Box::leak(Box::new(lib));
+        let path = file.to_path_buf();
+        if !defined.get(GH_DECLARATION_SYMBOL).is_some_and(|d| d.is_data_object()) {
+            return Err(PluginError::NoDeclaration);
+        }
         // SAFETY: the symbol is read as a pointer to a `gh_plugin` static; its fields are
         // checked (magic first) before any is trusted.
         let decl: *const gh_plugin = unsafe { lib.get::<*const gh_plugin>(GH_DECLARATION_SYMBOL.as_bytes()) }
             .map(|s| *s)
             .map_err(|_| PluginError::NoDeclaration)?;
+        inside_library(decl.cast(), &path).map_err(|_| PluginError::NoDeclaration)?;
         // SAFETY: a non-null address of the exported static, which lives as long as the
         // library, which is never unloaded.
         let decl = unsafe { decl.as_ref() }.ok_or(PluginError::NoDeclaration)?;
@@ -54,7 +79,7 @@ impl Library {
                 return Err(PluginError::InitFailed(err.message()));
             }
         }
-        Ok(Self { lib, decl })
+        Ok(Self { lib, decl, path, defined })
     }
 
     pub fn sdk(&self) -> String {
@@ -68,14 +93,28 @@ impl Library {
         if symbol == GH_DECLARATION_SYMBOL || symbol.as_bytes().contains(&0) {
             return Err(missing());
         }
-        // SAFETY: the symbol is read as the address of a `gh_hook` static, as the ABI says
-        // hooks are exported; its size is checked before other fields are used.
+        // SAFETY: only the address is taken here; it is dereferenced below, after the
+        // checks that it is a `gh_hook` the plugin itself defines.
         let hook: *const gh_hook =
             unsafe { self.lib.get::<*const gh_hook>(symbol.as_bytes()) }.map(|s| *s).map_err(|_| missing())?;
+        let not_a_hook = |why: String| PluginError::NotAHook { symbol: symbol.to_owned(), why };
+        // ABI 1.0: a hook is a `gh_hook` the plugin itself exports under `symbol`.
+        if let Err(why) = defined_hook_object(&self.defined, symbol) {
+            // Say where it did resolve: the likeliest mistake is a name from a dependency.
+            let why = match inside_library(hook.cast(), &self.path) {
+                Err(elsewhere) => format!("{why}; {elsewhere}"),
+                Ok(()) => why,
+            };
+            return Err(not_a_hook(why));
+        }
+        inside_library(hook.cast(), &self.path).map_err(not_a_hook)?;
         // SAFETY: a non-null address of a static in a library that is never unloaded.
         let hook = unsafe { hook.as_ref() }.ok_or_else(missing)?;
-        if (hook.size as usize) < size_of::<gh_hook>() {
-            return Err(PluginError::NotAHook(symbol.to_owned()));
+        if u64::from(hook.size) < GH_HOOK_1_0_SIZE {
+            return Err(PluginError::NotAHook {
+                symbol: symbol.to_owned(),
+                why: format!("its table says it is {} bytes", hook.size),
+            });
         }
         let handles = if phase == Phase::Response { hook.on_response.is_some() } else { hook.on_request.is_some() };
         if !handles {
@@ -83,6 +122,62 @@ impl Library {
         }
         Ok(hook)
     }
+}
+
+/// Checks that `symbol` is a data object (`STT_OBJECT`) the plugin defines in its own
+/// dynamic symbol table, of a 1.0 `gh_hook`'s size. `dlsym` alone would also return
+/// functions and data of the libraries the plugin links (`malloc`, `environ`), which the
+/// host would then call as a hook table.
+fn defined_hook_object(defined: &HashMap<String, Defined>, symbol: &str) -> Result<(), String> {
+    let Some(d) = defined.get(symbol) else {
+        return Err("the plugin's own dynamic symbol table does not define it".to_owned());
+    };
+    if !d.is_data_object() {
+        return Err(format!("it is a {}, not a gh_hook table", d.kind_name()));
+    }
+    if d.size != GH_HOOK_1_0_SIZE {
+        return Err(format!("it is a {}-byte data object, not a gh_hook table ({GH_HOOK_1_0_SIZE} bytes)", d.size));
+    }
+    Ok(())
+}
+
+/// Checks, with `dladdr`, that `addr` lies inside the library opened from `path` rather
+/// than in one of its dependencies.
+fn inside_library(addr: *const c_void, path: &Path) -> Result<(), String> {
+    let mut info = libc::Dl_info {
+        dli_fname: std::ptr::null(),
+        dli_fbase: std::ptr::null_mut(),
+        dli_sname: std::ptr::null(),
+        dli_saddr: std::ptr::null_mut(),
+    };
+    // SAFETY: `dladdr` only reads the loader's own tables and writes `info`.
+    let found = unsafe { libc::dladdr(addr, &mut info) } != 0;
+    if !found || info.dli_fname.is_null() {
+        return Err("its address lies in no loaded library".to_owned());
+    }
+    // SAFETY: a non-null `dli_fname` is the NUL-terminated name the loader keeps for the
+    // object, alive while it is loaded (these never unload).
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    if name.to_bytes() == path.as_os_str().as_bytes() {
+        Ok(())
+    } else {
+        Err(format!("it resolves into {}, not into the plugin", name.to_string_lossy()))
+    }
+}
+
+/// dlerror's own text (which names the missing symbol or the broken file), not a summary.
+fn dl_error_text(e: &libloading::Error) -> String {
+    // libloading's own message is only "dlopen failed"; dlerror's text is its source.
+    match std::error::Error::source(e) {
+        Some(source) => source.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// The effective uid of this process, which must own the plugin directory.
+pub fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// A hook bound to one ApiDefinition entry: the plugin's per-entry instance.

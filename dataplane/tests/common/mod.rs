@@ -492,6 +492,9 @@ pub fn plugins() -> &'static Plugins {
         cc("dataplane/tests/fixtures/bad_plugin.c", "bad_unwind", &["-DNOT_PANIC_SAFE"]);
         cc("dataplane/tests/fixtures/bad_plugin.c", "bad_init", &["-DINIT_FAILS"]);
         cc("dataplane/tests/fixtures/bad_plugin.c", "bad_no_decl", &["-DNO_DECLARATION"]);
+        cc("dataplane/tests/fixtures/bad_plugin.c", "bad_undefined", &["-DUNDEFINED_SYMBOL"]);
+        cc("dataplane/tests/fixtures/big_plugin.c", "big_v1", &["-DVERSION=\"v1\""]);
+        cc("dataplane/tests/fixtures/big_plugin.c", "big_v2", &["-DVERSION=\"v2\""]);
         Plugins { rust: target.join("debug"), c }
     })
 }

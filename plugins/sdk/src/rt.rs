@@ -177,7 +177,17 @@ pub unsafe extern "C" fn create_config(config: gh_str, instance: *mut *mut c_voi
 pub unsafe extern "C" fn destroy_config(instance: *mut c_void) {
     if !instance.is_null() {
         // SAFETY: per the contract, this is the Box leaked by `create_config`.
-        drop(unsafe { Box::from_raw(instance.cast::<String>()) });
+        let config = unsafe { Box::from_raw(instance.cast::<String>()) };
+        drop_contained("hook config", config);
+    }
+}
+
+/// Drops `value` inside a panic guard: `destroy` returns nothing, so a panic in a `Drop`
+/// is logged through the host rather than unwound into it (which would abort the gateway).
+fn drop_contained<T>(what: &str, value: Box<T>) {
+    // AssertUnwindSafe: the value is gone either way; nothing it borrowed is used again.
+    if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
+        log(GH_LOG_ERROR, &format!("{what} panicked while being dropped: {}", panic_text(p.as_ref())));
     }
 }
 
@@ -210,7 +220,8 @@ pub unsafe extern "C" fn create_hook<T: Hook>(config: gh_str, instance: *mut *mu
 pub unsafe extern "C" fn destroy_hook<T: Hook>(instance: *mut c_void) {
     if !instance.is_null() {
         // SAFETY: per the contract, this is the Box leaked by `create_hook::<T>`.
-        drop(unsafe { Box::from_raw(instance.cast::<T>()) });
+        let hook = unsafe { Box::from_raw(instance.cast::<T>()) };
+        drop_contained(std::any::type_name::<T>(), hook);
     }
 }
 

@@ -5,6 +5,7 @@ declare_plugin!();
 hook!(request Panic = panic);
 hook!(request Fail = fail);
 hook!(NeedsConfig: StrictConfig);
+hook!(PanicOnDrop: PanicsWhenDropped);
 
 fn panic(req: &mut Request) -> Flow {
     if req.path().ends_with("/ok") {
@@ -28,5 +29,20 @@ impl Hook for StrictConfig {
         } else {
             Err(format!("config must be {{\"valid\": true}}, got {config}"))
         }
+    }
+}
+
+/// Serves requests, then panics when the gateway drops it (its API changed or went away).
+struct PanicsWhenDropped;
+
+impl Hook for PanicsWhenDropped {
+    fn new(_config: &str) -> Result<Self, String> {
+        Ok(PanicsWhenDropped)
+    }
+}
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("this hook state panics on purpose when dropped");
     }
 }
