@@ -230,11 +230,13 @@ impl Gatehouse {
 
     fn spawn_at(config: &Path, listen: &str, admin: &str, extra: &[&str]) -> Self {
         let plugin_cache = tempfile::tempdir().unwrap();
-        let mut child = Command::new(binary())
-            .args(["--listen", listen, "--admin-listen", admin, "--log-format", "json", "--config"])
-            .arg(config)
-            .arg("--plugin-dir")
-            .arg(plugin_cache.path())
+        let mut cmd = Command::new(binary());
+        cmd.args(["--listen", listen, "--admin-listen", admin, "--log-format", "json", "--config"]).arg(config);
+        // A test may choose the plugin directory itself (`--plugin-dir=...` in `extra`).
+        if !extra.iter().any(|a| a.starts_with("--plugin-dir")) {
+            cmd.arg("--plugin-dir").arg(plugin_cache.path());
+        }
+        let mut child = cmd
             .args(extra)
             .env("RUST_LOG", "info")
             .env("TOKIO_WORKER_THREADS", "2")
