@@ -37,8 +37,9 @@ pub struct Cli {
     /// Where analytics records go: `none`, `stdout`, or `file:PATH` (JSON lines).
     #[arg(long, default_value = "none", value_parser = parse_analytics)]
     pub analytics: AnalyticsSink,
-    /// Where plugin libraries are copied, by content hash, before loading. Must be
-    /// writable; in a pod, an emptyDir.
+    /// Where plugin libraries are copied, by content hash, before loading. Created 0700 if
+    /// missing; refused if another user owns it or others can write it. In a pod, a
+    /// directory under an emptyDir (the gateway creates it).
     #[arg(long, value_name = "DIR", default_value = "/tmp/gatehouse/plugins")]
     pub plugin_dir: PathBuf,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -298,11 +298,7 @@ impl Subscriber {
             .filter(|p| wanted(&p.id, Acked::plugins))
             .map(|p| {
                 let generation = snapshot.plugins.get(&p.id).map_or(0, |e| e.generation);
-                let ok = p.state == "loaded";
-                (
-                    p.id.clone(),
-                    ResourceResult { generation, ok, message: if ok { String::new() } else { p.state.clone() } },
-                )
+                (p.id.clone(), plugin_result(p, generation))
             })
             .collect();
         let partial = !matches!(acked, Acked::All);
@@ -318,5 +314,34 @@ impl Subscriber {
             Ok(r) => tracing::warn!(status = %r.status(), "the controller refused an ack"),
             Err(e) => tracing::debug!(error = %e, "sending an ack"),
         }
+    }
+}
+
+/// A Plugin's ack: ok only when the file's current content is what is served. A Plugin
+/// still served by its previous version because the new content was refused is not ok, and
+/// the message (`serving <sha>; new content <sha> refused: <reason>`) says both.
+fn plugin_result(p: &crate::plugins::PluginReport, generation: i64) -> ResourceResult {
+    let ok = p.state == "loaded";
+    ResourceResult { generation, ok, message: if ok { String::new() } else { p.state.clone() } }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::PluginReport;
+
+    #[test]
+    fn a_plugin_serving_its_previous_version_is_acked_as_not_loaded_with_both_versions() {
+        let state = "serving aaaa; new content bbbb refused: init failed: no license".to_owned();
+        let report = PluginReport {
+            id: "default/p".into(),
+            path: "/plugins/libp.so".into(),
+            sha256: Some("aaaa".into()),
+            state: state.clone(),
+            sdk: None,
+        };
+        assert_eq!(plugin_result(&report, 4), ResourceResult { generation: 4, ok: false, message: state });
+        let loaded = PluginReport { state: "loaded".into(), ..report };
+        assert_eq!(plugin_result(&loaded, 4), ResourceResult { generation: 4, ok: true, message: String::new() });
     }
 }

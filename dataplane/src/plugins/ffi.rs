@@ -38,6 +38,10 @@ impl Library {
     /// Opens `file` (a checked private copy whose own symbols are `defined`), checks its
     /// declaration and runs its `init`.
     pub fn open(file: &Path, defined: HashMap<String, Defined>) -> Result<Self, PluginError> {
+        // Checked before `dlopen`, so the initialisers of a library that is no plugin never run.
+        if !defined.get(GH_DECLARATION_SYMBOL).is_some_and(|d| d.is_data_object()) {
+            return Err(PluginError::NoDeclaration);
+        }
         // SAFETY: loading runs the library's initialisers. That is the point of a plugin:
         // the operator chose to trust this file (and may pin its sha256). The file is a
         // complete, hash-verified private copy (see `Loader::load`). RTLD_NOW: an
@@ -47,9 +51,6 @@ impl Library {
             .map_err(|e| PluginError::DlopenFailed(dl_error_text(&e)))?;
         let lib: &'static DlHandle = Box::leak(Box::new(lib));
         let path = file.to_path_buf();
-        if !defined.get(GH_DECLARATION_SYMBOL).is_some_and(|d| d.is_data_object()) {
-            return Err(PluginError::NoDeclaration);
-        }
         // SAFETY: the symbol is read as a pointer to a `gh_plugin` static; its fields are
         // checked (magic first) before any is trusted.
         let decl: *const gh_plugin = unsafe { lib.get::<*const gh_plugin>(GH_DECLARATION_SYMBOL.as_bytes()) }

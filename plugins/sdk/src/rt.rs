@@ -244,3 +244,30 @@ pub unsafe fn on_response_hook<T: Hook>(instance: *mut c_void, call: *mut gh_cal
     };
     run(call, |host| hook.on_response(&mut Response::new(Call::new(call, host, "null"))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct PanicsWhenDropped;
+
+    impl Hook for PanicsWhenDropped {
+        fn new(_config: &str) -> Result<Self, String> {
+            Ok(PanicsWhenDropped)
+        }
+    }
+
+    impl Drop for PanicsWhenDropped {
+        fn drop(&mut self) {
+            panic!("dropped");
+        }
+    }
+
+    #[test]
+    fn destroy_contains_a_panic_in_drop() {
+        let instance = Box::into_raw(Box::new(PanicsWhenDropped)).cast::<c_void>();
+        // An unwind out of an `extern "C"` function aborts this whole test process.
+        // SAFETY: the instance is a leaked Box of the type, destroyed once.
+        unsafe { destroy_hook::<PanicsWhenDropped>(instance) };
+    }
+}
