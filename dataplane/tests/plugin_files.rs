@@ -147,6 +147,14 @@ async fn a_plugin_overwritten_in_place_in_chunks_under_load_never_fails_a_reques
         sent.load(Ordering::Relaxed),
         first_failure.lock().unwrap()
     );
+    let logs = gw.logs();
+    eprintln!(
+        "{} requests while a {}-byte plugin was rewritten in place; refused while still being written: {}, as truncated: {}",
+        sent.load(Ordering::Relaxed),
+        v2.len(),
+        logs.matches("still being written (").count(),
+        logs.matches("extends past the end").count(),
+    );
     let state = wait_plugin(&gw, "default/big", "the complete file to be loaded", |s| s["state"] == "loaded").await;
     assert_eq!(state["sha256"], sha256(&v2), "serving exactly the complete new content");
     assert_eq!(version_header(&gw, "/a/x").await, (StatusCode::OK, "v2".to_owned()));
