@@ -106,7 +106,8 @@ impl Resources {
         }
         let mut missing = Vec::new();
         let mut plugins: BTreeSet<&str> = BTreeSet::new();
-        for (_, r) in api.spec.middleware.refs() {
+        // A disabled entry needs no Plugin: it is never bound.
+        for (_, r) in api.spec.middleware.refs().filter(|(_, r)| !r.disabled) {
             plugins.insert(&r.plugin);
         }
         for p in plugins {

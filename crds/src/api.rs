@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{Duration, ResourceError};
+use crate::{Duration, ResourceError, endpoint::EndpointPlugins};
 
 /// One API: where it listens, where it forwards to, how callers authenticate and which
 /// plugins run in its chain.
@@ -239,6 +239,17 @@ pub struct Middleware {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub response: Vec<PluginRef>,
+    /// Per-endpoint hooks (Tyk's `extended_paths.go_plugin`): after the key checks, before
+    /// `post`, for the first endpoint whose path and method match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.all(e, self.exists_one(f, f.path == e.path && (!has(e.methods) || !has(f.methods) || size(e.methods) == 0 || size(f.methods) == 0 || e.methods.exists(m, m in f.methods))))",
+            "message": "two endpoints declare the same path and method: the first matching endpoint wins, so the other would never run"
+        }])
+    )]
+    pub endpoints: Vec<EndpointPlugins>,
 }
 
 impl Middleware {
@@ -255,6 +266,11 @@ impl Middleware {
         }
         if let Some(r) = &self.auth_check {
             out.push(("spec.middleware.authCheck".to_owned(), r));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            out.extend(
+                e.plugins.iter().enumerate().map(|(j, r)| (format!("spec.middleware.endpoints[{i}].plugins[{j}]"), r)),
+            );
         }
         out.into_iter()
     }
@@ -286,6 +302,9 @@ pub struct PluginRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json")]
     pub config: Option<serde_json::Value>,
+    /// A disabled entry is not bound at all: its plugin is not needed, its hook not called.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 /// Schema for a value the API server must keep as written, whatever its JSON type.
@@ -357,6 +376,9 @@ impl ApiDefinitionSpec {
             if r.symbol.is_empty() {
                 err(&format!("{field}.symbol"), "must name an exported symbol".to_owned());
             }
+        }
+        for (field, reason) in crate::endpoint::check_endpoints(&self.middleware.endpoints) {
+            err(&field, reason);
         }
         errors
     }

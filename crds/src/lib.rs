@@ -8,6 +8,7 @@
 mod api;
 pub mod crdgen;
 mod duration;
+mod endpoint;
 mod error;
 mod key;
 pub mod manifest;
@@ -20,6 +21,7 @@ pub use api::{
     ServiceRef, Upstream,
 };
 pub use duration::Duration;
+pub use endpoint::{EndpointPlugins, HttpMethod, Segment, parse_endpoint_path};
 pub use error::ResourceError;
 pub use key::{KEY_LABEL, KeySession, key_hash};
 pub use plugin::{ConfigMapKeyRef, FailurePolicy, Plugin, PluginSpec, PluginStatus};

@@ -2,9 +2,13 @@
 //! request; whatever ends it, step 10 records it.
 //!
 //! ```text
-//!  1 route ─ 2 pre ─ 3 API rate limit ─ 4 auth ─ 5 postKeyAuth ─ 6 key checks ─ 7 post
-//!    ─ 8 upstream ─ 9 response ─ 10 analytics + metrics
+//!  1 route ─ 2 pre ─ 3 API rate limit ─ 4 auth ─ 5 postKeyAuth ─ 6 key checks
+//!    ─ 6b endpoint plugins ─ 7 post ─ 8 upstream ─ 9 response ─ 10 analytics + metrics
 //! ```
+//!
+//! Response headers that request hooks set (`GH_RESPONSE` in a request phase, Tyk's
+//! `rw.Header()`) ride on whatever answers: the upstream (before `response` hooks, which
+//! see them), a hook, or the gateway's own error.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -17,6 +21,7 @@ use crate::{
     analytics::Record,
     auth::{self, QuotaLeft},
     body::{BufferError, ProxyBody},
+    endpoints,
     gateway::Gateway,
     limits::{CounterStore, Decision},
     path::{self, PathError},
@@ -34,6 +39,9 @@ struct Exchange {
     upstream_latency: Option<std::time::Duration>,
     error: Option<GatewayError>,
     plugin_answered: bool,
+    /// What request hooks set on the response: sent as is when one answers; otherwise its
+    /// headers go onto whatever answers instead.
+    reply: ResponseState,
     /// Bytes of bodies buffered for plugins, given back to the shared budget when the
     /// request ends.
     held: crate::body::Reservation,
@@ -65,7 +73,9 @@ impl Gateway {
             Ok(resp) => resp,
             Err(e) => {
                 ex.error = Some(e);
-                e.into_response()
+                let mut resp = e.into_response();
+                carry_headers(&ex.reply.headers, resp.headers_mut());
+                resp
             }
         };
         self.record(&ex, &response, started, peer, seen);
@@ -101,13 +111,12 @@ impl Gateway {
         if plugins.request_body {
             req.body = Some(self.buffer(body.take(), GatewayError::BadBody, &mut ex.held).await?);
         }
-        let mut reply = ResponseState::default();
         macro_rules! hooks {
             ($hooks:expr) => {{
-                let mut x = PluginExchange { req: &mut req, resp: &mut reply, session: &mut ex.session, api, peer };
+                let mut x = PluginExchange { req: &mut req, resp: &mut ex.reply, session: &mut ex.session, api, peer };
                 if let Next::Respond = plugins::run_phase($hooks, &mut x)? {
                     ex.plugin_answered = true;
-                    return Ok(into_response(reply, None));
+                    return Ok(into_response(std::mem::take(&mut ex.reply), None));
                 }
             }};
         }
@@ -151,6 +160,19 @@ impl Gateway {
             quota = auth::check_key(&self.counters, api, s).await?;
         }
 
+        // 6b. Endpoint plugins (Tyk's per-endpoint plugins): the first entry, in declared
+        // order, whose method and path after the listen path match.
+        if !plugins.endpoints.is_empty()
+            && let Some(e) = endpoints::find(
+                &plugins.endpoints,
+                &api.entry.spec.listen_path,
+                &req.parts.method,
+                req.parts.uri.path(),
+            )
+        {
+            hooks!(&e.hooks);
+        }
+
         // 7. `post` plugins.
         hooks!(&plugins.post);
 
@@ -167,6 +189,7 @@ impl Gateway {
         let (mut resp, took) =
             proxy::forward(&self.client, &self.target_slots, api, Request::from_parts(req.parts, body), peer).await?;
         ex.upstream_latency = Some(took);
+        carry_headers(&ex.reply.headers, resp.headers_mut());
 
         // 9. `response` plugins, then the answer.
         if let Some(parts) = seen_by_response_hooks {
@@ -250,6 +273,31 @@ impl Gateway {
             BufferError::Read => on_error,
         })
     }
+}
+
+/// Puts the response headers request hooks set onto the answer: for each name they set,
+/// their values replace the answer's. Framing headers stay the answer's own, which alone
+/// knows its body. Costs one emptiness check when no hook set any.
+fn carry_headers(set: &http::HeaderMap, answer: &mut http::HeaderMap) {
+    if set.is_empty() {
+        return;
+    }
+    for name in set.keys() {
+        if is_framing(name) {
+            continue;
+        }
+        answer.remove(name);
+        for v in set.get_all(name) {
+            answer.append(name.clone(), v.clone());
+        }
+    }
+}
+
+fn is_framing(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    [CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, TE, TRAILER, UPGRADE].contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// After a body was buffered or replaced: its length is known, so say it.

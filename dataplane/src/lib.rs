@@ -15,6 +15,7 @@ pub mod chain;
 mod cli;
 pub mod config_thread;
 pub mod egress;
+pub mod endpoints;
 pub mod gateway;
 pub mod key_id;
 pub mod limits;

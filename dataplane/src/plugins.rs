@@ -32,6 +32,7 @@ pub use ffi::HOST_API;
 use ffi::{Instance, Library};
 
 use crate::{
+    endpoints::Endpoint,
     metrics::Metrics,
     reply::GatewayError,
     runtime::{Api, Session},
@@ -42,6 +43,8 @@ pub enum Phase {
     Pre,
     AuthCheck,
     PostKeyAuth,
+    /// `middleware.endpoints[].plugins`: after the key checks, before `post`.
+    Endpoint,
     Post,
     Response,
 }
@@ -52,6 +55,7 @@ impl Phase {
             Phase::Pre => "pre",
             Phase::AuthCheck => "authCheck",
             Phase::PostKeyAuth => "postKeyAuth",
+            Phase::Endpoint => "endpoint",
             Phase::Post => "post",
             Phase::Response => "response",
         }
@@ -411,9 +415,13 @@ pub struct PluginChain {
     pub pre: Vec<HookCall>,
     pub auth_check: Option<HookCall>,
     pub post_key_auth: Vec<HookCall>,
+    /// In declared order; the first that matches a request runs (`endpoints::find`).
+    pub endpoints: Vec<Endpoint>,
     pub post: Vec<HookCall>,
     pub response: Vec<HookCall>,
     pub unavailable: Option<String>,
+    /// Entries with `disabled: true`, by field path, for `/config`.
+    pub disabled: Vec<String>,
     /// Some request hook reads the body: buffer it before the chain.
     pub request_body: bool,
     /// Some response hook reads the body: buffer the upstream's.
@@ -425,6 +433,7 @@ impl PluginChain {
         self.pre.is_empty()
             && self.auth_check.is_none()
             && self.post_key_auth.is_empty()
+            && self.endpoints.is_empty()
             && self.post.is_empty()
             && self.response.is_empty()
             && self.unavailable.is_none()
@@ -522,44 +531,95 @@ impl<'a> ChainBuilder<'a> {
         let mut chain = PluginChain::default();
         let mut notes = Vec::new();
         let m = &api.spec.middleware;
-        let entries = m
-            .pre
-            .iter()
-            .map(|r| (Phase::Pre, r))
-            .chain(m.auth_check.iter().map(|r| (Phase::AuthCheck, r)))
-            .chain(m.post_key_auth.iter().map(|r| (Phase::PostKeyAuth, r)))
-            .chain(m.post.iter().map(|r| (Phase::Post, r)))
-            .chain(m.response.iter().map(|r| (Phase::Response, r)));
-        for (phase, r) in entries {
-            let plugin_id = format!("{}/{}", api.namespace, r.plugin);
-            match self.bind(&plugin_id, phase, r) {
-                Ok(call) => {
-                    chain.request_body |= phase != Phase::Response && call.instance.wants_body(phase);
-                    chain.response_body |= phase == Phase::Response && call.instance.wants_body(phase);
-                    match phase {
-                        Phase::Pre => chain.pre.push(call),
-                        Phase::AuthCheck => chain.auth_check = Some(call),
-                        Phase::PostKeyAuth => chain.post_key_auth.push(call),
-                        Phase::Post => chain.post.push(call),
-                        Phase::Response => chain.response.push(call),
-                    }
-                }
-                Err((policy, e)) => {
-                    let what = format!("spec.middleware.{phase}: Plugin {plugin_id}, symbol {:?}: {e}", r.symbol);
-                    match policy {
-                        FailurePolicy::Fail => {
-                            tracing::warn!(api = %api.id(), "{what}; answering 500 (failurePolicy Fail)");
-                            chain.unavailable.get_or_insert(what);
-                        }
-                        FailurePolicy::Ignore => {
-                            tracing::warn!(api = %api.id(), "{what}; skipping it (failurePolicy Ignore)");
-                            notes.push(format!("skipping {what}"));
-                        }
-                    }
-                }
+        fn indexed(phase: Phase, list: &[PluginRef]) -> impl Iterator<Item = (Phase, usize, &PluginRef)> {
+            list.iter().enumerate().map(move |(i, r)| (phase, i, r))
+        }
+        let entries = indexed(Phase::Pre, &m.pre)
+            .chain(m.auth_check.iter().map(|r| (Phase::AuthCheck, 0, r)))
+            .chain(indexed(Phase::PostKeyAuth, &m.post_key_auth))
+            .chain(indexed(Phase::Post, &m.post))
+            .chain(indexed(Phase::Response, &m.response));
+        for (phase, i, r) in entries {
+            if r.disabled {
+                let field = if phase == Phase::AuthCheck {
+                    format!("spec.middleware.{phase}")
+                } else {
+                    format!("spec.middleware.{phase}[{i}]")
+                };
+                chain.disabled.push(format!("{field} (Plugin {}, symbol {:?})", r.plugin, r.symbol));
+                continue;
+            }
+            let Some(call) = self.bind_entry(api, phase, &format!("spec.middleware.{phase}"), r, &mut chain, &mut notes)
+            else {
+                continue;
+            };
+            match phase {
+                Phase::Pre => chain.pre.push(call),
+                Phase::AuthCheck => chain.auth_check = Some(call),
+                Phase::PostKeyAuth => chain.post_key_auth.push(call),
+                Phase::Post => chain.post.push(call),
+                Phase::Response => chain.response.push(call),
+                // Endpoint entries are bound per endpoint, below.
+                Phase::Endpoint => {}
             }
         }
+        for (i, e) in m.endpoints.iter().enumerate() {
+            let mut endpoint = match Endpoint::compile(e) {
+                Ok(endpoint) => endpoint,
+                Err(reason) => {
+                    // Validation refuses these before a snapshot is made; a snapshot from
+                    // elsewhere still must not serve the API without its endpoint hooks.
+                    chain.unavailable.get_or_insert(format!("spec.middleware.endpoints[{i}].path: {reason}"));
+                    continue;
+                }
+            };
+            for (j, r) in e.plugins.iter().enumerate() {
+                let field = format!("spec.middleware.endpoints[{i}].plugins[{j}]");
+                if r.disabled {
+                    chain.disabled.push(format!("{field} (Plugin {}, symbol {:?})", r.plugin, r.symbol));
+                    continue;
+                }
+                if let Some(call) = self.bind_entry(api, Phase::Endpoint, &field, r, &mut chain, &mut notes) {
+                    endpoint.hooks.push(call);
+                }
+            }
+            chain.endpoints.push(endpoint);
+        }
         (chain, notes)
+    }
+
+    /// Binds one entry; a failure is applied to the chain by the Plugin's `failurePolicy`.
+    fn bind_entry(
+        &self,
+        api: &ApiEntry,
+        phase: Phase,
+        field: &str,
+        r: &PluginRef,
+        chain: &mut PluginChain,
+        notes: &mut Vec<String>,
+    ) -> Option<HookCall> {
+        let plugin_id = format!("{}/{}", api.namespace, r.plugin);
+        match self.bind(&plugin_id, phase, r) {
+            Ok(call) => {
+                chain.request_body |= phase != Phase::Response && call.instance.wants_body(phase);
+                chain.response_body |= phase == Phase::Response && call.instance.wants_body(phase);
+                Some(call)
+            }
+            Err((policy, e)) => {
+                let what = format!("{field}: Plugin {plugin_id}, symbol {:?}: {e}", r.symbol);
+                match policy {
+                    FailurePolicy::Fail => {
+                        tracing::warn!(api = %api.id(), "{what}; answering 500 (failurePolicy Fail)");
+                        chain.unavailable.get_or_insert(what);
+                    }
+                    FailurePolicy::Ignore => {
+                        tracing::warn!(api = %api.id(), "{what}; skipping it (failurePolicy Ignore)");
+                        notes.push(format!("skipping {what}"));
+                    }
+                }
+                None
+            }
+        }
     }
 
     fn bind(&self, plugin_id: &str, phase: Phase, r: &PluginRef) -> Result<HookCall, (FailurePolicy, PluginError)> {

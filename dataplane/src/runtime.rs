@@ -115,6 +115,10 @@ pub struct ApiReport {
     pub targets: Vec<String>,
     /// `serving`, `inactive`, or why it is not served.
     pub state: String,
+    /// `middleware` entries with `disabled: true`, which are not bound: field path, Plugin
+    /// and symbol.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disabled: Vec<String>,
 }
 
 impl std::fmt::Debug for Api {
@@ -275,6 +279,7 @@ impl Runtime {
         let conflicts = route_conflicts(snapshot.apis.values());
         for (id, entry) in &snapshot.apis {
             let mut state = "serving".to_owned();
+            let mut disabled = Vec::new();
             if !entry.spec.active {
                 state = "inactive".to_owned();
             } else if let Some(c) = conflicts.get(id) {
@@ -302,6 +307,7 @@ impl Runtime {
                         } else if !api.notes.is_empty() {
                             state = format!("serving; {}", api.notes.join("; "));
                         }
+                        disabled.clone_from(&api.plugins.disabled);
                         apis.insert(id.clone(), api);
                     }
                     Err(e) => state = e,
@@ -317,6 +323,7 @@ impl Runtime {
                 listen_path: entry.spec.listen_path.clone(),
                 targets: entry.targets.clone(),
                 state,
+                disabled,
             });
         }
         let keys = build_keys(snapshot, key_ids, prev);

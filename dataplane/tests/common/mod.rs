@@ -455,6 +455,7 @@ pub const RUST_PLUGINS: &[&str] = &[
     "noop",
     "faulty",
     "body-transform",
+    "plugin-api",
 ];
 
 pub fn plugins() -> &'static Plugins {

@@ -158,6 +158,19 @@ impl<'a> Request<'a> {
     pub fn remove_header(&mut self, name: &str) {
         self.call.remove_header(GH_REQUEST, name)
     }
+    /// Sets a header on the response the client gets (Tyk's `rw.Header().Set` in a request
+    /// hook), replacing the values an earlier hook set for that name: whoever answers, the
+    /// upstream, a later hook or the gateway with an error, the response carries it, and its
+    /// values replace the answer's own for that name. `response` hooks see it applied.
+    /// False if the name or value is not valid.
+    pub fn set_response_header(&mut self, name: &str, value: &str) -> bool {
+        self.call.set_header(GH_RESPONSE, name, value, false)
+    }
+    /// Like [`Request::set_response_header`], keeping the values set before (Tyk's
+    /// `rw.Header().Add`).
+    pub fn add_response_header(&mut self, name: &str, value: &str) -> bool {
+        self.call.set_header(GH_RESPONSE, name, value, true)
+    }
     /// The body, for hooks exported with `request(body)` or `REQUEST_BODY`.
     pub fn body(&self) -> Option<&[u8]> {
         self.call.body(GH_REQUEST)
