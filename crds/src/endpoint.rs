@@ -238,7 +238,10 @@ mod tests {
         let errors = check_endpoints(&[endpoint("/a", &[]), endpoint("/a", &[Get])]);
         assert!(errors[0].1.contains("method GET"), "{errors:?}");
         let errors = check_endpoints(&[endpoint("/a", &[Get, Get])]);
-        assert_eq!(errors, vec![("spec.middleware.endpoints[0].methods[1]".to_owned(), "GET is listed twice".to_owned())]);
+        assert_eq!(
+            errors,
+            vec![("spec.middleware.endpoints[0].methods[1]".to_owned(), "GET is listed twice".to_owned())]
+        );
         let errors = check_endpoints(&[endpoint("/ok", &[]), endpoint("nope", &[])]);
         assert_eq!(errors[0].0, "spec.middleware.endpoints[1].path");
     }

@@ -549,7 +549,8 @@ impl<'a> ChainBuilder<'a> {
                 chain.disabled.push(format!("{field} (Plugin {}, symbol {:?})", r.plugin, r.symbol));
                 continue;
             }
-            let Some(call) = self.bind_entry(api, phase, &format!("spec.middleware.{phase}"), r, &mut chain, &mut notes)
+            let Some(call) =
+                self.bind_entry(api, phase, &format!("spec.middleware.{phase}"), r, &mut chain, &mut notes)
             else {
                 continue;
             };
