@@ -199,9 +199,7 @@ async fn endpoint_plugins_run_for_the_first_matching_path_and_method() {
         [
             format!("    - {{path: /users/me, plugins: [{}]}}\n", step("{trace: me, answer: 200}")),
             format!("    - {{path: '/users/{{id}}', methods: [GET, PUT], plugins: [{}]}}\n", step("{trace: user, answer: 200}")),
-            format!(
-                "    - {{path: '/users/{{id}}', methods: [DELETE], plugins: [{{plugin: api, symbol: Step, config: {{answer: 200}}, disabled: true}}]}}\n"
-            ),
+            "    - {path: '/users/{id}', methods: [DELETE], plugins: [{plugin: api, symbol: Step, config: {answer: 200}, disabled: true}]}\n".to_owned(),
             format!("    - {{path: /files/*, plugins: [{}]}}\n", step("{trace: files}")),
             "    - {path: '/lookup/{id}', methods: [GET], plugins: [{plugin: api, symbol: LookupUser}]}\n".to_owned(),
             format!("    - {{path: /*, methods: [POST], plugins: [{}]}}\n", step("{trace: any-post}")),

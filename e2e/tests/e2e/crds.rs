@@ -8,8 +8,8 @@ use std::{
 };
 
 use gatehouse_crds::{
-    ApiDefinition, ApiDefinitionSpec, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration, FailurePolicy, Middleware,
-    Plugin, PluginRef, PluginSpec, RateLimit, ServiceRef, Upstream,
+    ApiDefinition, ApiDefinitionSpec, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration, EndpointPlugins,
+    FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, ServiceRef, Upstream,
     manifest::{self, Resource},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -132,7 +132,7 @@ async fn the_standalone_examples_are_accepted_and_read_back_as_the_standalone_pa
 }
 
 fn plugin_ref(plugin: &str, symbol: &str, config: Option<Value>) -> PluginRef {
-    PluginRef { plugin: plugin.to_owned(), symbol: symbol.to_owned(), config }
+    PluginRef { plugin: plugin.to_owned(), symbol: symbol.to_owned(), config, disabled: false }
 }
 
 #[tokio::test]
@@ -160,6 +160,17 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
             post_key_auth: vec![plugin_ref("session-meta", "MyPluginFunction", Some(json!(["a", 1, null, true])))],
             post: vec![plugin_ref("c-add-header", "AddHeader", Some(json!("v1")))],
             response: vec![plugin_ref("rewrite.v2", "_rewrite_2", Some(json!(42)))],
+            endpoints: vec![
+                EndpointPlugins {
+                    path: "/users/{id}".to_owned(),
+                    methods: vec![HttpMethod::Get, HttpMethod::Put],
+                    plugins: vec![
+                        plugin_ref("users", "LookupUser", Some(json!({"db": "x"}))),
+                        PluginRef { disabled: true, ..plugin_ref("audit", "Audit", None) },
+                    ],
+                },
+                EndpointPlugins { path: "/files/*".to_owned(), methods: Vec::new(), plugins: Vec::new() },
+            ],
         },
         config_data: Some(json!({"tier": "gold", "nested": {"list": [1, 2.5, "x"], "flag": false}})),
     };
@@ -438,6 +449,54 @@ async fn invalid_api_definitions_are_refused_with_a_message_naming_the_problem()
             "a hook without symbol",
             api_with(json!({"middleware": {"pre": [{"plugin": "a"}]}})),
             "spec.middleware.pre[0].symbol: Required value",
+        ),
+        invalid(
+            "an endpoint path without a leading slash",
+            api_with(json!({"middleware": {"endpoints": [{"path": "users"}]}})),
+            "spec.middleware.endpoints[0].path: Invalid value: \"string\": an endpoint path must start with '/'",
+        ),
+        invalid(
+            "an endpoint parameter that is not a whole segment",
+            api_with(json!({"middleware": {"endpoints": [{"path": "/ok"}, {"path": "/users/x{id}"}]}})),
+            "spec.middleware.endpoints[1].path: Invalid value: \"string\": a parameter must be a whole segment",
+        ),
+        invalid(
+            "a wildcard that is not the last segment",
+            api_with(json!({"middleware": {"endpoints": [{"path": "/a/*/b"}]}})),
+            "spec.middleware.endpoints[0].path: Invalid value: \"string\": '*' is only allowed as the whole last segment",
+        ),
+        invalid(
+            "an endpoint path with a dot-segment",
+            api_with(json!({"middleware": {"endpoints": [{"path": "/a/../b"}]}})),
+            "empty, '.' and '..' segments never match a normalised request path",
+        ),
+        invalid(
+            "two endpoints with the same path and method",
+            api_with(json!({"middleware": {"endpoints": [
+                {"path": "/u/{id}", "methods": ["GET"]},
+                {"path": "/u/{id}", "methods": ["PUT", "GET"]},
+            ]}})),
+            "spec.middleware.endpoints: Invalid value: \"array\": two endpoints declare the same path and method",
+        ),
+        invalid(
+            "an endpoint for any method after one for GET on the same path",
+            api_with(json!({"middleware": {"endpoints": [{"path": "/u", "methods": ["GET"]}, {"path": "/u"}]}})),
+            "two endpoints declare the same path and method",
+        ),
+        invalid(
+            "a method outside the HTTP set",
+            api_with(json!({"middleware": {"endpoints": [{"path": "/u", "methods": ["FETCH"]}]}})),
+            "spec.middleware.endpoints[0].methods[0]: Unsupported value: \"FETCH\"",
+        ),
+        invalid(
+            "a method listed twice",
+            api_with(json!({"middleware": {"endpoints": [{"path": "/u", "methods": ["GET", "GET"]}]}})),
+            "spec.middleware.endpoints[0].methods[1]: Duplicate value: \"GET\"",
+        ),
+        invalid(
+            "a disabled entry that is not a boolean",
+            api_with(json!({"middleware": {"pre": [{"plugin": "a", "symbol": "B", "disabled": "yes"}]}})),
+            "spec.middleware.pre[0].disabled: Invalid value: \"string\": spec.middleware.pre[0].disabled in body must be of type boolean",
         ),
         invalid(
             "65 hooks in one phase",
