@@ -83,7 +83,7 @@ impl HttpMethod {
 
 /// One segment of an endpoint path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Segment<'a> {
+pub enum EndpointSegment<'a> {
     /// Matches exactly this text (empty: the empty segment after a trailing slash).
     Literal(&'a str),
     /// `{name}`: any one non-empty segment.
@@ -93,7 +93,7 @@ pub enum Segment<'a> {
 }
 
 /// Splits an endpoint path into segments, or says what is wrong with it.
-pub fn parse_endpoint_path(path: &str) -> Result<Vec<Segment<'_>>, String> {
+pub fn parse_endpoint_path(path: &str) -> Result<Vec<EndpointSegment<'_>>, String> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(format!("must start with '/', got {path:?}"));
     };
@@ -107,7 +107,7 @@ pub fn parse_endpoint_path(path: &str) -> Result<Vec<Segment<'_>>, String> {
                     "'*' is only allowed as the whole last segment ('/*', the rest of the path), got {path:?}"
                 ));
             }
-            out.push(Segment::Rest);
+            out.push(EndpointSegment::Rest);
         } else if seg.contains(['{', '}']) {
             let name = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')).filter(|n| is_identifier(n));
             let Some(name) = name else {
@@ -115,11 +115,11 @@ pub fn parse_endpoint_path(path: &str) -> Result<Vec<Segment<'_>>, String> {
                     "a parameter must be a whole segment, '{{name}}', its name made of letters, digits and '_', got {seg:?} in {path:?}"
                 ));
             };
-            out.push(Segment::Param(name));
+            out.push(EndpointSegment::Param(name));
         } else if (seg.is_empty() && i != last) || seg == "." || seg == ".." {
             return Err(format!("empty, '.' and '..' segments never match a normalised request path, got {path:?}"));
         } else {
-            out.push(Segment::Literal(seg));
+            out.push(EndpointSegment::Literal(seg));
         }
     }
     Ok(out)
@@ -133,14 +133,14 @@ fn is_identifier(s: &str) -> bool {
 
 /// The pattern with parameter names left out: `/users/{id}` and `/users/{uid}` match the
 /// same requests, so they are the same path for the duplicate check.
-fn shape(segments: &[Segment<'_>]) -> String {
+fn shape(segments: &[EndpointSegment<'_>]) -> String {
     let mut s = String::new();
     for seg in segments {
         s.push('/');
         match seg {
-            Segment::Literal(l) => s.push_str(l),
-            Segment::Param(_) => s.push_str("{}"),
-            Segment::Rest => s.push('*'),
+            EndpointSegment::Literal(l) => s.push_str(l),
+            EndpointSegment::Param(_) => s.push_str("{}"),
+            EndpointSegment::Rest => s.push('*'),
         }
     }
     s
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn endpoint_paths_parse_into_segments() {
-        use Segment::*;
+        use EndpointSegment::*;
         assert_eq!(parse_endpoint_path("/"), Ok(vec![Literal("")]));
         assert_eq!(parse_endpoint_path("/users/{id}"), Ok(vec![Literal("users"), Param("id")]));
         assert_eq!(parse_endpoint_path("/users/"), Ok(vec![Literal("users"), Literal("")]));

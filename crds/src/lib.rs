@@ -21,7 +21,7 @@ pub use api::{
     ServiceRef, Upstream,
 };
 pub use duration::Duration;
-pub use endpoint::{EndpointPlugins, HttpMethod, Segment, parse_endpoint_path};
+pub use endpoint::{EndpointPlugins, EndpointSegment, HttpMethod, parse_endpoint_path};
 pub use error::ResourceError;
 pub use key::{KEY_LABEL, KeySession, key_hash};
 pub use plugin::{ConfigMapKeyRef, FailurePolicy, Plugin, PluginSpec, PluginStatus};

@@ -2,7 +2,7 @@
 //! compiled when the runtime is built; matching walks the path's segments in place and
 //! allocates nothing.
 
-use gatehouse_crds::{EndpointPlugins, HttpMethod, Segment, parse_endpoint_path};
+use gatehouse_crds::{EndpointPlugins, EndpointSegment, HttpMethod, parse_endpoint_path};
 use http::Method;
 
 use crate::{plugins::HookCall, router::prefix_key};
@@ -27,9 +27,9 @@ impl Endpoint {
         let segments = parse_endpoint_path(&e.path)?
             .into_iter()
             .map(|s| match s {
-                Segment::Literal(l) => Seg::Literal(l.into()),
-                Segment::Param(_) => Seg::Param,
-                Segment::Rest => Seg::Rest,
+                EndpointSegment::Literal(l) => Seg::Literal(l.into()),
+                EndpointSegment::Param(_) => Seg::Param,
+                EndpointSegment::Rest => Seg::Rest,
             })
             .collect();
         let methods = e.methods.iter().fold(0, |bits, m| bits | method_bit(*m));

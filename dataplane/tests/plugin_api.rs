@@ -153,6 +153,12 @@ async fn disabled_entries_are_not_bound_in_any_phase_and_are_shown_on_config() {
                 &format!("  auth: {{type: plugin}}\n  middleware:\n    authCheck: {absent}\n"),
             ),
             api("enabled", "/on/", &u, "  middleware:\n    pre: [{plugin: absent, symbol: Nope}]\n"),
+            api(
+                "endpoint-missing",
+                "/endpoint-missing/",
+                &u,
+                "  middleware:\n    endpoints: [{path: /x, plugins: [{plugin: api, symbol: Nope}]}]\n",
+            ),
         ]
         .concat(),
     );
@@ -187,6 +193,17 @@ async fn disabled_entries_are_not_bound_in_any_phase_and_are_shown_on_config() {
     let auth_off = state["apis"].as_array().unwrap().iter().find(|a| a["id"] == "default/auth-off").unwrap();
     assert_eq!(auth_off["disabled"][0], "spec.middleware.authCheck (Plugin absent, symbol \"Nope\")");
     assert!(api_state(&state, "default/enabled").contains("no Plugin named absent"));
+    // An endpoint hook that cannot be bound fails its API as any other entry does.
+    let r = gw.get("/endpoint-missing/y").await;
+    assert_eq!((r.status, r.error().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "plugin failure"));
+    let s = api_state(&state, "default/endpoint-missing");
+    assert!(
+        s.contains(
+            "spec.middleware.endpoints[0].plugins[0]: Plugin default/api, symbol \"Nope\": symbol \"Nope\" not found"
+        ),
+        "{s}"
+    );
+    assert_eq!(gw.get("/off/x").await.status, StatusCode::OK, "the others keep serving");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
