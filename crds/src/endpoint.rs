@@ -39,7 +39,7 @@ fn endpoint_path_rules(schema: &mut schemars::Schema) {
                 "message": "'*' is only allowed as the whole last segment ('/*', the rest of the path)"
             },
             {
-                "rule": "self.matches('^(/([^/{}]*|[{][A-Za-z_][A-Za-z0-9_]*[}]))*$')",
+                "rule": "!self.startsWith('/') || self.matches('^(/([^/{}]*|[{][A-Za-z_][A-Za-z0-9_]*[}]))*$')",
                 "message": "a parameter must be a whole segment, '{name}', its name made of letters, digits and '_'"
             },
             {
