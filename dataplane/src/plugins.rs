@@ -9,11 +9,12 @@ mod elf;
 mod ffi;
 
 use std::{
+    cell::OnceCell,
     collections::HashMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicBool},
     time::Instant,
 };
 
@@ -105,6 +106,16 @@ pub enum PluginError {
     MissingSymbol(String),
     #[error("symbol {symbol:?} is not a Gatehouse hook: {why}")]
     NotAHook { symbol: String, why: String },
+    #[error(
+        "symbol {0:?} not found: the plugin's find_hook does not know it (a Rust plugin lists its hooks in declare_plugin!)"
+    )]
+    UnknownHook(String),
+    #[error("declares ABI 1.{minor} (by {sdk}) but has no find_hook, which ABI 1.1 requires")]
+    NoFindHook { minor: u16, sdk: String },
+    #[error(
+        "carries a Go runtime, but {first} already does: Go supports one runtime per process, so a new Go plugin library needs a dataplane restart"
+    )]
+    SecondGoRuntime { first: String },
     #[error("symbol {symbol:?} has no handler for the {phase} phase")]
     PhaseNotHandled { symbol: String, phase: Phase },
     #[error("the hook refused its config: {0}")]
@@ -406,6 +417,9 @@ pub struct HookCall {
     duration: Histogram,
     errors: IntCounter,
     panics: IntCounter,
+    /// Set once a misuse of the host API by this hook (a `gh_call` used outside its call,
+    /// a header change while iterating) has been logged, so a loop cannot flood the log.
+    misuse_logged: AtomicBool,
 }
 
 /// An API's hooks by phase. `unavailable` is set when a plugin under `failurePolicy: Fail`
@@ -662,6 +676,7 @@ impl<'a> ChainBuilder<'a> {
                 event.as_str(),
                 "panic",
             ]),
+            misuse_logged: AtomicBool::new(false),
         })
     }
 }
@@ -697,8 +712,11 @@ pub struct CallCtx<'a> {
     hook: &'a HookCall,
     peer: SocketAddr,
     error: Option<String>,
-    ip_text: Option<String>,
-    session_text: Option<String>,
+    /// The status a failing hook asked for (`set_error_status`), instead of 500.
+    error_status: Option<StatusCode>,
+    // Caches filled through `&self`, so reads need no `&mut` (see `ffi::ctx_ref`).
+    ip_text: OnceCell<String>,
+    session_text: OnceCell<String>,
 }
 
 impl CallCtx<'_> {
@@ -724,35 +742,34 @@ impl CallCtx<'_> {
         }
     }
 
-    fn client_ip(&mut self) -> &str {
-        let peer = self.peer;
-        self.ip_text.get_or_insert_with(|| peer.ip().to_string())
+    fn client_ip(&self) -> &str {
+        self.ip_text.get_or_init(|| self.peer.ip().to_string())
     }
 
-    fn session_json(&mut self) -> Option<&str> {
-        if self.session_text.is_none() {
-            let s = self.session.as_deref()?;
-            self.session_text = Some(session_to_json(s).to_string());
-        }
-        self.session_text.as_deref()
+    fn session_json(&self) -> Option<&str> {
+        let s = self.session.as_deref()?;
+        Some(self.session_text.get_or_init(|| session_to_json(s).to_string()))
     }
 
     fn set_session_meta(&mut self, key: &str, value: &str) -> i32 {
         let Some(s) = self.session.as_mut() else { return 0 };
         // Copy-on-write: the key's shared session is never changed, only this request's.
         Arc::make_mut(s).session.meta_data.insert(key.to_owned(), value.to_owned());
-        self.session_text = None;
+        self.session_text = OnceCell::new();
         1
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_session(
         &mut self,
         id: &str,
+        alias: &str,
         rate: u64,
         per_ms: u64,
         quota_max: i64,
         renewal_ms: u64,
         rights: Vec<String>,
+        meta: Vec<(String, String)>,
     ) -> i32 {
         if self.hook.phase != Phase::AuthCheck || id.is_empty() {
             return -1;
@@ -765,10 +782,15 @@ impl CallCtx<'_> {
             quota_max: if quota_max >= 0 && renewal_ms > 0 { quota_max } else { -1 },
             quota_renewal: (quota_max >= 0 && renewal_ms > 0).then(|| ms(renewal_ms)),
             access_rights: if rights.is_empty() { vec![self.api.entry.name.clone()] } else { rights },
+            meta_data: meta.into_iter().collect(),
             ..KeySession::default()
         };
-        *self.session = Some(Arc::new(Session::from_plugin(&self.api.entry.namespace, &self.hook.plugin, id, session)));
-        self.session_text = None;
+        let mut made = Session::from_plugin(&self.api.entry.namespace, &self.hook.plugin, id, session);
+        if !alias.is_empty() {
+            made.alias = Arc::from(alias);
+        }
+        *self.session = Some(Arc::new(made));
+        self.session_text = OnceCell::new();
         1
     }
 }
@@ -819,8 +841,9 @@ impl HookCall {
             hook: self,
             peer: x.peer,
             error: None,
-            ip_text: None,
-            session_text: None,
+            error_status: None,
+            ip_text: OnceCell::new(),
+            session_text: OnceCell::new(),
         };
         let status = self.instance.call(self.phase, &mut ctx);
         let ended = Instant::now();
@@ -833,8 +856,12 @@ impl HookCall {
                 let counter = if other == abi::GH_PANIC { &self.panics } else { &self.errors };
                 counter.inc();
                 let reason = ctx.error.unwrap_or_else(|| format!("hook returned status {other}"));
-                tracing::warn!(api = %x.api.id, plugin = %self.path, symbol = %self.symbol, phase = %self.phase, %reason, "plugin hook failed; answering 500");
-                Err(GatewayError::PluginFailure)
+                let answer = match ctx.error_status {
+                    Some(status) if other == abi::GH_ERROR => GatewayError::PluginRefused(status),
+                    _ => GatewayError::PluginFailure,
+                };
+                tracing::warn!(api = %x.api.id, plugin = %self.path, symbol = %self.symbol, phase = %self.phase, %reason, status = answer.status().as_u16(), "plugin hook failed");
+                Err(answer)
             }
         };
         (next, ended)
@@ -856,6 +883,63 @@ pub fn run_phase(hooks: &[HookCall], x: &mut Exchange<'_>) -> Result<Next, Gatew
         }
     }
     Ok(Next::Continue)
+}
+
+/// RFC 3986 `pchar` without `%` (checked apart, with its two hex digits).
+fn is_pchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b)
+}
+
+/// Bytes that are URI characters: `allowed` ones, or `%` and two hex digits.
+fn uri_chars(s: &[u8], allowed: impl Fn(u8) -> bool) -> bool {
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            if !(i + 2 < s.len() && s[i + 1].is_ascii_hexdigit() && s[i + 2].is_ascii_hexdigit()) {
+                return false;
+            }
+            i += 3;
+        } else if allowed(s[i]) {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// `uri` with a plugin's new path: origin-form, normalised by the same rules as incoming
+/// requests, the query kept.
+fn rewrite_path(uri: &http::Uri, path: &[u8]) -> Result<http::Uri, String> {
+    if path.first() != Some(&b'/') {
+        return Err("not origin-form: it must start with '/'".to_owned());
+    }
+    if !uri_chars(path, |b| b == b'/' || is_pchar(b)) {
+        return Err("only URI path characters are allowed ('?' and '#' are not)".to_owned());
+    }
+    // Only ASCII passed the check above.
+    let path = std::str::from_utf8(path).map_err(|e| e.to_string())?;
+    let normal = crate::path::normalise(path).map_err(|e| e.to_string())?;
+    with_path_and_query(uri, &normal, uri.query())
+}
+
+/// `uri` with a plugin's new query (empty removes it).
+fn rewrite_query(uri: &http::Uri, query: &[u8]) -> Result<http::Uri, String> {
+    if !uri_chars(query, |b| b == b'/' || b == b'?' || is_pchar(b)) {
+        return Err("only URI query characters are allowed".to_owned());
+    }
+    let query = std::str::from_utf8(query).map_err(|e| e.to_string())?;
+    with_path_and_query(uri, uri.path(), (!query.is_empty()).then_some(query))
+}
+
+fn with_path_and_query(uri: &http::Uri, path: &str, query: Option<&str>) -> Result<http::Uri, String> {
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).map_err(|e| e.to_string())?);
+    http::Uri::from_parts(parts).map_err(|e| e.to_string())
 }
 
 fn log_from_hook(c: &CallCtx<'_>, level: gh_level, msg: &str) {

@@ -185,9 +185,14 @@ fn upstream_uri(api: &Api, authority: &http::uri::Authority, base: &str, incomin
     // Step 1 normalised the path already, so this is one pass without allocation; it holds
     // any later rewrite of the path to the same rules.
     let path = normalise(incoming.path()).map_err(GatewayError::BadPath)?;
+    let prefix = prefix_key(&api.entry.spec.listen_path);
     let rest = if api.entry.spec.strip_listen_path {
-        // The router matched this prefix, so slicing at its length is on a boundary.
-        path.get(prefix_key(&api.entry.spec.listen_path).len()..).unwrap_or("")
+        // The router matched this prefix, unless a plugin rewrote the path (routing is not
+        // re-run): a path outside the listen path is sent as the plugin set it.
+        match path.strip_prefix(prefix) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+            _ => &path,
+        }
     } else {
         &path
     };

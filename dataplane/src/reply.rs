@@ -33,6 +33,9 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("plugin failure")]
     PluginFailure,
+    /// A hook failed with its own status (`Flow::error_status`, `set_error_status`).
+    #[error("{}", refused_text(*.0))]
+    PluginRefused(StatusCode),
     #[error("counter store unavailable")]
     StoreUnavailable,
     #[error("body too large for the plugins that read it")]
@@ -49,6 +52,10 @@ pub enum GatewayError {
     BodyBudgetExhausted,
 }
 
+fn refused_text(status: StatusCode) -> &'static str {
+    if status.is_client_error() { "refused by plugin" } else { "plugin failure" }
+}
+
 impl GatewayError {
     pub fn status(self) -> StatusCode {
         use GatewayError::*;
@@ -60,6 +67,7 @@ impl GatewayError {
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             PluginFailure | StoreUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
+            PluginRefused(status) => status,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BadBody | BadPath(_) => StatusCode::BAD_REQUEST,
             UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -82,6 +90,7 @@ impl GatewayError {
             UpstreamUnreachable => "upstream_unreachable",
             UpstreamTimeout => "upstream_timeout",
             PluginFailure => "plugin_failure",
+            PluginRefused(_) => "plugin_refused",
             StoreUnavailable => "store_unavailable",
             BodyTooLarge => "body_too_large",
             BadBody => "bad_body",
@@ -106,6 +115,9 @@ impl GatewayError {
             UpstreamUnreachable => r#"{"error":"upstream unreachable"}"#,
             UpstreamTimeout => r#"{"error":"upstream timed out"}"#,
             PluginFailure => r#"{"error":"plugin failure"}"#,
+            // The hook's message may hold internals: it goes to the log, not the client.
+            PluginRefused(s) if s.is_client_error() => r#"{"error":"refused by plugin"}"#,
+            PluginRefused(_) => r#"{"error":"plugin failure"}"#,
             StoreUnavailable => r#"{"error":"counter store unavailable"}"#,
             BodyTooLarge => r#"{"error":"body too large for the plugins that read it"}"#,
             BadBody => r#"{"error":"could not read the request body"}"#,
@@ -157,6 +169,8 @@ mod tests {
             UpstreamUnreachable,
             UpstreamTimeout,
             PluginFailure,
+            PluginRefused(StatusCode::FORBIDDEN),
+            PluginRefused(StatusCode::SERVICE_UNAVAILABLE),
             StoreUnavailable,
             BodyTooLarge,
             BadBody,

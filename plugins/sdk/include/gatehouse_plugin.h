@@ -1,9 +1,18 @@
 /*
- * Gatehouse native plugin ABI, version 1.0.
+ * Gatehouse native plugin ABI, version 1.1.
  *
- * A plugin is a shared object that exports:
- *   - `gatehouse_plugin`, a `gh_plugin` declaration (exactly one), and
- *   - one `gh_hook` per hook, under the name ApiDefinitions use as `symbol`.
+ * A plugin is a shared object that exports `gatehouse_plugin`, a `gh_plugin` declaration
+ * (exactly one). Its hooks are `gh_hook` tables, found by the name ApiDefinitions use as
+ * `symbol`:
+ *   - ABI 1.1 plugins (abi_minor >= 1) answer `find_hook(name)`; the host looks hooks up
+ *     only that way, never in the dynamic symbol table;
+ *   - ABI 1.0 plugins export each `gh_hook` as a data symbol under that name.
+ *
+ * 1.1 added, each at the end of its struct: gh_plugin.find_hook and .quiesce,
+ * gh_hook.magic and .create_for, gh_session_init.alias and .meta, the gh_host_api calls
+ * from request_set_method on, and GH_PLUGIN_GO_RUNTIME. A 1.0 plugin keeps working with a
+ * 1.1 host: the host reads the new gh_plugin fields only when abi_minor >= 1, and the new
+ * gh_hook / gh_session_init fields only when their `size` covers them.
  *
  * The host reads the declaration before running anything, and refuses a different
  * `abi_major`, a plugin without GH_PLUGIN_PANIC_SAFE, or a missing symbol. Within a major
@@ -27,10 +36,16 @@ extern "C" {
 
 #define GH_MAGIC 0x47415445484F5553ULL /* "GATEHOUS" */
 #define GH_ABI_MAJOR 1
-#define GH_ABI_MINOR 0
+#define GH_ABI_MINOR 1
 
 /* gh_plugin.flags */
 #define GH_PLUGIN_PANIC_SAFE 1u /* never unwinds into the host nor aborts (C: always) */
+/* 1.1: the library carries a Go runtime. Go supports one runtime per process, so the host
+ * refuses a second distinct library with this flag (a new Go bundle needs a restart). */
+#define GH_PLUGIN_GO_RUNTIME 2u
+
+/* 1.1: gh_hook.magic */
+#define GH_HOOK_MAGIC 0x474850484F4F4B31ULL /* "GHPHOOK1" */
 
 /* gh_hook.flags: buffer the body before the hook runs, so body_get returns it */
 #define GH_HOOK_REQUEST_BODY 1u
@@ -66,6 +81,7 @@ typedef struct gh_buf {
 
 typedef struct gh_call gh_call; /* opaque: one hook call */
 typedef struct gh_host_api gh_host_api;
+typedef struct gh_hook gh_hook;
 
 typedef struct gh_plugin {
   uint64_t magic;
@@ -75,9 +91,16 @@ typedef struct gh_plugin {
   gh_str sdk; /* who built it, shown in errors */
   /* once per load, before any hook; non-zero (with err filled) refuses the load */
   int32_t (*init)(const gh_host_api *host, gh_buf *err);
+  /* 1.1 (read only when abi_minor >= 1). The hook ApiDefinitions name `name`, or NULL.
+   * The returned table must be static (live as long as the library). Required in 1.1. */
+  const gh_hook *(*find_hook)(gh_str name);
+  /* 1.1: called once when no loaded configuration uses this library any more (it stays
+   * mapped). Stop background threads here. If the same file comes back later, hooks are
+   * called again: restart lazily. May be NULL. */
+  void (*quiesce)(void);
 } gh_plugin;
 
-typedef struct gh_hook {
+struct gh_hook {
   uint32_t size;
   uint32_t flags;
   /* once per ApiDefinition entry, with its `config` as JSON ("null" when unset); may be NULL */
@@ -87,7 +110,18 @@ typedef struct gh_hook {
   gh_status (*on_request)(void *instance, gh_call *call);
   /* response; NULL if not handled */
   gh_status (*on_response)(void *instance, gh_call *call);
-} gh_hook;
+  /* 1.1, present when size >= offsetof(gh_hook, create_for) + sizeof(void *). */
+  uint64_t magic; /* GH_HOOK_MAGIC */
+  /* Like create, with the hook's own table: one trampoline can serve many hooks. When
+   * set, the host calls it instead of create. May be NULL. */
+  int32_t (*create_for)(const gh_hook *self, gh_str config, void **instance, gh_buf *err);
+};
+
+/* 1.1: a key and a value (session metadata). */
+typedef struct gh_pair {
+  gh_str key;
+  gh_str value;
+} gh_pair;
 
 typedef struct gh_session_init {
   uint32_t size;
@@ -99,11 +133,18 @@ typedef struct gh_session_init {
   uint64_t quota_renewal_ms;
   const gh_str *access_rights; /* ApiDefinition names; none = the API being called */
   size_t access_rights_len;
+  /* 1.1, read when size covers them. */
+  gh_str alias;          /* shown in analytics and session_id; empty = id */
+  const gh_pair *meta;   /* the session's metadata */
+  size_t meta_len;
 } gh_session_init;
 
 typedef void (*gh_header_cb)(void *ctx, gh_str name, gh_str value);
 
-/* i32 results: 1 found/done, 0 absent, -1 invalid here (bad header, wrong phase). */
+/* i32 results: 1 found/done, 0 absent, -1 invalid here (bad header, wrong phase).
+ * A gh_call is valid only on the thread that received it, during that hook call: any
+ * other use (kept after the hook returned, another thread, a header change from inside a
+ * headers_each callback) is refused with -1 / an empty view and logged. */
 struct gh_host_api {
   uint32_t size;
   uint32_t abi_minor;
@@ -132,6 +173,23 @@ struct gh_host_api {
   gh_str (*api_listen_path)(gh_call *call);
   gh_str (*api_config_data)(gh_call *call);
   gh_str (*api_spec)(gh_call *call);
+  /* 1.1 (size tells). Request rewrites: the upstream sees them; routing is not re-run.
+   * method: an HTTP token. path: origin-form, starting with '/', normalised as the gateway
+   * normalises requests (refused if it climbs above the root or hides '/' as %2F).
+   * query: without '?', URI characters only; empty removes it. -1 (and a log line) if
+   * refused or in the response phase. */
+  int32_t (*request_set_method)(gh_call *call, gh_str method);
+  int32_t (*request_set_path)(gh_call *call, gh_str path);
+  int32_t (*request_set_query)(gh_call *call, gh_str query);
+  /* Every value of header `name`: up to `cap` views into `out`, the total in *count.
+   * 1 if any, 0 if none, -1 invalid. Call again with a bigger `out` if *count > cap. */
+  int32_t (*header_values)(gh_call *call, gh_target target, gh_str name, gh_str *out, size_t cap,
+                           size_t *count);
+  /* Replaces every value of header `name` with `values` (none removes it); all or nothing. */
+  int32_t (*header_replace)(gh_call *call, gh_target target, gh_str name, const gh_str *values,
+                            size_t len);
+  /* With GH_ERROR: answer this status (400-599) instead of 500, with a JSON error. */
+  int32_t (*set_error_status)(gh_call *call, uint16_t status);
 };
 
 /* Convenience: a gh_str from a C string literal. */

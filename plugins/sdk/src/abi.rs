@@ -3,7 +3,10 @@
 //!
 //! Versioning: a host refuses a plugin whose `abi_major` differs from its own. Within a
 //! major version, tables only grow at the end, and each starts with its size, so either
-//! side can tell which entries the other has.
+//! side can tell which entries the other has. ABI 1.1 appended `gh_plugin::find_hook` and
+//! `quiesce` (read only when `abi_minor >= 1`), `gh_hook::magic` and `create_for`,
+//! `gh_session_init::alias` and `meta` (read when `size` covers them), the host calls from
+//! `request_set_method` on, and [`GH_PLUGIN_GO_RUNTIME`].
 #![allow(non_camel_case_types)]
 
 use std::ffi::c_void;
@@ -11,13 +14,25 @@ use std::ffi::c_void;
 /// "GATEHOUS", the first field of the declaration.
 pub const GH_MAGIC: u64 = 0x4741_5445_484F_5553;
 pub const GH_ABI_MAJOR: u16 = 1;
-pub const GH_ABI_MINOR: u16 = 0;
+pub const GH_ABI_MINOR: u16 = 1;
 /// The one symbol every plugin exports: a `gh_plugin`.
 pub const GH_DECLARATION_SYMBOL: &str = "gatehouse_plugin";
 
 /// Declaration flag: a panic in this plugin never unwinds into the host nor aborts the
 /// process (the Rust SDK catches them; C has none). The host refuses plugins without it.
 pub const GH_PLUGIN_PANIC_SAFE: u32 = 1;
+/// Declaration flag (1.1): the library carries a Go runtime. Go supports one runtime per
+/// process, so the host refuses a second distinct library with this flag.
+pub const GH_PLUGIN_GO_RUNTIME: u32 = 2;
+
+/// `gh_hook::magic` (1.1): "GHPHOOK1".
+pub const GH_HOOK_MAGIC: u64 = 0x4748_5048_4F4F_4B31;
+/// The size of a 1.0 `gh_hook` (up to `on_response`): the smallest table the host accepts.
+pub const GH_HOOK_SIZE_1_0: usize = std::mem::offset_of!(gh_hook, magic);
+/// The size of a 1.0 `gh_session_init` (up to `access_rights_len`).
+pub const GH_SESSION_INIT_SIZE_1_0: usize = std::mem::offset_of!(gh_session_init, alias);
+/// The size of a 1.0 `gh_host_api` (up to `api_spec`).
+pub const GH_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(gh_host_api, request_set_method);
 
 /// Hook flags: buffer the request (or upstream response) body before calling the hook, so
 /// that `body_get` can return it. Without them bodies stream and `body_get` returns 0.
@@ -80,6 +95,12 @@ pub struct gh_plugin {
     pub sdk: gh_str,
     /// Runs once per load, before any hook; non-zero with `err` filled refuses the load.
     pub init: Option<unsafe extern "C" fn(host: *const gh_host_api, err: *mut gh_buf) -> i32>,
+    /// 1.1 (read only when `abi_minor >= 1`): the hook named `name`, or null. The table it
+    /// returns is static. The host finds a 1.1 plugin's hooks only this way.
+    pub find_hook: Option<unsafe extern "C" fn(name: gh_str) -> *const gh_hook>,
+    /// 1.1: called once when no loaded configuration uses the library any more (it stays
+    /// mapped), so the plugin can stop its threads. May be null.
+    pub quiesce: Option<unsafe extern "C" fn()>,
 }
 
 /// One hook, exported under the name ApiDefinitions use as `symbol`.
@@ -96,6 +117,21 @@ pub struct gh_hook {
     pub on_request: Option<unsafe extern "C" fn(instance: *mut c_void, call: *mut gh_call) -> gh_status>,
     /// For `response`; null if the hook has none.
     pub on_response: Option<unsafe extern "C" fn(instance: *mut c_void, call: *mut gh_call) -> gh_status>,
+    /// 1.1, present when `size` covers it: [`GH_HOOK_MAGIC`].
+    pub magic: u64,
+    /// 1.1: `create` that also receives the hook's own table, so one trampoline can serve
+    /// many hooks. When set, the host calls it instead of `create`. May be null.
+    pub create_for: Option<
+        unsafe extern "C" fn(hook: *const gh_hook, config: gh_str, instance: *mut *mut c_void, err: *mut gh_buf) -> i32,
+    >,
+}
+
+/// 1.1: a key and a value (session metadata).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct gh_pair {
+    pub key: gh_str,
+    pub value: gh_str,
 }
 
 /// What an `authCheck` hook hands to `session_create`.
@@ -114,6 +150,11 @@ pub struct gh_session_init {
     /// ApiDefinition names (same namespace); none means the API being called.
     pub access_rights: *const gh_str,
     pub access_rights_len: usize,
+    /// 1.1: shown in analytics and as the session id; empty means `id`.
+    pub alias: gh_str,
+    /// 1.1: the session's metadata, `meta_len` pairs.
+    pub meta: *const gh_pair,
+    pub meta_len: usize,
 }
 
 /// Callback for `headers_each`.
@@ -121,6 +162,10 @@ pub type gh_header_cb = unsafe extern "C" fn(ctx: *mut c_void, name: gh_str, val
 
 /// What the host offers. Integers returned as `i32` are 1 (found / done) or 0 (absent), or
 /// -1 for a call that is invalid here (bad header name, wrong phase).
+///
+/// A `gh_call` is valid only on the thread that received it, during that hook call; the
+/// host refuses (-1, an empty view) and logs any other use, and any header change made
+/// from inside a `headers_each` callback.
 #[repr(C)]
 pub struct gh_host_api {
     pub size: u32,
@@ -166,6 +211,32 @@ pub struct gh_host_api {
     pub api_config_data: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
     /// The whole ApiDefinition spec as JSON.
     pub api_spec: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
+    /// 1.1: rewrites the request method (an HTTP token). The upstream sees it; routing is
+    /// not re-run. -1 if invalid or in the response phase.
+    pub request_set_method: unsafe extern "C" fn(call: *mut gh_call, method: gh_str) -> i32,
+    /// 1.1: rewrites the path: origin-form, starting with `/`, normalised as requests are.
+    pub request_set_path: unsafe extern "C" fn(call: *mut gh_call, path: gh_str) -> i32,
+    /// 1.1: rewrites the query (without `?`; empty removes it); URI characters only.
+    pub request_set_query: unsafe extern "C" fn(call: *mut gh_call, query: gh_str) -> i32,
+    /// 1.1: every value of a header: up to `cap` views into `out`, the total in `count`.
+    pub header_values: unsafe extern "C" fn(
+        call: *mut gh_call,
+        target: gh_target,
+        name: gh_str,
+        out: *mut gh_str,
+        cap: usize,
+        count: *mut usize,
+    ) -> i32,
+    /// 1.1: replaces every value of a header at once (none removes it); all or nothing.
+    pub header_replace: unsafe extern "C" fn(
+        call: *mut gh_call,
+        target: gh_target,
+        name: gh_str,
+        values: *const gh_str,
+        len: usize,
+    ) -> i32,
+    /// 1.1: with `GH_ERROR`, the status (400-599) to answer instead of 500.
+    pub set_error_status: unsafe extern "C" fn(call: *mut gh_call, status: u16) -> i32,
 }
 
 impl gh_str {

@@ -37,6 +37,45 @@ impl<'a> Call<'a> {
         unsafe { s.as_bytes() }
     }
 
+    /// Text that does not change during the call (the API definition, the entry's config):
+    /// borrowed for the whole call, so it can be passed to a setter of the same call.
+    fn fixed(self, f: unsafe extern "C" fn(*mut gh_call) -> gh_str) -> &'a str {
+        // SAFETY: `raw` is the live call; the API definition's text lives in the host's
+        // compiled config, which the call holds for its whole duration and no host call
+        // changes.
+        std::str::from_utf8(unsafe { f(self.raw).as_bytes() }).unwrap_or("")
+    }
+
+    fn header_all(&self, target: gh_target, name: &str) -> Vec<&str> {
+        let mut out = [gh_str::EMPTY; 8];
+        let mut count = 0usize;
+        // SAFETY: live call; `out` has room for its length; `count` is a valid place.
+        let rc =
+            unsafe { (self.host.header_values)(self.raw, target, view(name), out.as_mut_ptr(), out.len(), &mut count) };
+        if rc != 1 {
+            return Vec::new();
+        }
+        if count <= out.len() {
+            return out[..count].iter().map(|v| self.text(*v)).collect();
+        }
+        let mut more = vec![gh_str::EMPTY; count];
+        // SAFETY: as above, with room for `count`; nothing changed the headers in between.
+        unsafe { (self.host.header_values)(self.raw, target, view(name), more.as_mut_ptr(), more.len(), &mut count) };
+        more.truncate(count);
+        more.into_iter().map(|v| self.text(v)).collect()
+    }
+
+    fn replace_header(&mut self, target: gh_target, name: &str, values: &[&str]) -> bool {
+        let views: Vec<gh_str> = values.iter().map(|v| view(v)).collect();
+        // SAFETY: live call; the views outlive the call (the host copies them).
+        unsafe { (self.host.header_replace)(self.raw, target, view(name), views.as_ptr(), views.len()) == 1 }
+    }
+
+    fn set_request(&mut self, f: unsafe extern "C" fn(*mut gh_call, gh_str) -> i32, v: &str) -> bool {
+        // SAFETY: live call; `v` outlives the call (the host copies it).
+        unsafe { f(self.raw, view(v)) == 1 }
+    }
+
     fn get(&self, f: unsafe extern "C" fn(*mut gh_call) -> gh_str) -> &str {
         // SAFETY: `raw` is the live call the host passed to this hook; `f` is from its table.
         let s = unsafe { f(self.raw) };
@@ -108,8 +147,8 @@ impl<'a> Call<'a> {
         unsafe { (self.host.session_meta_set)(self.raw, view(key), view(value)) == 1 }
     }
 
-    fn api(&self) -> Api<'_> {
-        Api { call: *self, _borrow: PhantomData }
+    fn api(&self) -> Api<'a> {
+        Api { call: *self }
     }
 
     fn set_status(&mut self, status: u16) {
@@ -128,9 +167,11 @@ impl<'a> Request<'a> {
         Self { call }
     }
 
+    /// The request method, e.g. `GET`.
     pub fn method(&self) -> &str {
         self.call.get(self.call.host.request_method)
     }
+    /// The (normalised) request path, e.g. `/api/users`.
     pub fn path(&self) -> &str {
         self.call.get(self.call.host.request_path)
     }
@@ -138,6 +179,23 @@ impl<'a> Request<'a> {
     pub fn query(&self) -> &str {
         self.call.get(self.call.host.request_query)
     }
+    /// Rewrites the method the upstream sees (routing is not re-run); false if `method` is
+    /// not an HTTP token.
+    pub fn set_method(&mut self, method: &str) -> bool {
+        self.call.set_request(self.call.host.request_set_method, method)
+    }
+    /// Rewrites the path the upstream sees (routing is not re-run): it must start with `/`
+    /// and is normalised as the gateway normalises requests; false if refused (the
+    /// gateway logs why).
+    pub fn set_path(&mut self, path: &str) -> bool {
+        self.call.set_request(self.call.host.request_set_path, path)
+    }
+    /// Rewrites the query string (without `?`; empty removes it); false unless it is
+    /// made of URI characters.
+    pub fn set_query(&mut self, query: &str) -> bool {
+        self.call.set_request(self.call.host.request_set_query, query)
+    }
+    /// The client's IP address, as text.
     pub fn client_ip(&self) -> &str {
         self.call.get(self.call.host.client_ip)
     }
@@ -145,6 +203,11 @@ impl<'a> Request<'a> {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.call.header(GH_REQUEST, name)
     }
+    /// Every value of a header, in order, in one host call (non-UTF-8 values read as "").
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.call.header_all(GH_REQUEST, name)
+    }
+    /// Every header, in order, copied.
     pub fn headers(&self) -> Vec<(String, String)> {
         self.call.headers(GH_REQUEST)
     }
@@ -152,9 +215,16 @@ impl<'a> Request<'a> {
     pub fn set_header(&mut self, name: &str, value: &str) -> bool {
         self.call.set_header(GH_REQUEST, name, value, false)
     }
+    /// Replaces every value of the header with `values` in one call (none removes it);
+    /// false, and nothing changed, if any is not valid.
+    pub fn set_header_values(&mut self, name: &str, values: &[&str]) -> bool {
+        self.call.replace_header(GH_REQUEST, name, values)
+    }
+    /// Adds a value, keeping the header's others; false if the name or value is not valid.
     pub fn add_header(&mut self, name: &str, value: &str) -> bool {
         self.call.set_header(GH_REQUEST, name, value, true)
     }
+    /// Removes every value of the header.
     pub fn remove_header(&mut self, name: &str) {
         self.call.remove_header(GH_REQUEST, name)
     }
@@ -193,6 +263,7 @@ impl<'a> Request<'a> {
         let (rate, per) = s.rate.map_or((0, 0), |(n, per)| (n, per.as_millis() as u64));
         let (quota_max, renewal) =
             s.quota.map_or((-1, 0), |(n, r)| (i64::try_from(n).unwrap_or(i64::MAX), r.as_millis() as u64));
+        let meta: Vec<gh_pair> = s.meta.iter().map(|(k, v)| gh_pair { key: view(k), value: view(v) }).collect();
         let init = gh_session_init {
             size: size_of::<gh_session_init>() as u32,
             _reserved: 0,
@@ -203,6 +274,9 @@ impl<'a> Request<'a> {
             quota_renewal_ms: renewal,
             access_rights: rights.as_ptr(),
             access_rights_len: rights.len(),
+            alias: view(s.alias),
+            meta: meta.as_ptr(),
+            meta_len: meta.len(),
         };
         // SAFETY: live call; `init` and the views it holds outlive the call.
         match unsafe { (self.call.host.session_create)(self.call.raw, &init) } {
@@ -210,11 +284,13 @@ impl<'a> Request<'a> {
             _ => Err("session_create is only allowed in authCheck hooks, with a non-empty id".to_owned()),
         }
     }
-    pub fn api(&self) -> Api<'_> {
+    /// The API definition the request was routed to. Its text is borrowed for the whole
+    /// call, so `req.set_header("X-Api", req.api().name())` works.
+    pub fn api(&self) -> Api<'a> {
         self.call.api()
     }
     /// This entry's `config` from the ApiDefinition, as JSON (`null` when unset).
-    pub fn config(&self) -> &str {
+    pub fn config(&self) -> &'a str {
         self.call.config
     }
     /// Starts the response this hook will send instead of calling the upstream; finish it
@@ -232,10 +308,12 @@ pub struct Reply<'r> {
 }
 
 impl Reply<'_> {
+    /// Adds a header to the response.
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.call.set_header(GH_RESPONSE, name, value, true);
         self
     }
+    /// Sets the body and finishes: return the `Flow` this gives.
     pub fn body(mut self, body: impl AsRef<[u8]>) -> Flow {
         self.call.set_body(GH_RESPONSE, body.as_ref());
         Flow::Respond
@@ -244,6 +322,7 @@ impl Reply<'_> {
     pub fn json(self, body: impl AsRef<[u8]>) -> Flow {
         self.header("content-type", "application/json").body(body)
     }
+    /// Finishes without a body.
     pub fn send(self) -> Flow {
         Flow::Respond
     }
@@ -258,25 +337,40 @@ impl<'a> Response<'a> {
     pub(crate) fn new(call: Call<'a>) -> Self {
         Self { call }
     }
+    /// The upstream's status.
     pub fn status(&self) -> u16 {
         // SAFETY: live call.
         unsafe { (self.call.host.response_status)(self.call.raw) }
     }
+    /// Changes the status the client gets.
     pub fn set_status(&mut self, status: u16) {
         self.call.set_status(status)
     }
+    /// The first value of a response header, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.call.header(GH_RESPONSE, name)
     }
+    /// Every value of a response header, in one host call.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.call.header_all(GH_RESPONSE, name)
+    }
+    /// Every response header, in order, copied.
     pub fn headers(&self) -> Vec<(String, String)> {
         self.call.headers(GH_RESPONSE)
     }
+    /// Replaces every value of a response header; false if the name or value is not valid.
     pub fn set_header(&mut self, name: &str, value: &str) -> bool {
         self.call.set_header(GH_RESPONSE, name, value, false)
     }
+    /// Replaces every value of a response header with `values` in one call.
+    pub fn set_header_values(&mut self, name: &str, values: &[&str]) -> bool {
+        self.call.replace_header(GH_RESPONSE, name, values)
+    }
+    /// Adds a value to a response header.
     pub fn add_header(&mut self, name: &str, value: &str) -> bool {
         self.call.set_header(GH_RESPONSE, name, value, true)
     }
+    /// Removes every value of a response header.
     pub fn remove_header(&mut self, name: &str) {
         self.call.remove_header(GH_RESPONSE, name)
     }
@@ -292,13 +386,16 @@ impl<'a> Response<'a> {
     pub fn request(&self) -> RequestView<'_> {
         RequestView { call: self.call, _borrow: PhantomData }
     }
+    /// The key's session, if the request had one.
     pub fn session(&self) -> Option<Session<'_>> {
         self.call.session()
     }
-    pub fn api(&self) -> Api<'_> {
+    /// The API definition, borrowed for the whole call.
+    pub fn api(&self) -> Api<'a> {
         self.call.api()
     }
-    pub fn config(&self) -> &str {
+    /// This entry's `config` from the ApiDefinition, as JSON (`null` when unset).
+    pub fn config(&self) -> &'a str {
         self.call.config
     }
 }
@@ -310,45 +407,55 @@ pub struct RequestView<'c> {
 }
 
 impl RequestView<'_> {
+    /// The request method.
     pub fn method(&self) -> &str {
         self.call.get(self.call.host.request_method)
     }
+    /// The request path (as sent upstream).
     pub fn path(&self) -> &str {
         self.call.get(self.call.host.request_path)
     }
+    /// The query string without `?`.
     pub fn query(&self) -> &str {
         self.call.get(self.call.host.request_query)
     }
+    /// The first value of a request header.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.call.header(GH_REQUEST, name)
     }
 }
 
-/// The API definition the request was routed to.
-pub struct Api<'c> {
-    call: Call<'c>,
-    _borrow: PhantomData<&'c ()>,
+/// The API definition the request was routed to. It does not change during a call, so
+/// its text is borrowed for the whole call (`'a`), not from the request view.
+#[derive(Clone, Copy)]
+pub struct Api<'a> {
+    call: Call<'a>,
 }
 
-impl Api<'_> {
+impl<'a> Api<'a> {
     /// `namespace/name`.
-    pub fn id(&self) -> &str {
-        self.call.get(self.call.host.api_id)
+    pub fn id(&self) -> &'a str {
+        self.call.fixed(self.call.host.api_id)
     }
     /// `spec.name`, or `metadata.name`.
-    pub fn name(&self) -> &str {
-        self.call.get(self.call.host.api_name)
+    pub fn name(&self) -> &'a str {
+        self.call.fixed(self.call.host.api_name)
     }
-    pub fn listen_path(&self) -> &str {
-        self.call.get(self.call.host.api_listen_path)
+    /// `spec.listenPath`.
+    pub fn listen_path(&self) -> &'a str {
+        self.call.fixed(self.call.host.api_listen_path)
     }
-    /// `spec.configData` as JSON (`null` when unset).
-    pub fn config_data(&self) -> &str {
-        self.call.get(self.call.host.api_config_data)
+    /// `spec.configData`, parsed (`Value::Null` when unset).
+    pub fn config_data(&self) -> serde_json::Value {
+        serde_json::from_str(self.config_data_json()).unwrap_or(serde_json::Value::Null)
+    }
+    /// `spec.configData` as JSON text (`null` when unset).
+    pub fn config_data_json(&self) -> &'a str {
+        self.call.fixed(self.call.host.api_config_data)
     }
     /// The whole spec as JSON.
-    pub fn spec(&self) -> &str {
-        self.call.get(self.call.host.api_spec)
+    pub fn spec(&self) -> &'a str {
+        self.call.fixed(self.call.host.api_spec)
     }
 }
 
@@ -363,6 +470,7 @@ impl Session<'_> {
     pub fn id(&self) -> &str {
         self.call.out_str(self.call.host.session_id).unwrap_or("")
     }
+    /// A metadata value.
     pub fn meta(&self, key: &str) -> Option<&str> {
         let mut out = gh_str::EMPTY;
         // SAFETY: live call; `key` outlives the call; `out` is a valid place to write.
@@ -378,13 +486,22 @@ impl Session<'_> {
 /// A session an `authCheck` hook creates.
 #[derive(Debug, Clone, Default)]
 pub struct SessionInit<'s> {
+    /// Stable identity: rate limits and quotas count per id.
     pub id: &'s str,
+    /// Shown in analytics and as the session id; empty means `id`.
+    pub alias: &'s str,
+    /// At most `n` requests every duration.
     pub rate: Option<(u64, Duration)>,
+    /// At most `n` requests per renewal window.
     pub quota: Option<(u64, Duration)>,
+    /// ApiDefinition names the session may call; none means the API being called.
     pub access_rights: &'s [&'s str],
+    /// The session's metadata, which later hooks and analytics see.
+    pub meta: &'s [(&'s str, &'s str)],
 }
 
 impl<'s> SessionInit<'s> {
+    /// A session counted under `id`, with no limits.
     pub fn new(id: &'s str) -> Self {
         Self { id, ..Default::default() }
     }
@@ -401,6 +518,16 @@ impl<'s> SessionInit<'s> {
     /// ApiDefinition names; none means only the API being called.
     pub fn access_rights(mut self, apis: &'s [&'s str]) -> Self {
         self.access_rights = apis;
+        self
+    }
+    /// The name shown in analytics and as the session id (default: `id`).
+    pub fn alias(mut self, alias: &'s str) -> Self {
+        self.alias = alias;
+        self
+    }
+    /// The session's metadata, set in the same call.
+    pub fn meta(mut self, pairs: &'s [(&'s str, &'s str)]) -> Self {
+        self.meta = pairs;
         self
     }
 }

@@ -6,7 +6,7 @@
 //! ```ignore
 //! use gatehouse_plugin::{Flow, Request, declare_plugin, hook, info};
 //!
-//! declare_plugin!();
+//! declare_plugin!(hooks: [AddFooBarHeader]);
 //! hook!(request AddFooBarHeader = add_foo_bar_header);
 //!
 //! fn add_foo_bar_header(req: &mut Request) -> Flow {
@@ -29,6 +29,7 @@ pub mod rt;
 pub mod testing;
 
 pub use call::{Api, Reply, Request, RequestView, Response, Session, SessionInit};
+pub use serde_json;
 
 /// The SDK's version, carried in every plugin's declaration.
 pub const SDK_VERSION: &str = concat!("gatehouse-plugin ", env!("CARGO_PKG_VERSION"));
@@ -42,13 +43,26 @@ pub enum Flow {
     /// Send the response this hook set up (see [`Request::respond`]); the upstream is not
     /// called and later hooks do not run. Analytics still record the request.
     Respond,
-    /// Fail the request with a 500; the message goes to the gateway's log.
-    Error(String),
+    /// Fail the request: the gateway answers `status` (500 unless set, see
+    /// [`Flow::error_status`]) with a JSON error, and logs `message`.
+    Error {
+        /// The status the client gets: 400-599 (anything else is answered as 500).
+        status: u16,
+        /// Why, for the gateway's log (not sent to the client).
+        message: String,
+    },
 }
 
 impl Flow {
+    /// Fails the request with a 500; `msg` goes to the gateway's log.
     pub fn error(msg: impl Into<String>) -> Self {
-        Flow::Error(msg.into())
+        Flow::Error { status: 500, message: msg.into() }
+    }
+
+    /// Fails the request with `status` (400-599), e.g. `Flow::error_status(403, "no tenant")`;
+    /// the client gets that status and a JSON error, `msg` goes to the gateway's log.
+    pub fn error_status(status: u16, msg: impl Into<String>) -> Self {
+        Flow::Error { status, message: msg.into() }
     }
 }
 
@@ -62,42 +76,53 @@ pub trait Hook: Sized + Send + Sync + 'static {
     /// `config` is the entry's `config` as JSON, `null` when unset. An error refuses the
     /// entry: the API answers 500, or skips the hook under `failurePolicy: Ignore`.
     fn new(config: &str) -> Result<Self, String>;
+    /// Runs in `pre`, `authCheck`, `postKeyAuth` and `post`.
     fn on_request(&self, _req: &mut Request<'_>) -> Flow {
         Flow::Continue
     }
+    /// Runs in `response`, with the upstream's answer.
     fn on_response(&self, _resp: &mut Response<'_>) -> Flow {
         Flow::Continue
     }
 }
 
-/// Declares the plugin: exactly once per plugin crate.
+/// Declares the plugin: exactly once per plugin crate, naming every hook it exports.
 ///
-/// - `declare_plugin!();`
-/// - `declare_plugin!(state: T = build);` where `fn build() -> Result<T, String>` runs once
-///   per load; hooks reach the value with `state()`.
+/// - `declare_plugin!(hooks: [A, B]);`
+/// - `declare_plugin!(state: T = build, hooks: [A, B]);` where
+///   `fn build() -> Result<T, String>` runs once per load; hooks reach the value with
+///   `state()`.
+///
+/// The list is what the gateway can find (ABI 1.1 `find_hook`: the gateway never looks
+/// hooks up in the library's symbol table). A name listed without its `hook!` does not
+/// compile; a `hook!` left out of the list leaves its function unused (a compiler
+/// warning), and an ApiDefinition naming it is refused with "symbol ... not found".
 #[macro_export]
 macro_rules! declare_plugin {
-    () => {
-        $crate::__declaration!(|| ::std::result::Result::Ok(()));
+    (hooks: [$($hook:ident),* $(,)?] $(,)?) => {
+        $crate::__declaration!(|| ::std::result::Result::Ok(()), [$($hook),*]);
     };
-    (state: $ty:ty = $build:expr) => {
+    (state: $ty:ty = $build:expr, hooks: [$($hook:ident),* $(,)?] $(,)?) => {
         static __GATEHOUSE_STATE: ::std::sync::OnceLock<$ty> = ::std::sync::OnceLock::new();
         /// The plugin's state, built once when the gateway loaded it.
         fn state() -> &'static $ty {
             // Initialised by the declaration's init, which the host runs before any hook.
             __GATEHOUSE_STATE.get().expect("gatehouse: plugin state used before init")
         }
-        $crate::__declaration!(|| {
-            let built: ::std::result::Result<$ty, ::std::string::String> = ($build)();
-            __GATEHOUSE_STATE.set(built?).map_err(|_| "plugin initialised twice".to_owned())
-        });
+        $crate::__declaration!(
+            || {
+                let built: ::std::result::Result<$ty, ::std::string::String> = ($build)();
+                __GATEHOUSE_STATE.set(built?).map_err(|_| "plugin initialised twice".to_owned())
+            },
+            [$($hook),*]
+        );
     };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __declaration {
-    ($init:expr) => {
+    ($init:expr, [$($hook:ident),*]) => {
         #[allow(non_upper_case_globals)]
         #[unsafe(no_mangle)]
         pub static gatehouse_plugin: $crate::abi::gh_plugin = $crate::abi::gh_plugin {
@@ -114,6 +139,20 @@ macro_rules! __declaration {
                 }
                 Some(init)
             },
+            find_hook: {
+                unsafe extern "C" fn find_hook(name: $crate::abi::gh_str) -> *const $crate::abi::gh_hook {
+                    // SAFETY: the host passes a view readable for this call.
+                    let name = unsafe { name.as_bytes() };
+                    $(
+                        if name == stringify!($hook).as_bytes() {
+                            return &$hook;
+                        }
+                    )*
+                    ::std::ptr::null()
+                }
+                Some(find_hook)
+            },
+            quiesce: None,
         };
     };
 }
@@ -171,32 +210,38 @@ macro_rules! hook {
             });
     };
     (@table $name:ident, $flags:expr, $create:expr, $destroy:expr, $on_request:expr, $on_response:expr) => {
+        // Found through `declare_plugin!(hooks: [...])`, never by its symbol name.
         #[allow(non_upper_case_globals)]
-        #[unsafe(no_mangle)]
-        pub static $name: $crate::abi::gh_hook = $crate::abi::gh_hook {
+        static $name: $crate::abi::gh_hook = $crate::abi::gh_hook {
             size: ::std::mem::size_of::<$crate::abi::gh_hook>() as u32,
             flags: $flags,
             create: Some($create),
             destroy: Some($destroy),
             on_request: $on_request,
             on_response: $on_response,
+            magic: $crate::abi::GH_HOOK_MAGIC,
+            create_for: None,
         };
     };
 }
 
-/// Logs through the gateway's logger, tagged with the plugin and the hook being run.
+/// Logs at info level through the gateway's logger, tagged with the plugin and the hook
+/// being run; `format!` arguments.
 #[macro_export]
 macro_rules! info {
     ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_INFO, &::std::format!($($t)*)) };
 }
+/// Logs at warn level; as [`info!`].
 #[macro_export]
 macro_rules! warn {
     ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_WARN, &::std::format!($($t)*)) };
 }
+/// Logs at error level; as [`info!`].
 #[macro_export]
 macro_rules! error {
     ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_ERROR, &::std::format!($($t)*)) };
 }
+/// Logs at debug level; as [`info!`].
 #[macro_export]
 macro_rules! debug {
     ($($t:tt)*) => { $crate::rt::log($crate::abi::GH_LOG_DEBUG, &::std::format!($($t)*)) };

@@ -127,7 +127,14 @@ pub(crate) fn run(call: *mut gh_call, f: impl FnOnce(&'static gh_host_api) -> Fl
     let (status, msg) = match outcome {
         Ok(Flow::Continue) => return GH_CONTINUE,
         Ok(Flow::Respond) => return GH_RESPOND,
-        Ok(Flow::Error(msg)) => (GH_ERROR, msg),
+        Ok(Flow::Error { status, message }) => {
+            if status != 500 {
+                // SAFETY: `call` is the live call the host passed in; `init` checked the
+                // table has every 1.1 entry.
+                unsafe { (host.set_error_status)(call, status) };
+            }
+            (GH_ERROR, message)
+        }
         Err(p) => (GH_PANIC, format!("hook panicked: {}", panic_text(p.as_ref()))),
     };
     // SAFETY: `call` is the live call the host passed in.

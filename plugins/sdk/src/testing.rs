@@ -36,25 +36,38 @@ pub struct TestCall {
     pub response_body: Option<Vec<u8>>,
     /// `(id, metadata)` of the session, if the request has one.
     pub session: Option<(String, BTreeMap<String, String>)>,
+    /// The API's `spec.name`.
     pub api_name: String,
+    /// The API's `spec.configData` as JSON.
+    pub api_config_data: String,
+    /// The entry's `config` as JSON.
     pub config: String,
+    /// Every line the hook logged.
     pub logs: Vec<String>,
+    /// The message of the last `Flow::Error` or panic.
     pub error: Option<String>,
+    /// The status of the last `Flow::error_status`.
+    pub error_status: Option<u16>,
+    /// The alias an `authCheck` hook gave the session it created.
+    pub session_alias: Option<String>,
     scratch: String,
 }
 
 impl TestCall {
+    /// A request with this method and path, status 200 for response hooks, no session.
     pub fn new(method: &str, path: &str) -> Self {
         Self {
             method: method.to_owned(),
             path: path.to_owned(),
             status: 200,
             api_name: "test-api".to_owned(),
+            api_config_data: "null".to_owned(),
             config: "null".to_owned(),
             ..Default::default()
         }
     }
 
+    /// Gives the request a session with this id and metadata.
     pub fn with_session(mut self, id: &str, meta: &[(&str, &str)]) -> Self {
         self.session = Some((id.to_owned(), meta.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()));
         self
@@ -78,14 +91,19 @@ impl TestCall {
         match crate::rt::run(raw, |host| f(raw, host)) {
             GH_CONTINUE => Flow::Continue,
             GH_RESPOND => Flow::Respond,
-            _ => Flow::Error(self.error.clone().unwrap_or_default()),
+            _ => Flow::Error {
+                status: self.error_status.unwrap_or(500),
+                message: self.error.clone().unwrap_or_default(),
+            },
         }
     }
 
+    /// The first request header of that name (case-insensitive).
     pub fn request_header(&self, name: &str) -> Option<&str> {
         find(&self.request_headers, name)
     }
 
+    /// The first response header of that name (case-insensitive).
     pub fn response_header(&self, name: &str) -> Option<&str> {
         find(&self.response_headers, name)
     }
@@ -241,8 +259,26 @@ unsafe extern "C" fn session_meta_set(call: *mut gh_call, key: gh_str, value: gh
 unsafe extern "C" fn session_create(call: *mut gh_call, init: *const gh_session_init) -> i32 {
     // SAFETY: as `me`; `init` is valid for the call.
     let (c, init) = unsafe { (me(call), &*init) };
-    c.session = Some((text(init.id), BTreeMap::new()));
+    let mut meta = BTreeMap::new();
+    if init.size as usize >= size_of::<gh_session_init>() {
+        // SAFETY: the SDK passes `meta_len` pairs, readable for the call.
+        let pairs = unsafe { slice(init.meta, init.meta_len) };
+        meta.extend(pairs.iter().map(|p| (text(p.key), text(p.value))));
+        let alias = text(init.alias);
+        c.session_alias = (!alias.is_empty()).then_some(alias);
+    }
+    c.session = Some((text(init.id), meta));
     1
+}
+
+/// # Safety
+/// `p` points to `n` readable values, or `n` is 0.
+unsafe fn slice<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    if p.is_null() || n == 0 {
+        return &[];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(p, n) }
 }
 unsafe extern "C" fn api_id(_: *mut gh_call) -> gh_str {
     gh_str::from_static("default/test-api")
@@ -254,11 +290,74 @@ unsafe extern "C" fn api_name(call: *mut gh_call) -> gh_str {
 unsafe extern "C" fn api_listen_path(_: *mut gh_call) -> gh_str {
     gh_str::from_static("/test/")
 }
-unsafe extern "C" fn api_config_data(_: *mut gh_call) -> gh_str {
-    gh_str::from_static("null")
+unsafe extern "C" fn api_config_data(call: *mut gh_call) -> gh_str {
+    // SAFETY: as `request_method`.
+    gh_str::new(unsafe { me(call) }.api_config_data.as_bytes())
 }
 unsafe extern "C" fn api_spec(_: *mut gh_call) -> gh_str {
     gh_str::from_static("{}")
+}
+
+unsafe extern "C" fn request_set_method(call: *mut gh_call, v: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.method = text(v);
+    1
+}
+unsafe extern "C" fn request_set_path(call: *mut gh_call, v: gh_str) -> i32 {
+    let v = text(v);
+    if !v.starts_with('/') {
+        return -1;
+    }
+    // SAFETY: as `me`.
+    unsafe { me(call) }.path = v;
+    1
+}
+unsafe extern "C" fn request_set_query(call: *mut gh_call, v: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.query = text(v);
+    1
+}
+unsafe extern "C" fn header_values(
+    call: *mut gh_call,
+    target: gh_target,
+    name: gh_str,
+    o: *mut gh_str,
+    cap: usize,
+    count: *mut usize,
+) -> i32 {
+    // SAFETY: as `me`.
+    let c = unsafe { me(call) };
+    let name = text(name);
+    let mut n = 0;
+    for (_, v) in headers(c, target).iter().filter(|(k, _)| k.eq_ignore_ascii_case(&name)) {
+        if n < cap {
+            // SAFETY: `o` has room for `cap` views; the value lives in the TestCall.
+            unsafe { *o.add(n) = gh_str::new(v.as_bytes()) };
+        }
+        n += 1;
+    }
+    // SAFETY: a valid place to write.
+    unsafe { *count = n };
+    i32::from(n > 0)
+}
+unsafe extern "C" fn header_replace(
+    call: *mut gh_call,
+    target: gh_target,
+    name: gh_str,
+    values: *const gh_str,
+    len: usize,
+) -> i32 {
+    // SAFETY: as `me`; `values` holds `len` views.
+    let (h, values) = unsafe { (headers(me(call), target), slice(values, len)) };
+    let name = text(name);
+    h.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
+    h.extend(values.iter().map(|v| (name.clone(), text(*v))));
+    1
+}
+unsafe extern "C" fn set_error_status(call: *mut gh_call, status: u16) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.error_status = Some(status);
+    1
 }
 
 static TEST_HOST: gh_host_api = gh_host_api {
@@ -289,4 +388,10 @@ static TEST_HOST: gh_host_api = gh_host_api {
     api_listen_path,
     api_config_data,
     api_spec,
+    request_set_method,
+    request_set_path,
+    request_set_query,
+    header_values,
+    header_replace,
+    set_error_status,
 };

@@ -27,19 +27,24 @@ fn c_header_matches_rust_layout_and_constants() {
     let (rust, body) = layout! {
         gh_str { ptr, len }
         gh_buf { ptr, cap, len }
-        gh_plugin { magic, abi_major, abi_minor, flags, sdk, init }
-        gh_hook { size, flags, create, destroy, on_request, on_response }
-        gh_session_init { size, _reserved, id, rate, per_ms, quota_max, quota_renewal_ms, access_rights, access_rights_len }
+        gh_plugin { magic, abi_major, abi_minor, flags, sdk, init, find_hook, quiesce }
+        gh_hook { size, flags, create, destroy, on_request, on_response, magic, create_for }
+        gh_pair { key, value }
+        gh_session_init { size, _reserved, id, rate, per_ms, quota_max, quota_renewal_ms, access_rights, access_rights_len,
+            alias, meta, meta_len }
         gh_host_api { size, abi_minor, log, set_error, request_method, request_path, request_query, client_ip,
             header_get, headers_each, header_set, header_add, header_remove, body_get, body_set,
             response_status, response_set_status, session_id, session_json, session_meta_get, session_meta_set,
-            session_create, api_id, api_name, api_listen_path, api_config_data, api_spec }
+            session_create, api_id, api_name, api_listen_path, api_config_data, api_spec,
+            request_set_method, request_set_path, request_set_query, header_values, header_replace, set_error_status }
     };
     let consts = [
         ("GH_MAGIC", GH_MAGIC),
         ("GH_ABI_MAJOR", GH_ABI_MAJOR.into()),
         ("GH_ABI_MINOR", GH_ABI_MINOR.into()),
         ("GH_PLUGIN_PANIC_SAFE", GH_PLUGIN_PANIC_SAFE.into()),
+        ("GH_PLUGIN_GO_RUNTIME", GH_PLUGIN_GO_RUNTIME.into()),
+        ("GH_HOOK_MAGIC", GH_HOOK_MAGIC),
         ("GH_HOOK_REQUEST_BODY", GH_HOOK_REQUEST_BODY.into()),
         ("GH_HOOK_RESPONSE_BODY", GH_HOOK_RESPONSE_BODY.into()),
         ("GH_CONTINUE", GH_CONTINUE as u64),
@@ -49,7 +54,9 @@ fn c_header_matches_rust_layout_and_constants() {
         ("GH_REQUEST", GH_REQUEST.into()),
         ("GH_RESPONSE", GH_RESPONSE.into()),
         ("GH_LOG_ERROR", GH_LOG_ERROR.into()),
+        ("GH_LOG_WARN", GH_LOG_WARN.into()),
         ("GH_LOG_INFO", GH_LOG_INFO.into()),
+        ("GH_LOG_DEBUG", GH_LOG_DEBUG.into()),
     ];
     let mut rust = rust;
     let mut body = body;

@@ -1,7 +1,7 @@
 //! Hooks that read and replace bodies: the gateway buffers a body only for hooks that ask.
 use gatehouse_plugin::{Flow, Request, Response, declare_plugin, hook};
 
-declare_plugin!();
+declare_plugin!(hooks: [UppercaseBody, WrapBody]);
 hook!(request(body) UppercaseBody = uppercase_body);
 hook!(response(body) WrapBody = wrap_body);
 

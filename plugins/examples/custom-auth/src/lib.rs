@@ -14,7 +14,7 @@ use std::{collections::HashMap, time::Duration};
 use gatehouse_plugin::{Flow, Hook, Request, SessionInit, declare_plugin, hook};
 use serde::Deserialize;
 
-declare_plugin!();
+declare_plugin!(hooks: [MyPluginAuthCheck]);
 hook!(MyPluginAuthCheck: TokenAuth);
 
 #[derive(Deserialize)]
@@ -42,14 +42,14 @@ impl Hook for TokenAuth {
         let Some(user) = self.tokens.get(token).cloned() else {
             return req.respond(403).json(r#"{"error":"forbidden"}"#);
         };
-        let mut session = SessionInit::new(&user);
+        let meta = [("user", user.as_str())];
+        let mut session = SessionInit::new(&user).meta(&meta);
         if let Some(rate) = self.rate {
             session = session.rate(rate, Duration::from_secs(self.per_seconds));
         }
         if let Err(e) = req.create_session(&session) {
-            return Flow::Error(e);
+            return Flow::error(e);
         }
-        req.set_session_meta("user", &user);
         Flow::Continue
     }
 }

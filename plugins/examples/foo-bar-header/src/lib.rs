@@ -1,7 +1,7 @@
 //! Tyk's logging example: adds `Foo: Bar` to the request and logs through the gateway.
 use gatehouse_plugin::{Flow, Request, declare_plugin, hook, info};
 
-declare_plugin!();
+declare_plugin!(hooks: [AddFooBarHeader]);
 hook!(request AddFooBarHeader = add_foo_bar_header);
 
 /// Adds a custom "Foo: Bar" header to the request.

@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Mutex};
 
 use gatehouse_plugin::{Flow, Request, debug, declare_plugin, hook, info, warn};
 
-declare_plugin!(state: Mutex<HashMap<String, u64>> = || Ok(Mutex::default()));
+declare_plugin!(state: Mutex<HashMap<String, u64>> = || Ok(Mutex::default()), hooks: [MyProcessRequest]);
 hook!(request MyProcessRequest = my_process_request);
 
 fn my_process_request(req: &mut Request) -> Flow {

@@ -1,7 +1,7 @@
 //! Hooks that do (almost) nothing, to measure what a hook call costs.
 use gatehouse_plugin::{Flow, Request, declare_plugin, hook};
 
-declare_plugin!();
+declare_plugin!(hooks: [Noop, ReadTenSetOne]);
 hook!(request Noop = noop);
 hook!(request ReadTenSetOne = read_ten_set_one);
 

@@ -2,7 +2,7 @@
 //! its body.
 use gatehouse_plugin::{Flow, Response, declare_plugin, hook};
 
-declare_plugin!();
+declare_plugin!(hooks: [MyPluginResponse]);
 hook!(response MyPluginResponse = my_plugin_response);
 
 fn my_plugin_response(resp: &mut Response) -> Flow {

@@ -1,7 +1,7 @@
 //! Tyk's "accessing the session object" example: reads the key's metadata.
 use gatehouse_plugin::{Flow, Request, declare_plugin, hook, info};
 
-declare_plugin!();
+declare_plugin!(hooks: [MyPluginFunction]);
 hook!(request MyPluginFunction = my_plugin_function);
 
 fn my_plugin_function(req: &mut Request) -> Flow {
