@@ -302,13 +302,45 @@ impl Hook {
     }
 }
 
+/// The hook call running on a thread: the handle the plugin got, and the context it
+/// stands for. The handle is a number, unique per call, not the context's address: a
+/// handle kept from an earlier call can never match a later call's, even one whose
+/// context sits at the same stack address.
+#[derive(Clone, Copy)]
+struct Current {
+    handle: usize,
+    ctx: *mut c_void,
+}
+
+const NO_CALL: Current = Current { handle: 0, ctx: std::ptr::null_mut() };
+
+/// Hands each thread its own range of 2^32 handles (on 64-bit targets), so handles are
+/// unique across threads without an atomic per call.
+static HANDLE_RANGES: AtomicUsize = AtomicUsize::new(1);
+
 thread_local! {
-    /// The hook call running on this thread, as the `gh_call` the plugin got: the only one
-    /// host calls on this thread accept.
-    static CURRENT: Cell<*mut gh_call> = const { Cell::new(std::ptr::null_mut()) };
+    /// The only call host calls on this thread accept.
+    static CURRENT: Cell<Current> = const { Cell::new(NO_CALL) };
+    /// This thread's handle range and the last handle it gave out.
+    static LAST_HANDLE: Cell<usize> = const { Cell::new(0) };
     /// Set while `headers_each` runs a plugin callback: the headers are borrowed, so
     /// anything that would need `&mut` on the call is refused.
     static ITERATING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn next_handle() -> usize {
+    LAST_HANDLE.with(|last| {
+        let mut h = last.get();
+        if h == 0 {
+            let shift = if usize::BITS > 32 { 32 } else { 16 };
+            h = HANDLE_RANGES.fetch_add(1, Ordering::Relaxed) << shift;
+        }
+        // Never 0 (a null gh_call), wrapping within the thread's own range.
+        let next = h.wrapping_add(1);
+        let next = if next == 0 { 1 } else { next };
+        last.set(next);
+        next
+    })
 }
 
 /// Set once a plugin used a `gh_call` on a thread running no hook has been logged.
@@ -358,13 +390,13 @@ impl Instance {
     pub fn call(&self, phase: Phase, ctx: &mut CallCtx<'_>) -> gh_status {
         let f = if phase == Phase::Response { self.hook.on_response } else { self.hook.on_request };
         let Some(f) = f else { return GH_CONTINUE };
-        let raw = (ctx as *mut CallCtx<'_>).cast::<gh_call>();
-        let prev = CURRENT.replace(raw);
+        let handle = next_handle();
+        let prev = CURRENT.replace(Current { handle, ctx: (ctx as *mut CallCtx<'_>).cast() });
         // SAFETY: `f` was checked present for this phase when the chain was built; the
-        // instance is the one `create` returned; `ctx` outlives the call and is the only
-        // thing the `gh_call` pointer refers to; host calls reach it only while it is
-        // this thread's current call.
-        let status = unsafe { f(self.instance, raw) };
+        // instance is the one `create` returned. The `gh_call` is an opaque handle that
+        // host calls turn back into `ctx` only while it is this thread's current call, and
+        // `ctx` outlives the call.
+        let status = unsafe { f(self.instance, std::ptr::without_provenance_mut(handle)) };
         CURRENT.set(prev);
         status
     }
@@ -427,7 +459,7 @@ fn refuse(what: &str, why: Misuse) {
         }
         Misuse::WhileIterating => "headers cannot change from inside a headers_each callback",
     };
-    let current = CURRENT.get();
+    let current = CURRENT.get().ctx;
     if current.is_null() {
         if !STRAY_LOGGED.swap(true, Ordering::Relaxed) {
             tracing::warn!(target: "plugin", call = what, "refused a host call: {reason} (logged once)");
@@ -448,14 +480,15 @@ fn refuse(what: &str, why: Misuse) {
 /// # Safety
 /// None beyond the ABI: any pointer is checked against the current call before use.
 unsafe fn ctx_ref<'a>(call: *mut gh_call, what: &str) -> Option<&'a CallCtx<'a>> {
-    if call.is_null() || call != CURRENT.get() {
+    let current = CURRENT.get();
+    if call.is_null() || call.addr() != current.handle {
         refuse(what, Misuse::NotCurrent);
         return None;
     }
-    // SAFETY: `call` is the `CallCtx` that `Instance::call` made current on this thread,
-    // live until the hook returns. Only shared references exist while a callback runs
-    // (`ctx_mut` refuses then), so this one aliases nothing mutable.
-    Some(unsafe { &*call.cast::<CallCtx<'a>>() })
+    // SAFETY: the `CallCtx` that `Instance::call` made current on this thread, live until
+    // the hook returns. Only shared references exist while a callback runs (`ctx_mut`
+    // refuses then), so this one aliases nothing mutable.
+    Some(unsafe { &*current.ctx.cast::<CallCtx<'a>>() })
 }
 
 /// The call's context for changing it: as `ctx_ref`, and refused while `headers_each`
@@ -464,7 +497,8 @@ unsafe fn ctx_ref<'a>(call: *mut gh_call, what: &str) -> Option<&'a CallCtx<'a>>
 /// # Safety
 /// As `ctx_ref`.
 unsafe fn ctx_mut<'a>(call: *mut gh_call, what: &str) -> Option<&'a mut CallCtx<'a>> {
-    if call.is_null() || call != CURRENT.get() {
+    let current = CURRENT.get();
+    if call.is_null() || call.addr() != current.handle {
         refuse(what, Misuse::NotCurrent);
         return None;
     }
@@ -476,7 +510,7 @@ unsafe fn ctx_mut<'a>(call: *mut gh_call, what: &str) -> Option<&'a mut CallCtx<
     // of it (host functions return before the plugin can call again, except
     // `headers_each`, excluded above). Views the plugin holds are raw pointers the ABI
     // invalidates on change.
-    Some(unsafe { &mut *call.cast::<CallCtx<'a>>() })
+    Some(unsafe { &mut *current.ctx.cast::<CallCtx<'a>>() })
 }
 
 /// # Safety

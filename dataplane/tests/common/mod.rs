@@ -498,6 +498,11 @@ pub fn plugins() -> &'static Plugins {
         cc("dataplane/tests/fixtures/bad_plugin.c", "bad_undefined", &["-DUNDEFINED_SYMBOL"]);
         cc("dataplane/tests/fixtures/big_plugin.c", "big_v1", &["-DVERSION=\"v1\""]);
         cc("dataplane/tests/fixtures/big_plugin.c", "big_v2", &["-DVERSION=\"v2\""]);
+        cc("dataplane/tests/fixtures/abi10_plugin.c", "abi10", &[]);
+        cc("dataplane/tests/fixtures/abi11_plugin.c", "abi11", &["-pthread"]);
+        cc("dataplane/tests/fixtures/abi11_plugin.c", "abi11_quiesce", &["-pthread", "-DVERSION=\"quiesce-me\""]);
+        cc("dataplane/tests/fixtures/abi11_plugin.c", "go_a", &["-pthread", "-DGO_RUNTIME", "-DVERSION=\"go-a\""]);
+        cc("dataplane/tests/fixtures/abi11_plugin.c", "go_b", &["-pthread", "-DGO_RUNTIME", "-DVERSION=\"go-b\""]);
         Plugins { rust: target.join("debug"), c }
     })
 }

@@ -43,7 +43,9 @@ impl Hook for TokenAuth {
             return req.respond(403).json(r#"{"error":"forbidden"}"#);
         };
         let meta = [("user", user.as_str())];
-        let mut session = SessionInit::new(&user).meta(&meta);
+        let alias = format!("token-user {user}");
+        // Identity, display name and metadata in one call.
+        let mut session = SessionInit::new(&user).alias(&alias).meta(&meta);
         if let Some(rate) = self.rate {
             session = session.rate(rate, Duration::from_secs(self.per_seconds));
         }

@@ -1,9 +1,10 @@
 //! Hooks that misbehave on purpose, to show the gateway containing them.
 use gatehouse_plugin::{Flow, Hook, Request, declare_plugin, hook};
 
-declare_plugin!(hooks: [Panic, Fail, NeedsConfig]);
+declare_plugin!(hooks: [Panic, Fail, Forbidden, NeedsConfig]);
 hook!(request Panic = panic);
 hook!(request Fail = fail);
+hook!(request Forbidden = forbidden);
 hook!(NeedsConfig: StrictConfig);
 hook!(PanicOnDrop: PanicsWhenDropped);
 
@@ -16,6 +17,11 @@ fn panic(req: &mut Request) -> Flow {
 
 fn fail(_: &mut Request) -> Flow {
     Flow::error("this hook fails on purpose")
+}
+
+/// Fails with its own status: the client gets a 403, the log gets the reason.
+fn forbidden(req: &mut Request) -> Flow {
+    Flow::error_status(403, format!("tenant of {} not allowed", req.api().name()))
 }
 
 /// Refuses to be built unless its config is `{"valid": true}`.
