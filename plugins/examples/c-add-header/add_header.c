@@ -1,6 +1,7 @@
 /*
  * A Gatehouse plugin in C: adds a header to the request. The header's value comes from
- * the entry's config (a JSON string), or is "hello from C".
+ * the entry's config (a JSON string), or is "hello from C". The gateway finds the hook
+ * through `find_hook` (ABI 1.1), never by a symbol name.
  *
  *   cc -shared -fPIC -O2 -I plugins/sdk/include -o libc_add_header.so add_header.c
  *
@@ -60,6 +61,27 @@ static gh_status on_request(void *instance, gh_call *call) {
   return GH_CONTINUE;
 }
 
+static const gh_hook AddHeader = {
+    .size = sizeof(gh_hook),
+    .flags = 0,
+    .create = create,
+    .destroy = destroy,
+    .on_request = on_request,
+    .on_response = NULL,
+    .magic = GH_HOOK_MAGIC,
+    .create_for = NULL,
+};
+
+/* The hooks ApiDefinitions may name as `symbol`. */
+static const gh_hook *find_hook(gh_str name) {
+  static const char add_header[] = "AddHeader";
+  if (name.len == sizeof(add_header) - 1 && memcmp(name.ptr, add_header, name.len) == 0) return &AddHeader;
+  return NULL;
+}
+
+/* Called once no configuration uses this library any more; nothing to stop here. */
+static void quiesce(void) { host->log(NULL, GH_LOG_INFO, GH_STR("C plugin " VERSION " quiesced")); }
+
 const gh_plugin gatehouse_plugin = {
     .magic = GH_MAGIC,
     .abi_major = GH_ABI_MAJOR,
@@ -67,13 +89,6 @@ const gh_plugin gatehouse_plugin = {
     .flags = GH_PLUGIN_PANIC_SAFE,
     .sdk = GH_STR("c-add-header (C)"),
     .init = init,
-};
-
-const gh_hook AddHeader = {
-    .size = sizeof(gh_hook),
-    .flags = 0,
-    .create = create,
-    .destroy = destroy,
-    .on_request = on_request,
-    .on_response = NULL,
+    .find_hook = find_hook,
+    .quiesce = quiesce,
 };

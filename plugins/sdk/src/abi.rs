@@ -13,7 +13,9 @@ use std::ffi::c_void;
 
 /// "GATEHOUS", the first field of the declaration.
 pub const GH_MAGIC: u64 = 0x4741_5445_484F_5553;
+/// The ABI major version: a host refuses a plugin with another.
 pub const GH_ABI_MAJOR: u16 = 1;
+/// The ABI minor version: tables grow within a major version, append-only.
 pub const GH_ABI_MINOR: u16 = 1;
 /// The one symbol every plugin exports: a `gh_plugin`.
 pub const GH_DECLARATION_SYMBOL: &str = "gatehouse_plugin";
@@ -37,8 +39,10 @@ pub const GH_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(gh_host_api, reques
 /// Hook flags: buffer the request (or upstream response) body before calling the hook, so
 /// that `body_get` can return it. Without them bodies stream and `body_get` returns 0.
 pub const GH_HOOK_REQUEST_BODY: u32 = 1;
+/// See [`GH_HOOK_REQUEST_BODY`]: the upstream response's body.
 pub const GH_HOOK_RESPONSE_BODY: u32 = 2;
 
+/// What a hook returns: one of the `GH_CONTINUE` .. `GH_PANIC` constants.
 pub type gh_status = i32;
 /// Go on with the chain.
 pub const GH_CONTINUE: gh_status = 0;
@@ -49,14 +53,22 @@ pub const GH_ERROR: gh_status = 2;
 /// The hook panicked and the SDK caught it; the gateway answers 500 and counts it.
 pub const GH_PANIC: gh_status = 3;
 
+/// Which message a header or body call is about.
 pub type gh_target = u32;
+/// The request.
 pub const GH_REQUEST: gh_target = 0;
+/// The response (the upstream's, or the one a request hook builds).
 pub const GH_RESPONSE: gh_target = 1;
 
+/// A log level.
 pub type gh_level = u32;
+/// Error level.
 pub const GH_LOG_ERROR: gh_level = 1;
+/// Warn level.
 pub const GH_LOG_WARN: gh_level = 2;
+/// Info level.
 pub const GH_LOG_INFO: gh_level = 3;
+/// Debug level.
 pub const GH_LOG_DEBUG: gh_level = 4;
 
 /// Borrowed bytes (UTF-8 where the field is text). What the host returns stays valid until
@@ -65,7 +77,9 @@ pub const GH_LOG_DEBUG: gh_level = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct gh_str {
+    /// The first byte (anything, when `len` is 0).
     pub ptr: *const u8,
+    /// The number of bytes.
     pub len: usize,
 }
 
@@ -73,8 +87,11 @@ pub struct gh_str {
 #[repr(C)]
 #[derive(Debug)]
 pub struct gh_buf {
+    /// Where to write.
     pub ptr: *mut u8,
+    /// How many bytes fit.
     pub cap: usize,
+    /// How many bytes were written.
     pub len: usize,
 }
 
@@ -87,9 +104,13 @@ pub struct gh_call {
 /// The declaration, exported as `gatehouse_plugin`.
 #[repr(C)]
 pub struct gh_plugin {
+    /// [`GH_MAGIC`].
     pub magic: u64,
+    /// [`GH_ABI_MAJOR`] the plugin was built for.
     pub abi_major: u16,
+    /// [`GH_ABI_MINOR`] the plugin was built for: which fields it has.
     pub abi_minor: u16,
+    /// `GH_PLUGIN_*` flags.
     pub flags: u32,
     /// Who built it, e.g. `gatehouse-plugin 0.1.0`; shown in errors and /config.
     pub sdk: gh_str,
@@ -106,7 +127,9 @@ pub struct gh_plugin {
 /// One hook, exported under the name ApiDefinitions use as `symbol`.
 #[repr(C)]
 pub struct gh_hook {
+    /// `size_of::<gh_hook>()` as the plugin was built: which fields it has.
     pub size: u32,
+    /// `GH_HOOK_*` flags.
     pub flags: u32,
     /// Once per ApiDefinition entry, with its `config` as JSON (`null` when unset). May be
     /// null: the hook then gets a null instance.
@@ -130,30 +153,38 @@ pub struct gh_hook {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct gh_pair {
+    /// The key.
     pub key: gh_str,
+    /// The value.
     pub value: gh_str,
 }
 
 /// What an `authCheck` hook hands to `session_create`.
 #[repr(C)]
 pub struct gh_session_init {
+    /// `size_of::<gh_session_init>()` as the plugin was built: which fields it has.
     pub size: u32,
+    /// Zero.
     pub _reserved: u32,
     /// Stable identity: rate limits and quotas are counted per id.
     pub id: gh_str,
     /// `rate` requests every `per_ms`; 0 for no per-session limit.
     pub rate: u64,
+    /// The rate's window, in milliseconds.
     pub per_ms: u64,
     /// Requests per `quota_renewal_ms`; -1 for unlimited.
     pub quota_max: i64,
+    /// The quota's window, in milliseconds.
     pub quota_renewal_ms: u64,
     /// ApiDefinition names (same namespace); none means the API being called.
     pub access_rights: *const gh_str,
+    /// How many names `access_rights` holds.
     pub access_rights_len: usize,
     /// 1.1: shown in analytics and as the session id; empty means `id`.
     pub alias: gh_str,
     /// 1.1: the session's metadata, `meta_len` pairs.
     pub meta: *const gh_pair,
+    /// How many pairs `meta` holds.
     pub meta_len: usize,
 }
 
@@ -168,15 +199,21 @@ pub type gh_header_cb = unsafe extern "C" fn(ctx: *mut c_void, name: gh_str, val
 /// from inside a `headers_each` callback.
 #[repr(C)]
 pub struct gh_host_api {
+    /// `size_of::<gh_host_api>()`: which calls the host has.
     pub size: u32,
+    /// The host's ABI minor version.
     pub abi_minor: u32,
     /// `call` may be null (in `init` and `create`).
     pub log: unsafe extern "C" fn(call: *mut gh_call, level: gh_level, msg: gh_str),
     /// The reason logged with a GH_ERROR.
     pub set_error: unsafe extern "C" fn(call: *mut gh_call, msg: gh_str),
+    /// The request method.
     pub request_method: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
+    /// The request path (normalised).
     pub request_path: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
+    /// The query string without `?`, empty if none.
     pub request_query: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
+    /// The client's IP address, as text.
     pub client_ip: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
     /// The `index`th value of header `name` (case-insensitive).
     pub header_get: unsafe extern "C" fn(
@@ -186,26 +223,37 @@ pub struct gh_host_api {
         index: usize,
         out: *mut gh_str,
     ) -> i32,
+    /// Calls `cb` with every header, in order; `cb` must not change headers (refused).
     pub headers_each: unsafe extern "C" fn(call: *mut gh_call, target: gh_target, ctx: *mut c_void, cb: gh_header_cb),
+    /// Replaces every value of a header.
     pub header_set: unsafe extern "C" fn(call: *mut gh_call, target: gh_target, name: gh_str, value: gh_str) -> i32,
+    /// Adds a value to a header.
     pub header_add: unsafe extern "C" fn(call: *mut gh_call, target: gh_target, name: gh_str, value: gh_str) -> i32,
+    /// Removes every value of a header.
     pub header_remove: unsafe extern "C" fn(call: *mut gh_call, target: gh_target, name: gh_str) -> i32,
     /// 1 with the body when the hook asked for it (GH_HOOK_*_BODY) or a hook set it.
     pub body_get: unsafe extern "C" fn(call: *mut gh_call, target: gh_target, out: *mut gh_str) -> i32,
+    /// Replaces a body (the host copies it).
     pub body_set: unsafe extern "C" fn(call: *mut gh_call, target: gh_target, body: gh_str) -> i32,
+    /// The response status.
     pub response_status: unsafe extern "C" fn(call: *mut gh_call) -> u16,
+    /// Sets the response status.
     pub response_set_status: unsafe extern "C" fn(call: *mut gh_call, status: u16) -> i32,
     /// The session's id (the key Secret's `namespace/name`, or the id an auth hook gave).
     pub session_id: unsafe extern "C" fn(call: *mut gh_call, out: *mut gh_str) -> i32,
     /// The whole session as JSON (Tyk's `SessionState` fields where they exist).
     pub session_json: unsafe extern "C" fn(call: *mut gh_call, out: *mut gh_str) -> i32,
+    /// A value of the session's metadata.
     pub session_meta_get: unsafe extern "C" fn(call: *mut gh_call, key: gh_str, out: *mut gh_str) -> i32,
     /// Sets metadata on this request's session; later hooks and analytics see it.
     pub session_meta_set: unsafe extern "C" fn(call: *mut gh_call, key: gh_str, value: gh_str) -> i32,
     /// `authCheck` only: the session the rest of the chain enforces.
     pub session_create: unsafe extern "C" fn(call: *mut gh_call, init: *const gh_session_init) -> i32,
+    /// The API's `namespace/name`.
     pub api_id: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
+    /// The API's `spec.name`, or `metadata.name`.
     pub api_name: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
+    /// The API's `spec.listenPath`.
     pub api_listen_path: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
     /// `spec.configData` as JSON (`null` when unset).
     pub api_config_data: unsafe extern "C" fn(call: *mut gh_call) -> gh_str,
@@ -240,14 +288,17 @@ pub struct gh_host_api {
 }
 
 impl gh_str {
+    /// A view of a static string.
     pub const fn from_static(s: &'static str) -> Self {
         Self { ptr: s.as_ptr(), len: s.len() }
     }
 
+    /// A view of `b`, valid as long as `b` is.
     pub fn new(b: &[u8]) -> Self {
         Self { ptr: b.as_ptr(), len: b.len() }
     }
 
+    /// No bytes.
     pub const EMPTY: gh_str = gh_str { ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(), len: 0 };
 
     /// # Safety

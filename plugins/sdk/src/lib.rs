@@ -21,6 +21,7 @@
 //! statics. A panic in a hook is caught here and answered with a 500 by the gateway, which
 //! keeps serving.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 pub mod abi;
 mod call;

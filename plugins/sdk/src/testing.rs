@@ -26,13 +26,21 @@ use crate::{
 /// One request (and, for response hooks, its response) as a test describes it.
 #[derive(Debug, Clone, Default)]
 pub struct TestCall {
+    /// The request method (a hook may change it).
     pub method: String,
+    /// The request path (a hook may change it).
     pub path: String,
+    /// The query string without `?` (a hook may change it).
     pub query: String,
+    /// The request headers, in order.
     pub request_headers: Vec<(String, String)>,
+    /// The request body, as a hook that asked for it would see it.
     pub request_body: Option<Vec<u8>>,
+    /// The response status (200 unless set).
     pub status: u16,
+    /// The response headers, in order.
     pub response_headers: Vec<(String, String)>,
+    /// The response body.
     pub response_body: Option<Vec<u8>>,
     /// `(id, metadata)` of the session, if the request has one.
     pub session: Option<(String, BTreeMap<String, String>)>,
@@ -395,3 +403,96 @@ static TEST_HOST: gh_host_api = gh_host_api {
     header_replace,
     set_error_status,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Request, SessionInit};
+
+    #[test]
+    fn setters_take_values_borrowed_from_the_same_call() {
+        fn tag(req: &mut Request<'_>) -> Flow {
+            req.set_header("X-Api", req.api().name());
+            req.set_header("X-Entry", req.config());
+            Flow::Continue
+        }
+        let mut call = TestCall::new("GET", "/x");
+        assert_eq!(call.request(tag), Flow::Continue);
+        assert_eq!((call.request_header("x-api"), call.request_header("x-entry")), (Some("test-api"), Some("null")));
+    }
+
+    #[test]
+    fn the_api_definition_is_typed() {
+        fn read(req: &mut Request<'_>) -> Flow {
+            let api = req.api();
+            let tier = api.config_data()["tier"].as_str().unwrap_or("none").to_owned();
+            req.set_header("X-Tier", &tier);
+            req.set_header("X-Where", &format!("{} {} {}", api.id(), api.name(), api.listen_path()));
+            Flow::Continue
+        }
+        let mut call = TestCall::new("GET", "/x");
+        call.api_config_data = r#"{"tier": "gold"}"#.to_owned();
+        assert_eq!(call.request(read), Flow::Continue);
+        assert_eq!(call.request_header("x-tier"), Some("gold"));
+        assert_eq!(call.request_header("x-where"), Some("default/test-api test-api /test/"));
+    }
+
+    #[test]
+    fn an_error_carries_its_status() {
+        let mut call = TestCall::new("GET", "/x");
+        let flow = call.request(|_| Flow::error_status(403, "no tenant"));
+        assert_eq!(flow, Flow::Error { status: 403, message: "no tenant".to_owned() });
+        let mut call = TestCall::new("GET", "/x");
+        assert_eq!(call.request(|_| Flow::error("boom")), Flow::Error { status: 500, message: "boom".to_owned() });
+        assert_eq!(call.error_status, None, "500 is the default and is not sent");
+    }
+
+    #[test]
+    fn a_session_is_created_with_alias_and_metadata_in_one_call() {
+        fn auth(req: &mut Request<'_>) -> Flow {
+            let meta = [("tier", "gold"), ("org", "acme")];
+            match req.create_session(&SessionInit::new("user-1").alias("Alice").meta(&meta)) {
+                Ok(()) => Flow::Continue,
+                Err(e) => Flow::error(e),
+            }
+        }
+        let mut call = TestCall::new("GET", "/x");
+        assert_eq!(call.request(auth), Flow::Continue);
+        let (id, meta) = call.session.clone().unwrap_or_default();
+        assert_eq!((id.as_str(), call.session_alias.as_deref()), ("user-1", Some("Alice")));
+        assert_eq!(
+            (meta.get("tier").map(String::as_str), meta.get("org").map(String::as_str)),
+            (Some("gold"), Some("acme"))
+        );
+    }
+
+    #[test]
+    fn every_value_of_a_header_is_read_and_replaced_at_once() {
+        fn values(req: &mut Request<'_>) -> Flow {
+            let all = req.header_values("x-multi").join("|");
+            req.set_header_values("x-multi", &["a", "b"]);
+            req.set_header("X-Joined", &all);
+            Flow::Continue
+        }
+        let mut call = TestCall::new("GET", "/x");
+        call.request_headers = (0..10).map(|i| ("x-multi".to_owned(), i.to_string())).collect();
+        assert_eq!(call.request(values), Flow::Continue);
+        assert_eq!(call.request_header("x-joined"), Some("0|1|2|3|4|5|6|7|8|9"), "more than fit the first try");
+        let after: Vec<_> =
+            call.request_headers.iter().filter(|(k, _)| k == "x-multi").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(after, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_plugin_refuses_a_gateway_older_than_its_sdk() {
+        let old = gh_host_api { size: GH_HOST_API_SIZE_1_0 as u32, abi_minor: 0, ..TEST_HOST };
+        let old: &'static gh_host_api = Box::leak(Box::new(old));
+        let mut text = [0u8; 256];
+        let mut err = gh_buf { ptr: text.as_mut_ptr(), cap: text.len(), len: 0 };
+        // SAFETY: a host table and a valid error buffer, as a host passes them.
+        let rc = unsafe { crate::rt::init(old, &mut err, || Ok(())) };
+        let msg = String::from_utf8_lossy(&text[..err.len]);
+        assert_eq!(rc, 1);
+        assert!(msg.contains("the gateway is older than this plugin's SDK"), "{msg}");
+    }
+}
