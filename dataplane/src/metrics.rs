@@ -3,6 +3,7 @@
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    proto::{Counter, Metric, MetricFamily, MetricType},
 };
 
 use crate::reply::GatewayError;
@@ -21,7 +22,6 @@ pub struct Metrics {
     pub analytics_dropped: IntCounter,
     /// Set when metrics are rendered, from the body budget.
     pub buffered_body_bytes: IntGauge,
-    pub plugin_calls: IntCounterVec,
     pub plugin_duration: HistogramVec,
     pub plugin_failures: IntCounterVec,
     /// Handles for requests that matched no API.
@@ -92,12 +92,8 @@ impl Metrics {
             "Bytes of request bodies held for plugins now, out of --buffered-body-budget-bytes",
         ));
         let hook_labels = &["plugin", "symbol", "phase", "event"];
-        let plugin_calls = must(IntCounterVec::new(
-            Opts::new("gatehouse_plugin_calls_total", "Plugin hook calls, by plugin file, symbol and phase"),
-            hook_labels,
-        ));
         let plugin_duration = must(HistogramVec::new(
-            HistogramOpts::new("gatehouse_plugin_duration_seconds", "Time spent in plugin hooks")
+            HistogramOpts::new(PLUGIN_DURATION, "Time spent in plugin hooks")
                 .buckets(vec![1e-6, 5e-6, 2.5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.025, 0.1, 0.5]),
             hook_labels,
         ));
@@ -108,7 +104,6 @@ impl Metrics {
             ),
             &["plugin", "symbol", "phase", "event", "kind"],
         ));
-        reg(Box::new(plugin_calls.clone()));
         reg(Box::new(plugin_duration.clone()));
         reg(Box::new(plugin_failures.clone()));
         reg(Box::new(requests.clone()));
@@ -130,7 +125,6 @@ impl Metrics {
             config_reloads,
             analytics_dropped,
             buffered_body_bytes,
-            plugin_calls,
             plugin_duration,
             plugin_failures,
         }
@@ -145,13 +139,45 @@ impl Metrics {
     }
 
     pub fn render(&self) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        if let Some(calls) = families.iter().find(|f| f.name() == PLUGIN_DURATION).map(calls_from_durations) {
+            // `gather` sorts families by name; the encoder keeps that order.
+            let at = families.partition_point(|f| f.name() < PLUGIN_CALLS);
+            families.insert(at, calls);
+        }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a failure would be a malformed family.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!(error = %e, "encoding metrics");
         }
         buf
     }
+}
+
+const PLUGIN_DURATION: &str = "gatehouse_plugin_duration_seconds";
+const PLUGIN_CALLS: &str = "gatehouse_plugin_calls_total";
+
+/// `gatehouse_plugin_calls_total`, from the duration histogram's counts: every hook call is
+/// observed there once, so a second counter per call would only cost the hot path an atomic.
+fn calls_from_durations(durations: &MetricFamily) -> MetricFamily {
+    let mut calls = MetricFamily::default();
+    calls.set_name(PLUGIN_CALLS.to_owned());
+    calls.set_help("Plugin hook calls, by plugin file, symbol and phase".to_owned());
+    calls.set_field_type(MetricType::COUNTER);
+    calls.set_metric(
+        durations
+            .get_metric()
+            .iter()
+            .map(|m| {
+                let mut c = Counter::default();
+                c.set_value(m.get_histogram().get_sample_count() as f64);
+                let mut out = Metric::from_label(m.get_label().to_vec());
+                out.set_counter(c);
+                out
+            })
+            .collect(),
+    );
+    calls
 }
 
 impl Default for Metrics {

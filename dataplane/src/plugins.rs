@@ -413,7 +413,6 @@ pub struct HookCall {
     pub symbol: Arc<str>,
     pub phase: Phase,
     instance: Instance,
-    calls: IntCounter,
     duration: Histogram,
     errors: IntCounter,
     panics: IntCounter,
@@ -660,7 +659,6 @@ impl<'a> ChainBuilder<'a> {
             symbol: Arc::from(r.symbol.as_str()),
             phase,
             instance,
-            calls: m.plugin_calls.with_label_values(&labels),
             duration: m.plugin_duration.with_label_values(&labels),
             errors: m.plugin_failures.with_label_values(&[
                 path,
@@ -848,7 +846,6 @@ impl HookCall {
         let status = self.instance.call(self.phase, &mut ctx);
         let ended = Instant::now();
         self.duration.observe((ended - started).as_secs_f64());
-        self.calls.inc();
         let next = match status {
             abi::GH_CONTINUE => Ok(Next::Continue),
             abi::GH_RESPOND => Ok(Next::Respond),
