@@ -328,16 +328,19 @@ thread_local! {
     static ITERATING: Cell<bool> = const { Cell::new(false) };
 }
 
+/// The low bits of a handle count calls; the high bits name the thread's range.
+const HANDLE_COUNT_BITS: usize = if usize::BITS > 32 { u32::MAX as usize } else { 0xFFFF };
+
 fn next_handle() -> usize {
     LAST_HANDLE.with(|last| {
         let mut h = last.get();
         if h == 0 {
-            let shift = if usize::BITS > 32 { 32 } else { 16 };
-            h = HANDLE_RANGES.fetch_add(1, Ordering::Relaxed) << shift;
+            h = HANDLE_RANGES.fetch_add(1, Ordering::Relaxed) << HANDLE_COUNT_BITS.count_ones();
         }
-        // Never 0 (a null gh_call), wrapping within the thread's own range.
-        let next = h.wrapping_add(1);
-        let next = if next == 0 { 1 } else { next };
+        // Wraps within the thread's own range (a handle comes back only after 2^32 calls
+        // on one thread) and never has a zero count, so it is never null.
+        let count = (h & HANDLE_COUNT_BITS).wrapping_add(1) & HANDLE_COUNT_BITS;
+        let next = (h & !HANDLE_COUNT_BITS) | count.max(1);
         last.set(next);
         next
     })
