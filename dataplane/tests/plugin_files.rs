@@ -235,15 +235,19 @@ async fn symbols_the_plugin_does_not_define_as_hooks_are_refused() {
     cfg.write(
         "all.yaml",
         &[
-            // Links libc (it calls malloc), so `dlsym` on it finds libc's symbols too.
-            plugin("bad", &p.c("c_add_header"), ""),
+            // An ABI 1.0 plugin (hooks looked up by symbol): it links libc, so `dlsym` on it
+            // finds libc's symbols too.
+            plugin("bad", &p.c("abi10"), ""),
+            // An ABI 1.1 plugin: only its own find_hook names hooks.
+            plugin("c11", &p.c("c_add_header"), ""),
             plugin("rust", &p.rust("foo-bar-header"), ""),
             // A libc function, a libc data object, the plugin's declaration, and a Rust
             // plugin's own function that is not a hook table.
             api("malloc", "/malloc/", &up.url(), &mw("pre", "bad", "malloc")),
             api("environ", "/environ/", &up.url(), &mw("pre", "bad", "environ")),
             api("decl", "/decl/", &up.url(), &mw("pre", "bad", "gatehouse_plugin")),
-            api("ok", "/ok/", &up.url(), &mw("pre", "bad", "AddHeader")),
+            api("ok", "/ok/", &up.url(), &mw("pre", "bad", "AddHeader10")),
+            api("malloc11", "/malloc11/", &up.url(), &mw("pre", "c11", "malloc")),
             api("foo", "/foo/", &up.url(), &mw("pre", "rust", "AddFooBarHeader")),
         ]
         .concat(),
@@ -263,6 +267,8 @@ async fn symbols_the_plugin_does_not_define_as_hooks_are_refused() {
     let s = api_state(&state, "default/decl");
     assert!(s.contains("symbol \"gatehouse_plugin\" not found"), "{s}");
     assert_eq!(gw.get("/ok/x").await.status, StatusCode::OK, "the plugin's own hook works");
+    let s = api_state(&state, "default/malloc11");
+    assert!(s.contains("symbol \"malloc\" not found: the plugin's find_hook does not know it"), "{s}");
     assert_eq!(gw.get("/foo/x").await.json()["headers"]["foo"], "Bar", "a Rust SDK hook passes the checks");
 }
 

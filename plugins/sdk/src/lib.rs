@@ -95,9 +95,9 @@ pub trait Hook: Sized + Send + Sync + 'static {
 ///   `state()`.
 ///
 /// The list is what the gateway can find (ABI 1.1 `find_hook`: the gateway never looks
-/// hooks up in the library's symbol table). A name listed without its `hook!` does not
-/// compile; a `hook!` left out of the list leaves its function unused (a compiler
-/// warning), and an ApiDefinition naming it is refused with "symbol ... not found".
+/// hooks up in the library's symbol table). It cannot drift from the `hook!`s: a name
+/// listed without its `hook!` does not compile, and neither does a `hook!` whose name is
+/// not listed. `declare_plugin!` and the `hook!`s live in the same module.
 #[macro_export]
 macro_rules! declare_plugin {
     (hooks: [$($hook:ident),* $(,)?] $(,)?) => {
@@ -124,6 +124,15 @@ macro_rules! declare_plugin {
 #[macro_export]
 macro_rules! __declaration {
     ($init:expr, [$($hook:ident),*]) => {
+        /// The hooks `declare_plugin!` lists: each `hook!` checks it is here.
+        #[doc(hidden)]
+        mod __gatehouse_listed {
+            $(
+                #[allow(unused_imports)]
+                pub(super) use super::$hook;
+            )*
+        }
+
         #[allow(non_upper_case_globals)]
         #[unsafe(no_mangle)]
         pub static gatehouse_plugin: $crate::abi::gh_plugin = $crate::abi::gh_plugin {
@@ -211,6 +220,9 @@ macro_rules! hook {
             });
     };
     (@table $name:ident, $flags:expr, $create:expr, $destroy:expr, $on_request:expr, $on_response:expr) => {
+        // Not listed in `declare_plugin!(hooks: [...])`, the gateway could never find it:
+        // a compile error here, not a "symbol not found" at run time.
+        use self::__gatehouse_listed::$name as _;
         // Found through `declare_plugin!(hooks: [...])`, never by its symbol name.
         #[allow(non_upper_case_globals)]
         static $name: $crate::abi::gh_hook = $crate::abi::gh_hook {

@@ -1,7 +1,7 @@
 //! Hooks that misbehave on purpose, to show the gateway containing them.
 use gatehouse_plugin::{Flow, Hook, Request, declare_plugin, hook};
 
-declare_plugin!(hooks: [Panic, Fail, Forbidden, NeedsConfig]);
+declare_plugin!(hooks: [Panic, Fail, Forbidden, NeedsConfig, PanicOnDrop]);
 hook!(request Panic = panic);
 hook!(request Fail = fail);
 hook!(request Forbidden = forbidden);
