@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use gatehouse_plugin::{Flow, Hook, Request, Response, declare_plugin, hook};
 use serde::Deserialize;
 
-declare_plugin!();
+declare_plugin!(hooks: [LookupUser, Step]);
 hook!(request LookupUser = lookup_user);
 hook!(Step: Step);
 
