@@ -22,15 +22,7 @@ fi
 A=127.0.0.1:28084 B=127.0.0.1:28085
 
 start_upstream
-mkdir -p "$work/gh"
-cat > "$work/gh/api.yaml" <<YAML
-apiVersion: gatehouse.dev/v1alpha1
-kind: ApiDefinition
-metadata: {name: bench}
-spec:
-  listenPath: /
-  upstream: {url: "http://$UP"}
-YAML
+plain_api "$work/gh"
 start_gatehouse "$A" 127.0.0.1:28094 "$work/gh" "$base"
 start_gatehouse "$B" 127.0.0.1:28095 "$work/gh" "$new"
 expect_1k "http://$A/"

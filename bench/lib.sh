@@ -56,6 +56,19 @@ start_gatehouse() {
   exit 1
 }
 
+# plain_api DIR: a config directory with one API, `/` proxied to the upstream.
+plain_api() {
+  mkdir -p "$1"
+  cat > "$1/api.yaml" <<YAML
+apiVersion: gatehouse.dev/v1alpha1
+kind: ApiDefinition
+metadata: {name: bench}
+spec:
+  listenPath: /
+  upstream: {url: "http://$UP"}
+YAML
+}
+
 # expect_1k URL: the proxy under test really returns the 1 KiB body.
 expect_1k() {
   [ "$(curl -fs "$1" | wc -c)" = 1024 ] || { echo "$1 does not return the 1 KiB body" >&2; exit 1; }

@@ -24,15 +24,7 @@ nginx_conf proxy "upstream up { server $UP; keepalive 128; }
     proxy_set_header X-Forwarded-Proto \$scheme;
     proxy_set_header X-Forwarded-Host \$host; } }"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" & pids+=($!)
-mkdir -p "$work/gh"
-cat > "$work/gh/api.yaml" <<YAML
-apiVersion: gatehouse.dev/v1alpha1
-kind: ApiDefinition
-metadata: {name: bench}
-spec:
-  listenPath: /
-  upstream: {url: "http://$UP"}
-YAML
+plain_api "$work/gh"
 start_gatehouse "$GH" 127.0.0.1:28093 "$work/gh"
 sleep 0.3
 expect_1k "http://$NGX/"
