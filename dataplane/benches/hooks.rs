@@ -11,11 +11,8 @@ use std::{hint::black_box, path::Path, process::Command, sync::Arc};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatehouse_crds::{manifest, snapshot::Snapshot};
-use gatehouse_dataplane::{
-    metrics::Metrics,
-    plugins::{Exchange, Loader, RequestState, ResponseState, run_phase},
-    runtime::Runtime,
-};
+use gatehouse_dataplane::{metrics::Metrics, model::Session, runtime::Runtime};
+use gatehouse_plugin_host::{Exchange, Loader, RequestState, ResponseState, run_phase};
 
 fn build_noop() -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
@@ -58,19 +55,19 @@ fn hooks(c: &mut Criterion) {
     let (parts, ()) = req.body(()).unwrap().into_parts();
     let mut state = RequestState { parts, body: None, body_set: false };
     let mut resp = ResponseState::default();
-    let mut session = None;
+    let mut session: Option<Arc<Session>> = None;
     let peer = "127.0.0.1:1".parse().unwrap();
 
     let mut group = c.benchmark_group("hook call");
     group.bench_function("no-op", |b| {
         b.iter(|| {
-            let mut x = Exchange { req: &mut state, resp: &mut resp, session: &mut session, api: &api, peer };
+            let mut x = Exchange { req: &mut state, resp: &mut resp, session: &mut session, api: &*api, peer };
             black_box(run_phase(&api.plugins.pre, &mut x)).ok();
         })
     });
     group.bench_function("read 10 headers, set 1", |b| {
         b.iter(|| {
-            let mut x = Exchange { req: &mut state, resp: &mut resp, session: &mut session, api: &api, peer };
+            let mut x = Exchange { req: &mut state, resp: &mut resp, session: &mut session, api: &*api, peer };
             black_box(run_phase(&api.plugins.post, &mut x)).ok();
         })
     });

@@ -8,8 +8,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     limits::{CounterStore, Decision},
+    model::{Api, Session},
     reply::GatewayError,
-    runtime::{Api, Runtime, Session},
+    runtime::Runtime,
 };
 
 /// Step 4 for `authToken`: the key from the header, else the query parameter, else the

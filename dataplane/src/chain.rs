@@ -14,6 +14,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use gatehouse_crds::AuthType;
+use gatehouse_plugin_host::{self as plugins, Exchange as PluginExchange, Next, RequestState, ResponseState};
 use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
@@ -24,11 +25,11 @@ use crate::{
     endpoints,
     gateway::Gateway,
     limits::{CounterStore, Decision},
+    model::{Api, Session},
     path::{self, PathError},
-    plugins::{self, Exchange as PluginExchange, Next, RequestState, ResponseState},
     proxy,
     reply::GatewayError,
-    runtime::{Api, Runtime, Session},
+    runtime::Runtime,
 };
 
 /// What the chain learnt about a request, for step 10.
@@ -113,7 +114,8 @@ impl Gateway {
         }
         macro_rules! hooks {
             ($hooks:expr) => {{
-                let mut x = PluginExchange { req: &mut req, resp: &mut ex.reply, session: &mut ex.session, api, peer };
+                let mut x =
+                    PluginExchange { req: &mut req, resp: &mut ex.reply, session: &mut ex.session, api: &**api, peer };
                 if let Next::Respond = plugins::run_phase($hooks, &mut x)? {
                     ex.plugin_answered = true;
                     return Ok(into_response(std::mem::take(&mut ex.reply), None));
@@ -201,7 +203,8 @@ impl Gateway {
                 upstream.body = Some(self.buffer(body.take(), GatewayError::UpstreamUnreachable, &mut ex.held).await?);
             }
             let mut req = RequestState { parts, body: None, body_set: false };
-            let mut x = PluginExchange { req: &mut req, resp: &mut upstream, session: &mut ex.session, api, peer };
+            let mut x =
+                PluginExchange { req: &mut req, resp: &mut upstream, session: &mut ex.session, api: &**api, peer };
             // A response hook cannot answer instead of the upstream: it already answered.
             let _ = plugins::run_phase(&plugins.response, &mut x)?;
             resp = into_response(upstream, body);

@@ -5,7 +5,9 @@
 use gatehouse_crds::{EndpointPlugins, EndpointSegment, HttpMethod, parse_endpoint_path};
 use http::Method;
 
-use crate::{plugins::HookCall, router::prefix_key};
+use gatehouse_plugin_host::HookCall;
+
+use crate::path::prefix_key;
 
 /// One endpoint entry, compiled, with its bound hooks.
 pub struct Endpoint {

@@ -8,6 +8,7 @@ use std::sync::{
 
 use arc_swap::ArcSwap;
 use gatehouse_crds::snapshot::Snapshot;
+use gatehouse_plugin_host::Loader;
 
 use crate::{
     analytics::Analytics,
@@ -17,7 +18,6 @@ use crate::{
     key_id::KeyIdSecret,
     limits::MemoryStore,
     metrics::Metrics,
-    plugins::Loader,
     proxy::{TargetSlots, UpstreamClient},
     runtime::Runtime,
 };

@@ -3,9 +3,8 @@
 //!
 //! `run` wires the pieces: config source → [`gateway::Gateway`] → [`server`] for clients
 //! and for the admin port. The chain itself reads top to bottom in [`chain`].
-// `unsafe` only at the plugin boundary: `plugins::ffi` allows it, with a SAFETY comment on
-// every block.
-#![deny(unsafe_code)]
+// `unsafe` lives in the plugin host (`gatehouse_plugin_host`), never here.
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod analytics;
@@ -20,8 +19,8 @@ pub mod gateway;
 pub mod key_id;
 pub mod limits;
 pub mod metrics;
-pub mod path;
-pub mod plugins;
+pub mod middleware;
+pub mod model;
 pub mod proxy;
 pub mod reply;
 pub mod router;
@@ -35,6 +34,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 pub use cli::{AnalyticsSink, Cli, Limits, LogFormat};
+/// Request-path normalisation, shared with the plugin host (`request_set_path`).
+pub use gatehouse_path as path;
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone::Standalone, subscriber::Subscriber};
@@ -63,7 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
     let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
-    let loader = plugins::Loader::new(cli.plugin_dir.clone());
+    let loader = gatehouse_plugin_host::Loader::new(cli.plugin_dir.clone());
     let gw = Arc::new(
         Gateway::new(metrics, analytics, loader, key_ids)
             .context("starting the config thread")?

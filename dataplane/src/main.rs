@@ -1,4 +1,6 @@
 //! `gatehouse-dataplane`: parses flags and hands over to the library.
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {

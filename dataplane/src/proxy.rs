@@ -20,10 +20,9 @@ use hyper_util::{
 use crate::{
     body::ProxyBody,
     egress::{GuardedConnector, GuardedResolver},
-    path::normalise,
+    model::{Api, Target},
+    path::{normalise, prefix_key},
     reply::GatewayError,
-    router::prefix_key,
-    runtime::{Api, Target},
     slots::{Slot, Slots},
 };
 

@@ -56,6 +56,16 @@ fn refused_text(status: StatusCode) -> &'static str {
     if status.is_client_error() { "refused by plugin" } else { "plugin failure" }
 }
 
+impl From<gatehouse_plugin_host::HookFailure> for GatewayError {
+    fn from(f: gatehouse_plugin_host::HookFailure) -> Self {
+        use gatehouse_plugin_host::HookFailure;
+        match f {
+            HookFailure::Failed => GatewayError::PluginFailure,
+            HookFailure::Refused(status) => GatewayError::PluginRefused(status),
+        }
+    }
+}
+
 impl GatewayError {
     pub fn status(self) -> StatusCode {
         use GatewayError::*;

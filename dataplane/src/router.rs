@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::runtime::Api;
+use crate::{model::Api, path::prefix_key};
 
 #[derive(Default)]
 pub struct Router {
@@ -17,12 +17,6 @@ struct Table {
     by_prefix: HashMap<String, Arc<Api>>,
     /// Distinct prefix lengths, longest first.
     lengths: Vec<usize>,
-}
-
-/// The key a listen path is matched by: without its trailing slashes, so `/a/` owns `/a`,
-/// `/a/` and `/a/b` but not `/ab`.
-pub fn prefix_key(listen_path: &str) -> &str {
-    listen_path.trim_end_matches('/')
 }
 
 impl Table {

@@ -6,28 +6,20 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
+    sync::Arc,
 };
 
-use gatehouse_crds::{
-    KeySession,
-    snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot, route_conflicts},
-};
-use http::uri::Authority;
+use gatehouse_crds::snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot, route_conflicts};
+use gatehouse_plugin_host::{ChainBuilder, HookMetrics, Loader, PluginReport, ServedPlugins};
 use serde::Serialize;
 
 use crate::{
     key_id::KeyIdSecret,
-    metrics::{ApiMetrics, Metrics},
-    plugins::{ChainBuilder, Loader, PluginChain, PluginReport, ServedPlugins},
+    metrics::Metrics,
+    middleware,
+    model::{Api, Session},
     router::Router,
 };
-
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the `/config` state of an API that lost its route to an older one starts.
 pub const CONFLICTED: &str = "conflicted";
@@ -51,48 +43,6 @@ pub struct Runtime {
     apis: HashMap<String, Arc<Api>>,
     /// Each Plugin and the content loaded for it, to tell which APIs a change touches.
     plugin_state: BTreeMap<String, (PluginEntry, Option<String>)>,
-}
-
-pub struct Api {
-    pub id: Arc<str>,
-    pub display_name: Arc<str>,
-    pub entry: ApiEntry,
-    targets: Vec<Target>,
-    next_target: AtomicUsize,
-    pub timeout: Duration,
-    /// Counter-store key of the API-wide rate limit.
-    pub rate_key: Arc<str>,
-    pub metrics: ApiMetrics,
-    pub plugins: PluginChain,
-    /// Hooks skipped under `failurePolicy: Ignore`, and why.
-    pub notes: Vec<String>,
-    /// What plugins read through `api_config_data` and `api_spec`, serialised once.
-    pub config_data_json: String,
-    pub spec_json: String,
-}
-
-pub struct Target {
-    pub authority: Authority,
-    /// Path of the upstream URL without its trailing slash ("" for none).
-    pub base_path: String,
-    /// This target's connection slots, bound on first use (`proxy::TargetSlots`).
-    pub slots: std::sync::OnceLock<Arc<crate::slots::Slots>>,
-}
-
-/// A key's session, looked up by the SHA-256 of the key, or created by an `authCheck` hook.
-#[derive(Clone)]
-pub struct Session {
-    /// `namespace/name` of the key Secret.
-    pub alias: Arc<str>,
-    pub hash: Arc<str>,
-    /// What analytics records identify the key by: HMAC-SHA256 of `hash` under the
-    /// installation's secret (see `key_id`), never the plain hash. None for sessions an
-    /// `authCheck` hook created.
-    pub key_id: Option<Arc<str>>,
-    pub namespace: String,
-    pub session: KeySession,
-    pub rate_key: Arc<str>,
-    pub quota_key: Arc<str>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -121,97 +71,10 @@ pub struct ApiReport {
     pub disabled: Vec<String>,
 }
 
-impl std::fmt::Debug for Api {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Api").field("id", &self.id).finish_non_exhaustive()
-    }
-}
-
 impl ApiReport {
     /// Served as declared (possibly without `Ignore`d hooks), or deliberately inactive.
     pub fn ok(&self) -> bool {
         self.state == "serving" || self.state == "inactive" || self.state.starts_with("serving;")
-    }
-}
-
-impl Api {
-    /// Round robin over the targets.
-    pub fn pick_target(&self) -> &Target {
-        let i = self.next_target.fetch_add(1, Ordering::Relaxed);
-        &self.targets[i % self.targets.len()]
-    }
-
-    fn compile(entry: &ApiEntry, metrics: &Metrics, plugins: PluginChain, notes: Vec<String>) -> Result<Self, String> {
-        let id: Arc<str> = Arc::from(entry.id());
-        let targets = entry.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>, _>>()?;
-        if targets.is_empty() {
-            return Err("spec.upstream: no targets".to_owned());
-        }
-        Ok(Self {
-            display_name: Arc::from(entry.display_name()),
-            targets,
-            next_target: AtomicUsize::new(0),
-            timeout: entry.spec.upstream.timeout.map_or(DEFAULT_TIMEOUT, |t| t.as_std()),
-            rate_key: Arc::from(format!("api:{id}")),
-            metrics: metrics.for_api(&id),
-            config_data_json: entry.spec.config_data.as_ref().map_or_else(|| "null".to_owned(), |v| v.to_string()),
-            spec_json: serde_json::to_string(&entry.spec).unwrap_or_else(|_| "{}".to_owned()),
-            plugins,
-            notes,
-            entry: entry.clone(),
-            id,
-        })
-    }
-}
-
-fn parse_target(url: &str) -> Result<Target, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("spec.upstream: {url:?}: {e}"))?;
-    let authority = uri.authority().cloned().ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
-    // The connector speaks plain HTTP whatever the scheme, so a missing port means 80.
-    crate::egress::check_literal(authority.host(), authority.port_u16().unwrap_or(80))
-        .map_err(|r| format!("spec.upstream: {url:?}: {r}"))?;
-    Ok(Target { authority, base_path: uri.path().trim_end_matches('/').to_owned(), slots: Default::default() })
-}
-
-impl Session {
-    fn compile(k: &KeyEntry, digest: &[u8; 32], key_ids: &KeyIdSecret) -> Self {
-        Self {
-            alias: Arc::from(k.id()),
-            hash: Arc::from(k.hash.as_str()),
-            key_id: Some(key_ids.id(digest)),
-            namespace: k.namespace.clone(),
-            session: k.session.clone(),
-            rate_key: Arc::from(format!("key:{}", k.hash)),
-            quota_key: Arc::from(format!("quota:{}", k.hash)),
-        }
-    }
-
-    /// Whether this session was compiled from `k` as it is now (same key, same Secret, same
-    /// session), so a rebuild can keep it, keyed id included.
-    fn is_from(&self, k: &KeyEntry) -> bool {
-        let alias = self.alias.strip_prefix(k.namespace.as_str()).and_then(|rest| rest.strip_prefix('/'));
-        alias == Some(k.name.as_str())
-            && *self.hash == *k.hash
-            && self.namespace == k.namespace
-            && self.session == k.session
-    }
-
-    pub fn from_plugin(namespace: &str, plugin: &str, id: &str, session: KeySession) -> Self {
-        let scoped = format!("{plugin}:{id}");
-        Self {
-            alias: Arc::from(id),
-            hash: Arc::from(""),
-            key_id: None,
-            namespace: namespace.to_owned(),
-            session,
-            rate_key: Arc::from(format!("key:{scoped}")),
-            quota_key: Arc::from(format!("quota:{scoped}")),
-        }
-    }
-
-    /// Keys grant APIs by name, in their own namespace only.
-    pub fn may_access(&self, api: &Api) -> bool {
-        self.namespace == api.entry.namespace && self.session.access_rights.contains(&api.entry.name)
     }
 }
 
@@ -264,7 +127,8 @@ impl Runtime {
     ) -> Self {
         let mut router = Router::default();
         let mut report = Report { version: snapshot.version, ..Default::default() };
-        let plugins = ChainBuilder::new(snapshot, loader, metrics, prev.map(|p| &p.served_plugins));
+        let hook_metrics = HookMetrics { duration: &metrics.plugin_duration, failures: &metrics.plugin_failures };
+        let plugins = ChainBuilder::new(snapshot, loader, hook_metrics, prev.map(|p| &p.served_plugins));
         let plugin_state: BTreeMap<String, (PluginEntry, Option<String>)> = snapshot
             .plugins
             .iter()
@@ -291,7 +155,7 @@ impl Runtime {
                 let compiled = match reused {
                     Some(api) => Ok(api),
                     None => {
-                        let (chain, notes) = plugins.chain(entry);
+                        let (chain, notes) = middleware::chain(&plugins, entry);
                         Api::compile(entry, metrics, chain, notes).map(Arc::new)
                     }
                 };
@@ -359,7 +223,12 @@ impl Runtime {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::time::Duration;
+
+    use gatehouse_crds::KeySession;
+
     use super::*;
+    use crate::middleware::PluginChain;
 
     pub(crate) fn api(name: &str, listen_path: &str, hosts: &[&str]) -> Arc<Api> {
         let yaml = format!(

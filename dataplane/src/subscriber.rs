@@ -320,7 +320,7 @@ impl Subscriber {
 /// A Plugin's ack: ok only when the file's current content is what is served. A Plugin
 /// still served by its previous version because the new content was refused is not ok, and
 /// the message (`serving <sha>; new content <sha> refused: <reason>`) says both.
-fn plugin_result(p: &crate::plugins::PluginReport, generation: i64) -> ResourceResult {
+fn plugin_result(p: &gatehouse_plugin_host::PluginReport, generation: i64) -> ResourceResult {
     let ok = p.state == "loaded";
     ResourceResult { generation, ok, message: if ok { String::new() } else { p.state.clone() } }
 }
@@ -328,7 +328,7 @@ fn plugin_result(p: &crate::plugins::PluginReport, generation: i64) -> ResourceR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugins::PluginReport;
+    use gatehouse_plugin_host::PluginReport;
 
     #[test]
     fn a_plugin_serving_its_previous_version_is_acked_as_not_loaded_with_both_versions() {

@@ -1,5 +1,7 @@
-//! Step 1 of the chain, first half: the request path every later step sees (router,
-//! plugins, upstream, analytics) is normalised here, or the request is refused with 400.
+//! Request paths as the router and every later step see them: normalised, or refused with 400.
+//! A crate of its own because two crates apply the same rules: the dataplane to each
+//! request before routing, and the plugin host to a path a hook sets
+//! (`request_set_path`).
 //!
 //! **Invariant:** no request reaches an upstream with a path that a lenient server would
 //! resolve into a listen path other than the one the gateway routed and authenticated it
@@ -9,6 +11,7 @@
 //! slashes) and refuses whatever such a server could read differently from the gateway.
 //! [`without_parameters`] is the one part of that view that needs the router: the chain
 //! checks that a path routes to the same API with its `;parameters` dropped.
+#![forbid(unsafe_code)]
 
 use std::borrow::Cow;
 
@@ -83,7 +86,7 @@ path_errors! {
 ///
 /// # Example
 /// ```
-/// use gatehouse_dataplane::path::{PathError, normalise};
+/// use gatehouse_path::{PathError, normalise};
 /// assert_eq!(normalise("/pub/%2e%2e/priv//x").unwrap(), "/priv/x");
 /// assert_eq!(normalise("/pub/x").unwrap(), "/pub/x");
 /// assert_eq!(normalise("/pub/..%2fpriv"), Err(PathError::EncodedDelimiter));
@@ -115,6 +118,12 @@ pub fn normalise_uri(uri: &mut Uri) -> Result<(), PathError> {
     parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| PathError::Unrepresentable)?);
     *uri = Uri::from_parts(parts).map_err(|_| PathError::Unrepresentable)?;
     Ok(())
+}
+
+/// The key a listen path is matched by: without its trailing slashes, so `/a/` owns `/a`,
+/// `/a/` and `/a/b` but not `/ab`.
+pub fn prefix_key(listen_path: &str) -> &str {
+    listen_path.trim_end_matches('/')
 }
 
 /// The path as a server that drops `;parameters` reads it (`/a;x/b;y=1` is `/a/b`), or

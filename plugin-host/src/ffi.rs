@@ -1,6 +1,6 @@
 //! The plugin boundary: opening shared objects, reading their declaration, calling hooks,
-//! and the table of host functions hooks call back into. The only `unsafe` in the
-//! dataplane lives here.
+//! and the table of host functions hooks call back into. The only `unsafe` of the gateway
+//! (outside the plugin SDK) lives here.
 #![allow(unsafe_code)]
 
 use std::{
@@ -473,7 +473,7 @@ fn refuse(what: &str, why: Misuse) {
     // shared access, which is all any host call holds while a hook runs nested callbacks.
     let c = unsafe { &*current.cast::<CallCtx<'_>>() };
     if !c.hook.misuse_logged.swap(true, Ordering::Relaxed) {
-        let (api, plugin, symbol, phase) = (&*c.api.id, &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
+        let (api, plugin, symbol, phase) = (c.api.id(), &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
         tracing::warn!(target: "plugin", api, plugin, symbol, phase, call = what, "refused a host call: {reason} (logged once per hook)");
     }
 }
@@ -825,7 +825,7 @@ unsafe extern "C" fn response_set_status(call: *mut gh_call, status: u16) -> i32
 unsafe extern "C" fn session_id(call: *mut gh_call, out: *mut gh_str) -> i32 {
     // SAFETY: per the ABI.
     let Some(c) = (unsafe { ctx_ref(call, "session_id") }) else { return -1 };
-    match c.session.as_deref() {
+    match c.session.get() {
         Some(s) => write(out, view(s.alias.as_bytes())),
         None => 0,
     }
@@ -844,7 +844,7 @@ unsafe extern "C" fn session_meta_get(call: *mut gh_call, key: gh_str, out: *mut
     // SAFETY: per the ABI.
     let (Some(c), key) = (unsafe { ctx_ref(call, "session_meta_get") }, unsafe { bytes(key) }) else { return -1 };
     let Ok(key) = std::str::from_utf8(key) else { return 0 };
-    match c.session.as_deref().and_then(|s| s.session.meta_data.get(key)) {
+    match c.session.get().and_then(|s| s.session.meta_data.get(key)) {
         Some(v) => write(out, view(v.as_bytes())),
         None => 0,
     }
@@ -910,7 +910,7 @@ macro_rules! api_text {
     ($($name:ident => $field:ident),*) => {$(
         unsafe extern "C" fn $name(call: *mut gh_call) -> gh_str {
             // SAFETY: checked; the text lives in the API's compiled config.
-            unsafe { ctx_ref(call, stringify!($name)) }.map_or(gh_str::EMPTY, |c| view(c.api.$field.as_bytes()))
+            unsafe { ctx_ref(call, stringify!($name)) }.map_or(gh_str::EMPTY, |c| view(c.api.$field().as_bytes()))
         }
     )*};
 }
@@ -918,7 +918,7 @@ api_text!(api_id => id, api_name => display_name, api_config_data => config_data
 
 unsafe extern "C" fn api_listen_path(call: *mut gh_call) -> gh_str {
     // SAFETY: checked.
-    unsafe { ctx_ref(call, "api_listen_path") }.map_or(gh_str::EMPTY, |c| view(c.api.entry.spec.listen_path.as_bytes()))
+    unsafe { ctx_ref(call, "api_listen_path") }.map_or(gh_str::EMPTY, |c| view(c.api.listen_path().as_bytes()))
 }
 
 /// What hooks call back into. A static, so it outlives every plugin.

@@ -1,12 +1,21 @@
-//! The plugin host: loads Plugin libraries, binds ApiDefinition `middleware` entries to
-//! their hooks, and runs a phase's hooks on a request.
+//! The plugin host: loads Plugin libraries, binds `middleware` entries to their hooks, and
+//! runs a phase's hooks on a request.
 //!
 //! Loading is by content: a file is copied to `<plugin dir>/<sha256>.so` and opened from
 //! there, so a changed file is a new library loaded beside the old one (hot reload without
 //! renaming), and a file already loaded is never opened twice. Libraries are never unloaded.
+//!
+//! A crate of its own so that the one place that needs `unsafe` (`ffi`, the boundary with
+//! plugin code) is a crate the rest of the gateway forbids it in. It sits below the
+//! dataplane: hooks see the dataplane's API and session through [`HookApi`] and
+//! [`SessionSlot`], and the dataplane answers a failed hook ([`HookFailure`]) itself.
+// `unsafe` only at the plugin boundary: `ffi` allows it, with a SAFETY comment on every
+// block.
+#![deny(unsafe_code)]
 
 mod elf;
 mod ffi;
+mod view;
 
 use std::{
     cell::OnceCell,
@@ -18,26 +27,17 @@ use std::{
 };
 
 use bytes::Bytes;
-use gatehouse_crds::{
-    FailurePolicy, KeySession, PluginRef,
-    snapshot::{ApiEntry, Snapshot},
-};
+use gatehouse_crds::{FailurePolicy, KeySession, PluginRef, snapshot::Snapshot};
 use gatehouse_plugin::abi::{self, gh_level, gh_target};
 use http::{HeaderMap, StatusCode, request};
-use prometheus::{Histogram, IntCounter};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use quanta::Instant;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use ffi::HOST_API;
 use ffi::{Instance, Library};
-
-use crate::{
-    endpoints::Endpoint,
-    metrics::Metrics,
-    reply::GatewayError,
-    runtime::{Api, Session},
-};
+pub use view::{HookApi, HookSession, NewSession, SessionSlot, SessionView};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -424,35 +424,11 @@ pub struct HookCall {
     misuse_logged: AtomicBool,
 }
 
-/// An API's hooks by phase. `unavailable` is set when a plugin under `failurePolicy: Fail`
-/// could not be bound: the API then answers 500 rather than run without it.
-#[derive(Default)]
-pub struct PluginChain {
-    pub pre: Vec<HookCall>,
-    pub auth_check: Option<HookCall>,
-    pub post_key_auth: Vec<HookCall>,
-    /// In declared order; the first that matches a request runs (`endpoints::find`).
-    pub endpoints: Vec<Endpoint>,
-    pub post: Vec<HookCall>,
-    pub response: Vec<HookCall>,
-    pub unavailable: Option<String>,
-    /// Entries with `disabled: true`, by field path, for `/config`.
-    pub disabled: Vec<String>,
-    /// Some request hook reads the body: buffer it before the chain.
-    pub request_body: bool,
-    /// Some response hook reads the body: buffer the upstream's.
-    pub response_body: bool,
-}
-
-impl PluginChain {
-    pub fn is_empty(&self) -> bool {
-        self.pre.is_empty()
-            && self.auth_check.is_none()
-            && self.post_key_auth.is_empty()
-            && self.endpoints.is_empty()
-            && self.post.is_empty()
-            && self.response.is_empty()
-            && self.unavailable.is_none()
+impl HookCall {
+    /// Whether the hook reads the body of its phase (request, or response in `response`),
+    /// which must then be buffered before the phase runs.
+    pub fn wants_body(&self) -> bool {
+        self.instance.wants_body(self.phase)
     }
 }
 
@@ -461,10 +437,19 @@ impl PluginChain {
 #[derive(Clone, Default)]
 pub struct ServedPlugins(HashMap<String, (String, Arc<Library>)>);
 
+/// The series hook calls are counted in, registered by the dataplane with its other
+/// metrics. `duration` is labelled plugin, symbol, phase, event; `failures` the same and
+/// kind (`error`, `panic`). Each bound hook resolves its own handles once.
+#[derive(Clone, Copy)]
+pub struct HookMetrics<'a> {
+    pub duration: &'a HistogramVec,
+    pub failures: &'a IntCounterVec,
+}
+
 /// Loads every Plugin of a snapshot (memoised per build) and binds entries to hooks.
 pub struct ChainBuilder<'a> {
     snapshot: &'a Snapshot,
-    metrics: &'a Metrics,
+    metrics: HookMetrics<'a>,
     libs: HashMap<String, Result<Arc<Library>, PluginError>>,
     pub reports: Vec<PluginReport>,
     served: ServedPlugins,
@@ -478,7 +463,12 @@ impl<'a> ChainBuilder<'a> {
     /// Loads each Plugin. When a Plugin's file holds new content that cannot be loaded,
     /// the library `prev` served for that Plugin keeps serving (if it satisfies the
     /// Plugin's pin); a Plugin that never loaded gets its `failurePolicy`.
-    pub fn new(snapshot: &'a Snapshot, loader: &'a Loader, metrics: &'a Metrics, prev: Option<&ServedPlugins>) -> Self {
+    pub fn new(
+        snapshot: &'a Snapshot,
+        loader: &'a Loader,
+        metrics: HookMetrics<'a>,
+        prev: Option<&ServedPlugins>,
+    ) -> Self {
         let mut b = Self {
             snapshot,
             metrics,
@@ -542,104 +532,9 @@ impl<'a> ChainBuilder<'a> {
         self.served.clone()
     }
 
-    /// Binds an API's `middleware`. Returns the chain and notes on skipped hooks.
-    pub fn chain(&self, api: &ApiEntry) -> (PluginChain, Vec<String>) {
-        let mut chain = PluginChain::default();
-        let mut notes = Vec::new();
-        let m = &api.spec.middleware;
-        fn indexed(phase: Phase, list: &[PluginRef]) -> impl Iterator<Item = (Phase, usize, &PluginRef)> {
-            list.iter().enumerate().map(move |(i, r)| (phase, i, r))
-        }
-        let entries = indexed(Phase::Pre, &m.pre)
-            .chain(m.auth_check.iter().map(|r| (Phase::AuthCheck, 0, r)))
-            .chain(indexed(Phase::PostKeyAuth, &m.post_key_auth))
-            .chain(indexed(Phase::Post, &m.post))
-            .chain(indexed(Phase::Response, &m.response));
-        for (phase, i, r) in entries {
-            if r.disabled {
-                let field = if phase == Phase::AuthCheck {
-                    format!("spec.middleware.{phase}")
-                } else {
-                    format!("spec.middleware.{phase}[{i}]")
-                };
-                chain.disabled.push(format!("{field} (Plugin {}, symbol {:?})", r.plugin, r.symbol));
-                continue;
-            }
-            let Some(call) =
-                self.bind_entry(api, phase, &format!("spec.middleware.{phase}"), r, &mut chain, &mut notes)
-            else {
-                continue;
-            };
-            match phase {
-                Phase::Pre => chain.pre.push(call),
-                Phase::AuthCheck => chain.auth_check = Some(call),
-                Phase::PostKeyAuth => chain.post_key_auth.push(call),
-                Phase::Post => chain.post.push(call),
-                Phase::Response => chain.response.push(call),
-                // Endpoint entries are bound per endpoint, below.
-                Phase::Endpoint => {}
-            }
-        }
-        for (i, e) in m.endpoints.iter().enumerate() {
-            let mut endpoint = match Endpoint::compile(e) {
-                Ok(endpoint) => endpoint,
-                Err(reason) => {
-                    // Validation refuses these before a snapshot is made; a snapshot from
-                    // elsewhere still must not serve the API without its endpoint hooks.
-                    chain.unavailable.get_or_insert(format!("spec.middleware.endpoints[{i}].path: {reason}"));
-                    continue;
-                }
-            };
-            for (j, r) in e.plugins.iter().enumerate() {
-                let field = format!("spec.middleware.endpoints[{i}].plugins[{j}]");
-                if r.disabled {
-                    chain.disabled.push(format!("{field} (Plugin {}, symbol {:?})", r.plugin, r.symbol));
-                    continue;
-                }
-                if let Some(call) = self.bind_entry(api, Phase::Endpoint, &field, r, &mut chain, &mut notes) {
-                    endpoint.hooks.push(call);
-                }
-            }
-            chain.endpoints.push(endpoint);
-        }
-        (chain, notes)
-    }
-
-    /// Binds one entry; a failure is applied to the chain by the Plugin's `failurePolicy`.
-    fn bind_entry(
-        &self,
-        api: &ApiEntry,
-        phase: Phase,
-        field: &str,
-        r: &PluginRef,
-        chain: &mut PluginChain,
-        notes: &mut Vec<String>,
-    ) -> Option<HookCall> {
-        let plugin_id = format!("{}/{}", api.namespace, r.plugin);
-        match self.bind(&plugin_id, phase, r) {
-            Ok(call) => {
-                chain.request_body |= phase != Phase::Response && call.instance.wants_body(phase);
-                chain.response_body |= phase == Phase::Response && call.instance.wants_body(phase);
-                Some(call)
-            }
-            Err((policy, e)) => {
-                let what = format!("{field}: Plugin {plugin_id}, symbol {:?}: {e}", r.symbol);
-                match policy {
-                    FailurePolicy::Fail => {
-                        tracing::warn!(api = %api.id(), "{what}; answering 500 (failurePolicy Fail)");
-                        chain.unavailable.get_or_insert(what);
-                    }
-                    FailurePolicy::Ignore => {
-                        tracing::warn!(api = %api.id(), "{what}; skipping it (failurePolicy Ignore)");
-                        notes.push(format!("skipping {what}"));
-                    }
-                }
-                None
-            }
-        }
-    }
-
-    fn bind(&self, plugin_id: &str, phase: Phase, r: &PluginRef) -> Result<HookCall, (FailurePolicy, PluginError)> {
+    /// Binds one entry of Plugin `plugin_id` (`namespace/name`) to its hook for `phase`;
+    /// a failure comes with the Plugin's `failurePolicy`, for the caller to apply.
+    pub fn bind(&self, plugin_id: &str, phase: Phase, r: &PluginRef) -> Result<HookCall, (FailurePolicy, PluginError)> {
         let Some(entry) = self.snapshot.plugins.get(plugin_id) else {
             return Err((FailurePolicy::Fail, PluginError::NoSuchPlugin(r.plugin.clone())));
         };
@@ -662,21 +557,9 @@ impl<'a> ChainBuilder<'a> {
             symbol: Arc::from(r.symbol.as_str()),
             phase,
             instance,
-            duration: m.plugin_duration.with_label_values(&labels),
-            errors: m.plugin_failures.with_label_values(&[
-                path,
-                r.symbol.as_str(),
-                phase.as_str(),
-                event.as_str(),
-                "error",
-            ]),
-            panics: m.plugin_failures.with_label_values(&[
-                path,
-                r.symbol.as_str(),
-                phase.as_str(),
-                event.as_str(),
-                "panic",
-            ]),
+            duration: m.duration.with_label_values(&labels),
+            errors: m.failures.with_label_values(&[path, r.symbol.as_str(), phase.as_str(), event.as_str(), "error"]),
+            panics: m.failures.with_label_values(&[path, r.symbol.as_str(), phase.as_str(), event.as_str(), "panic"]),
             misuse_logged: AtomicBool::new(false),
         })
     }
@@ -708,8 +591,8 @@ impl Default for ResponseState {
 pub struct CallCtx<'a> {
     req: &'a mut RequestState,
     resp: &'a mut ResponseState,
-    session: &'a mut Option<Arc<Session>>,
-    api: &'a Api,
+    session: &'a mut dyn SessionSlot,
+    api: &'a dyn HookApi,
     hook: &'a HookCall,
     peer: SocketAddr,
     error: Option<String>,
@@ -748,14 +631,14 @@ impl CallCtx<'_> {
     }
 
     fn session_json(&self) -> Option<&str> {
-        let s = self.session.as_deref()?;
-        Some(self.session_text.get_or_init(|| session_to_json(s).to_string()))
+        let s = self.session.get()?;
+        Some(self.session_text.get_or_init(|| session_to_json(&s).to_string()))
     }
 
     fn set_session_meta(&mut self, key: &str, value: &str) -> i32 {
-        let Some(s) = self.session.as_mut() else { return 0 };
         // Copy-on-write: the key's shared session is never changed, only this request's.
-        Arc::make_mut(s).session.meta_data.insert(key.to_owned(), value.to_owned());
+        let Some(s) = self.session.key_session_mut() else { return 0 };
+        s.meta_data.insert(key.to_owned(), value.to_owned());
         self.session_text = OnceCell::new();
         1
     }
@@ -782,28 +665,25 @@ impl CallCtx<'_> {
             per: limited.then(|| ms(per_ms)),
             quota_max: if quota_max >= 0 && renewal_ms > 0 { quota_max } else { -1 },
             quota_renewal: (quota_max >= 0 && renewal_ms > 0).then(|| ms(renewal_ms)),
-            access_rights: if rights.is_empty() { vec![self.api.entry.name.clone()] } else { rights },
+            access_rights: if rights.is_empty() { vec![self.api.name().to_owned()] } else { rights },
             meta_data: meta.into_iter().collect(),
             ..KeySession::default()
         };
-        let mut made = Session::from_plugin(&self.api.entry.namespace, &self.hook.plugin, id, session);
-        if !alias.is_empty() {
-            made.alias = Arc::from(alias);
-        }
-        *self.session = Some(Arc::new(made));
+        let namespace = self.api.namespace();
+        self.session.set(NewSession { namespace, plugin: &self.hook.plugin, id, alias, session });
         self.session_text = OnceCell::new();
         1
     }
 }
 
 /// Tyk's `SessionState` field names where one exists.
-fn session_to_json(s: &Session) -> serde_json::Value {
-    let k = &s.session;
+fn session_to_json(s: &SessionView<'_>) -> serde_json::Value {
+    let k = s.session;
     serde_json::json!({
-        "id": &*s.alias,
+        "id": s.alias,
         // The keyed id, as in analytics: plugins log what they see, and a plain hash of
         // the key in a log can be tested against guesses offline.
-        "key_hash": s.key_id.as_deref().unwrap_or_default(),
+        "key_hash": s.key_id.unwrap_or_default(),
         "rate": k.rate,
         "per": k.per.map(|p| p.as_std().as_secs_f64()),
         "quota_max": k.quota_max,
@@ -825,19 +705,39 @@ pub enum Next {
 pub struct Exchange<'a> {
     pub req: &'a mut RequestState,
     pub resp: &'a mut ResponseState,
-    pub session: &'a mut Option<Arc<Session>>,
-    pub api: &'a Api,
+    /// The request's session; an `authCheck` hook may create it, any hook change its
+    /// metadata (copy-on-write).
+    pub session: &'a mut dyn SessionSlot,
+    pub api: &'a dyn HookApi,
     pub peer: SocketAddr,
+}
+
+/// Why a hook stopped the request with an error; the dataplane turns it into its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookFailure {
+    /// The hook failed or panicked: 500.
+    Failed,
+    /// The hook failed with the status it chose (`set_error_status`, 4xx or 5xx).
+    Refused(StatusCode),
+}
+
+impl HookFailure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Refused(status) => status,
+        }
+    }
 }
 
 impl HookCall {
     /// Runs this hook, timed from `started` and counted; a failure or caught panic becomes
     /// a 500. Returns when it ended, which is when the next hook starts.
-    fn run(&self, x: &mut Exchange<'_>, started: Instant) -> (Result<Next, GatewayError>, Instant) {
+    fn run(&self, x: &mut Exchange<'_>, started: Instant) -> (Result<Next, HookFailure>, Instant) {
         let mut ctx = CallCtx {
             req: x.req,
             resp: x.resp,
-            session: x.session,
+            session: &mut *x.session,
             api: x.api,
             hook: self,
             peer: x.peer,
@@ -857,10 +757,10 @@ impl HookCall {
                 counter.inc();
                 let reason = ctx.error.unwrap_or_else(|| format!("hook returned status {other}"));
                 let answer = match ctx.error_status {
-                    Some(status) if other == abi::GH_ERROR => GatewayError::PluginRefused(status),
-                    _ => GatewayError::PluginFailure,
+                    Some(status) if other == abi::GH_ERROR => HookFailure::Refused(status),
+                    _ => HookFailure::Failed,
                 };
-                tracing::warn!(api = %x.api.id, plugin = %self.path, symbol = %self.symbol, phase = %self.phase, %reason, status = answer.status().as_u16(), "plugin hook failed");
+                tracing::warn!(api = %x.api.id(), plugin = %self.path, symbol = %self.symbol, phase = %self.phase, %reason, status = answer.status().as_u16(), "plugin hook failed");
                 Err(answer)
             }
         };
@@ -871,7 +771,7 @@ impl HookCall {
 /// Runs hooks in order until one answers. One clock read per hook, plus one: each hook's
 /// end is the next one's start. The clock is the TSC (`quanta`), not `clock_gettime`: two
 /// reads of the latter were half of a no-op hook's cost.
-pub fn run_phase(hooks: &[HookCall], x: &mut Exchange<'_>) -> Result<Next, GatewayError> {
+pub fn run_phase(hooks: &[HookCall], x: &mut Exchange<'_>) -> Result<Next, HookFailure> {
     if hooks.is_empty() {
         return Ok(Next::Continue);
     }
@@ -920,7 +820,7 @@ fn rewrite_path(uri: &http::Uri, path: &[u8]) -> Result<http::Uri, String> {
     }
     // Only ASCII passed the check above.
     let path = std::str::from_utf8(path).map_err(|e| e.to_string())?;
-    let normal = crate::path::normalise(path).map_err(|e| e.to_string())?;
+    let normal = gatehouse_path::normalise(path).map_err(|e| e.to_string())?;
     with_path_and_query(uri, &normal, uri.query())
 }
 
@@ -944,7 +844,7 @@ fn with_path_and_query(uri: &http::Uri, path: &str, query: Option<&str>) -> Resu
 }
 
 fn log_from_hook(c: &CallCtx<'_>, level: gh_level, msg: &str) {
-    let (api, plugin, symbol, phase) = (&*c.api.id, &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
+    let (api, plugin, symbol, phase) = (c.api.id(), &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
     match level {
         abi::GH_LOG_ERROR => tracing::error!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
         abi::GH_LOG_WARN => tracing::warn!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
