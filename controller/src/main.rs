@@ -1,5 +1,7 @@
 //! `gatehouse-controller`: flags, then the watchers, the config server, leader election and
 //! the status writer, side by side.
+#![forbid(unsafe_code)]
+
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;

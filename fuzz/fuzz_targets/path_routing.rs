@@ -6,7 +6,8 @@
 use std::sync::OnceLock;
 
 use gatehouse_crds::{manifest, snapshot::Snapshot};
-use gatehouse_dataplane::{metrics::Metrics, path::normalise, plugins::Loader, runtime::Runtime};
+use gatehouse_dataplane::{key_id::KeyIdSecret, metrics::Metrics, path::normalise, runtime::Runtime};
+use gatehouse_plugin_host::Loader;
 use libfuzzer_sys::fuzz_target;
 
 /// (API name, listen path).
@@ -35,7 +36,8 @@ fn runtime() -> &'static Runtime {
         assert!(parsed.rejected.is_empty(), "{:?}", parsed.rejected);
         let (snapshot, errors) = Snapshot::compile(1, parsed.resources.into_iter().map(|(_, r)| r));
         assert!(errors.is_empty(), "{errors:?}");
-        Runtime::build(&snapshot, &Metrics::new(), &Loader::new(std::env::temp_dir()), None)
+        let key_ids = KeyIdSecret::new(b"fuzz key id secret");
+        Runtime::build(&snapshot, &Metrics::new(), &Loader::new(std::env::temp_dir()), &key_ids, None)
     })
 }
 

@@ -1,4 +1,5 @@
 //! Prints Gatehouse's CRDs as YAML; with `--write`, writes them into the Helm chart.
+#![forbid(unsafe_code)]
 
 use std::{path::Path, process::ExitCode};
 
