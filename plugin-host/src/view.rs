@@ -84,3 +84,49 @@ impl<S: HookSession> SessionSlot for Option<Arc<S>> {
         *self = Some(Arc::new(S::from_hook(new)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone)]
+    struct Key {
+        alias: String,
+        session: KeySession,
+    }
+
+    impl HookSession for Key {
+        fn view(&self) -> SessionView<'_> {
+            SessionView { alias: &self.alias, key_id: None, session: &self.session }
+        }
+        fn key_session_mut(&mut self) -> &mut KeySession {
+            &mut self.session
+        }
+        fn from_hook(new: NewSession<'_>) -> Self {
+            let alias = if new.alias.is_empty() { new.id } else { new.alias };
+            Self { alias: alias.to_owned(), session: new.session }
+        }
+    }
+
+    #[test]
+    fn a_hook_changes_only_its_requests_copy_of_a_shared_session() {
+        let shared = Arc::new(Key { alias: "default/alice".to_owned(), session: KeySession::default() });
+        let mut slot = Some(shared.clone());
+        let s: &mut dyn SessionSlot = &mut slot;
+        s.key_session_mut().expect("a session").meta_data.insert("tier".to_owned(), "gold".to_owned());
+        assert_eq!(s.get().map(|v| v.session.meta_data.get("tier").cloned()), Some(Some("gold".to_owned())));
+        assert!(shared.session.meta_data.is_empty(), "the key's own session is unchanged");
+
+        let mut none: Option<Arc<Key>> = None;
+        let s: &mut dyn SessionSlot = &mut none;
+        assert!(s.key_session_mut().is_none() && s.get().is_none());
+        s.set(NewSession {
+            namespace: "default",
+            plugin: "default/auth",
+            id: "u1",
+            alias: "",
+            session: KeySession::default(),
+        });
+        assert_eq!(s.get().map(|v| v.alias), Some("u1"), "no alias: the id stands in");
+    }
+}
