@@ -250,6 +250,11 @@ pub struct Middleware {
         }])
     )]
     pub endpoints: Vec<EndpointPlugins>,
+    /// Tyk's analytics plugins: each hook sees every analytics record of this API, in
+    /// order, before it reaches the sink (off the request path).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub analytics: Vec<AnalyticsPluginRef>,
 }
 
 impl Middleware {
@@ -272,6 +277,7 @@ impl Middleware {
                 e.plugins.iter().enumerate().map(|(j, r)| (format!("spec.middleware.endpoints[{i}].plugins[{j}]"), r)),
             );
         }
+        out.extend(self.analytics.iter().enumerate().map(|(i, r)| (format!("spec.middleware.analytics[{i}]"), &r.hook)));
         out.into_iter()
     }
 }
@@ -305,6 +311,67 @@ pub struct PluginRef {
     /// A disabled entry is not bound at all: its plugin is not needed, its hook not called.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+}
+
+/// A `middleware.analytics` entry: a hook like any other, and whether the API's records
+/// carry the request and response bodies.
+// Read and written as `AnalyticsEntry`, which lists the fields flat: serde's `flatten`
+// would let unknown fields through.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(from = "AnalyticsEntry", into = "AnalyticsEntry")]
+pub struct AnalyticsPluginRef {
+    pub hook: PluginRef,
+    pub detailed_recording: bool,
+}
+
+/// A `middleware.analytics` entry as written.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AnalyticsEntry {
+    /// The name of a Plugin in the same namespace.
+    #[schemars(
+        length(max = 253),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "plugin must be the name of a Plugin in the same namespace (lowercase letters, digits, '-' and '.')"
+        }])
+    )]
+    pub plugin: String,
+    /// The hook the plugin exports; it must handle the analytics phase.
+    #[schemars(
+        length(max = 256),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[A-Za-z_][A-Za-z0-9_]*$')",
+            "message": "symbol must be the name of a hook the plugin exports (a C identifier such as MyProcessRequest)"
+        }])
+    )]
+    pub symbol: String,
+    /// Handed to the plugin once, when the chain is built: any JSON value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub config: Option<serde_json::Value>,
+    /// A disabled entry is not bound at all: its plugin is not needed, its hook not called.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+    /// Tyk's `enable_detailed_recording`: the API's records carry the request and response
+    /// bodies (each cut at 64 KiB, see docs/resources.md), for the analytics hooks and the
+    /// sink. One enabled entry asking for it turns it on for the whole API.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detailed_recording: bool,
+}
+
+impl From<AnalyticsEntry> for AnalyticsPluginRef {
+    fn from(e: AnalyticsEntry) -> Self {
+        let hook = PluginRef { plugin: e.plugin, symbol: e.symbol, config: e.config, disabled: e.disabled };
+        Self { hook, detailed_recording: e.detailed_recording }
+    }
+}
+
+impl From<AnalyticsPluginRef> for AnalyticsEntry {
+    fn from(r: AnalyticsPluginRef) -> Self {
+        let PluginRef { plugin, symbol, config, disabled } = r.hook;
+        Self { plugin, symbol, config, disabled, detailed_recording: r.detailed_recording }
+    }
 }
 
 /// Schema for a value the API server must keep as written, whatever its JSON type.

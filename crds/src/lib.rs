@@ -17,7 +17,7 @@ pub mod protocol;
 pub mod snapshot;
 
 pub use api::{
-    ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, Auth, AuthToken, AuthType, Middleware, PluginRef, RateLimit,
+    AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, Auth, AuthToken, AuthType, Middleware, PluginRef, RateLimit,
     ServiceRef, Upstream,
 };
 pub use duration::Duration;

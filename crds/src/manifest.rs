@@ -280,6 +280,21 @@ stringData: {password: x}
     }
 
     #[test]
+    fn analytics_entries_read_detailed_recording_and_refuse_unknown_fields() {
+        let head = "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a}\nspec:\n  listenPath: /a/\n  upstream: {url: 'http://127.0.0.1:1'}\n  middleware:\n    analytics:\n";
+        let p = parse("apis.yaml", &format!("{head}    - {{plugin: mask, symbol: MaskPasswords, detailedRecording: true, config: {{k: v}}}}\n"));
+        assert!(p.rejected.is_empty(), "{:?}", p.rejected);
+        let Resource::Api(a) = &p.resources[0].1 else { panic!("not an API") };
+        let entry = &a.spec.middleware.analytics[0];
+        assert!(entry.detailed_recording);
+        assert_eq!((entry.hook.plugin.as_str(), entry.hook.symbol.as_str()), ("mask", "MaskPasswords"));
+        let (field, _) = a.spec.middleware.refs().last().expect("a ref");
+        assert_eq!(field, "spec.middleware.analytics[0]");
+        let e = one_error(&format!("{head}    - {{plugin: mask, symbol: MaskPasswords, withBodies: true}}\n"));
+        assert!(e.reason.contains("unknown field"), "{e}");
+    }
+
+    #[test]
     fn invalid_duration_names_its_field() {
         let e = one_error(
             "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a, namespace: team}\nspec:\n  listenPath: /a/\n  upstream: {url: 'http://127.0.0.1:1', timeout: 3x}\n",
