@@ -10,7 +10,8 @@
  *
  * 1.1 added, each at the end of its struct: gh_plugin.find_hook and .quiesce,
  * gh_hook.magic and .create_for, gh_session_init.alias and .meta, the gh_host_api calls
- * from request_set_method on, and GH_PLUGIN_GO_RUNTIME. A 1.0 plugin keeps working with a
+ * from request_set_method on, and GH_PLUGIN_GO_RUNTIME; then the analytics phase:
+ * gh_hook.on_analytics and the gh_host_api record calls from record_get on. A 1.0 plugin keeps working with a
  * 1.1 host: the host reads the new gh_plugin fields only when abi_minor >= 1, and the new
  * gh_hook / gh_session_init fields only when their `size` covers them.
  *
@@ -115,6 +116,12 @@ struct gh_hook {
   /* Like create, with the hook's own table: one trampoline can serve many hooks. When
    * set, the host calls it instead of create. May be NULL. */
   int32_t (*create_for)(const gh_hook *self, gh_str config, void **instance, gh_buf *err);
+  /* 1.1, analytics phase, present when size >= offsetof(gh_hook, on_analytics) +
+   * sizeof(void *). Runs once per analytics record of the API (`middleware.analytics`),
+   * in order, before the record reaches the sink: off the request path, on the gateway's
+   * analytics thread. Uses the record_* host calls. GH_ERROR or GH_PANIC: the record is
+   * written as it was before this hook. NULL (or a shorter table): not handled. */
+  gh_status (*on_analytics)(void *instance, gh_call *call);
 };
 
 /* 1.1: a key and a value (session metadata). */
@@ -190,6 +197,27 @@ struct gh_host_api {
                             size_t len);
   /* With GH_ERROR: answer this status (400-599) instead of 500, with a JSON error. */
   int32_t (*set_error_status)(gh_call *call, uint16_t status);
+
+  /* ---- 1.1, analytics phase (size tells): the record an on_analytics hook sees.
+   * Outside the analytics phase each returns -1 (logged once per hook); in it, the request
+   * calls above (request_*, header*, body*, response_*, session_*) return -1 / an empty
+   * view. log, set_error and api_* work in every phase.
+   * Fields by name: time, api_id, api_name, method, path, status, latency_total_ms,
+   * latency_upstream_ms, key_id, key_alias, client_ip, request_bytes, response_bytes,
+   * plugin_answered, error, and with detailedRecording request_body, response_body
+   * (+ request_body_capture, response_body_capture: whole | cut | incomplete). */
+  /* The field as text (numbers in decimal, true/false, bodies as bytes): 1 found,
+   * 0 absent / null / dropped. */
+  int32_t (*record_get)(gh_call *call, gh_str name, gh_str *out);
+  /* Sets or brings back a field: text fields take UTF-8, numbers and booleans their text
+   * form ("200", "true"), bodies any bytes. -1: unknown field or wrong type. */
+  int32_t (*record_set)(gh_call *call, gh_str name, gh_str value);
+  /* Removes a field (also "tags", "meta_data"): 1 removed, 0 absent. */
+  int32_t (*record_drop)(gh_call *call, gh_str name);
+  /* Appends a tag (UTF-8) to the record's tags. */
+  int32_t (*record_add_tag)(gh_call *call, gh_str tag);
+  /* Sets a meta_data entry of the record (UTF-8); the key's session is unchanged. */
+  int32_t (*record_set_meta)(gh_call *call, gh_str key, gh_str value);
 };
 
 /* Convenience: a gh_str from a C string literal. */

@@ -6,7 +6,9 @@
 //! side can tell which entries the other has. ABI 1.1 appended `gh_plugin::find_hook` and
 //! `quiesce` (read only when `abi_minor >= 1`), `gh_hook::magic` and `create_for`,
 //! `gh_session_init::alias` and `meta` (read when `size` covers them), the host calls from
-//! `request_set_method` on, and [`GH_PLUGIN_GO_RUNTIME`].
+//! `request_set_method` on, and [`GH_PLUGIN_GO_RUNTIME`]; then the analytics phase:
+//! `gh_hook::on_analytics` (read when `size` covers it) and the record calls from
+//! `record_get` on.
 #![allow(non_camel_case_types)]
 
 use std::ffi::c_void;
@@ -35,6 +37,12 @@ pub const GH_HOOK_SIZE_1_0: usize = std::mem::offset_of!(gh_hook, magic);
 pub const GH_SESSION_INIT_SIZE_1_0: usize = std::mem::offset_of!(gh_session_init, alias);
 /// The size of a 1.0 `gh_host_api` (up to `api_spec`).
 pub const GH_HOST_API_SIZE_1_0: usize = std::mem::offset_of!(gh_host_api, request_set_method);
+/// The size of a 1.1 `gh_host_api` before the analytics record calls (up to
+/// `set_error_status`).
+pub const GH_HOST_API_SIZE_1_1_REQUEST: usize = std::mem::offset_of!(gh_host_api, record_get);
+/// The size of a 1.1 `gh_hook` before `on_analytics` (up to `create_for`): such a table
+/// does not handle the analytics phase.
+pub const GH_HOOK_SIZE_1_1_REQUEST: usize = std::mem::offset_of!(gh_hook, on_analytics);
 
 /// Hook flags: buffer the request (or upstream response) body before calling the hook, so
 /// that `body_get` can return it. Without them bodies stream and `body_get` returns 0.
@@ -147,6 +155,10 @@ pub struct gh_hook {
     pub create_for: Option<
         unsafe extern "C" fn(hook: *const gh_hook, config: gh_str, instance: *mut *mut c_void, err: *mut gh_buf) -> i32,
     >,
+    /// 1.1, present when `size` covers it: for `analytics`, once per analytics record of
+    /// the API, off the request path, with the record calls (`record_get` ..). Null (or a
+    /// table too short to have it) if the hook has none.
+    pub on_analytics: Option<unsafe extern "C" fn(instance: *mut c_void, call: *mut gh_call) -> gh_status>,
 }
 
 /// 1.1: a key and a value (session metadata).
@@ -285,6 +297,25 @@ pub struct gh_host_api {
     ) -> i32,
     /// 1.1: with `GH_ERROR`, the status (400-599) to answer instead of 500.
     pub set_error_status: unsafe extern "C" fn(call: *mut gh_call, status: u16) -> i32,
+
+    // ---- 1.1, analytics phase: the record an `on_analytics` hook sees. Every call below
+    // returns -1 (and is logged once per hook) outside the analytics phase; in it, the
+    // request calls above (request, headers, bodies, session) return -1 / an empty view.
+    // `log`, `set_error` and the `api_*` calls work in every phase.
+    /// A field of the record by name (`method`, `path`, `status`, `api_id`, `key_alias`,
+    /// `client_ip`, `error`, `request_body`, ...; see docs/plugins.md), as text: numbers in
+    /// decimal, `true`/`false`, bodies as their bytes. 1 found, 0 absent, null or dropped.
+    pub record_get: unsafe extern "C" fn(call: *mut gh_call, name: gh_str, out: *mut gh_str) -> i32,
+    /// Sets (or brings back) a field: text fields take UTF-8, numeric and boolean ones
+    /// their text form (`"200"`, `"true"`), bodies any bytes. -1 for an unknown field or a
+    /// value of the wrong type.
+    pub record_set: unsafe extern "C" fn(call: *mut gh_call, name: gh_str, value: gh_str) -> i32,
+    /// Removes a field from the record (also `tags`, `meta_data`). 1 removed, 0 absent.
+    pub record_drop: unsafe extern "C" fn(call: *mut gh_call, name: gh_str) -> i32,
+    /// Appends a tag (UTF-8) to the record's `tags`.
+    pub record_add_tag: unsafe extern "C" fn(call: *mut gh_call, tag: gh_str) -> i32,
+    /// Sets a `meta_data` entry of the record (UTF-8); the key's own session is unchanged.
+    pub record_set_meta: unsafe extern "C" fn(call: *mut gh_call, key: gh_str, value: gh_str) -> i32,
 }
 
 impl gh_str {

@@ -531,3 +531,64 @@ impl<'s> SessionInit<'s> {
         self
     }
 }
+
+/// One analytics record, as an `analytics` hook sees it (Tyk's `AnalyticsRecord`), before
+/// the gateway writes it. Fields are read and set by name, as text; see the SDK reference
+/// in docs/plugins.md for the names. Changes show in the record written and in later
+/// analytics hooks; a hook that fails or panics leaves the record as it was before it.
+pub struct Record<'a> {
+    call: Call<'a>,
+}
+
+impl<'a> Record<'a> {
+    pub(crate) fn new(call: Call<'a>) -> Self {
+        Self { call }
+    }
+    /// A field as text (numbers in decimal, `true`/`false`); `None` when absent, null,
+    /// dropped, or not UTF-8 (a body: see [`Record::get_bytes`]).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        std::str::from_utf8(self.get_bytes(name)?).ok()
+    }
+    /// A field's bytes: the bodies (`request_body`, `response_body`) as captured.
+    pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
+        let mut out = gh_str::EMPTY;
+        // SAFETY: live call; `name` outlives the call; `out` is a valid place to write.
+        let found = unsafe { (self.call.host.record_get)(self.call.raw, view(name), &mut out) };
+        (found == 1).then(|| self.call.bytes(out))
+    }
+    /// Sets (or brings back) a field: text fields take any text, numbers and booleans
+    /// their text form (`"404"`, `"false"`), bodies any bytes. `false` for an unknown
+    /// field or a value of the wrong type.
+    pub fn set(&mut self, name: &str, value: impl AsRef<[u8]>) -> bool {
+        // SAFETY: live call; both views outlive the call (the host copies them).
+        unsafe { (self.call.host.record_set)(self.call.raw, view(name), gh_str::new(value.as_ref())) == 1 }
+    }
+    /// Replaces a text field or a body with `****`, keeping the field: Tyk's masking.
+    pub fn mask(&mut self, name: &str) -> bool {
+        self.set(name, "****")
+    }
+    /// Removes a field from the record (also `tags` or `meta_data`). `false` if absent.
+    pub fn drop_field(&mut self, name: &str) -> bool {
+        // SAFETY: live call; `name` outlives the call.
+        unsafe { (self.call.host.record_drop)(self.call.raw, view(name)) == 1 }
+    }
+    /// Appends a tag to the record's `tags` (Tyk's `Tags`).
+    pub fn add_tag(&mut self, tag: &str) -> bool {
+        // SAFETY: live call; `tag` outlives the call.
+        unsafe { (self.call.host.record_add_tag)(self.call.raw, view(tag)) == 1 }
+    }
+    /// Sets an entry of the record's `meta_data` (the key's metadata, Tyk's `MetaData`);
+    /// the key's own session does not change.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> bool {
+        // SAFETY: live call; both views outlive the call.
+        unsafe { (self.call.host.record_set_meta)(self.call.raw, view(key), view(value)) == 1 }
+    }
+    /// The API definition the request was routed to.
+    pub fn api(&self) -> Api<'a> {
+        self.call.api()
+    }
+    /// This entry's `config` from the ApiDefinition, as JSON (`null` when unset).
+    pub fn config(&self) -> &'a str {
+        self.call.config
+    }
+}

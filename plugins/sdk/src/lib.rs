@@ -29,7 +29,7 @@ mod call;
 pub mod rt;
 pub mod testing;
 
-pub use call::{Api, Reply, Request, RequestView, Response, Session, SessionInit};
+pub use call::{Api, Record, Reply, Request, RequestView, Response, Session, SessionInit};
 pub use serde_json;
 
 /// The SDK's version, carried in every plugin's declaration.
@@ -83,6 +83,12 @@ pub trait Hook: Sized + Send + Sync + 'static {
     }
     /// Runs in `response`, with the upstream's answer.
     fn on_response(&self, _resp: &mut Response<'_>) -> Flow {
+        Flow::Continue
+    }
+    /// Runs in `analytics`, on each analytics record of the API before it is written (off
+    /// the request path). `Flow::Respond` means the same as `Continue` here; an error
+    /// leaves the record as it was before this hook.
+    fn on_analytics(&self, _rec: &mut Record<'_>) -> Flow {
         Flow::Continue
     }
 }
@@ -174,6 +180,9 @@ macro_rules! __declaration {
 /// - `hook!(response Name = f);` with `fn f(&mut Response) -> Flow`, for `response`.
 /// - `hook!(request(body) Name = f);` / `hook!(response(body) Name = f);` also buffer the
 ///   body so the hook can read it.
+/// - `hook!(analytics Name = f);` with `fn f(&mut Record) -> Flow`, for `analytics`: runs
+///   on each analytics record before it is written (Tyk's analytics plugins). Bodies are
+///   in the record when the entry sets `detailedRecording: true`.
 /// - `hook!(Name: T);` with `T: Hook`, for per-entry state from the entry's `config`.
 #[macro_export]
 macro_rules! hook {
@@ -181,6 +190,15 @@ macro_rules! hook {
     (request(body) $name:ident = $f:path) => { $crate::hook!(@fn $name, $crate::abi::GH_HOOK_REQUEST_BODY, request, $f); };
     (response $name:ident = $f:path) => { $crate::hook!(@fn $name, 0, response, $f); };
     (response(body) $name:ident = $f:path) => { $crate::hook!(@fn $name, $crate::abi::GH_HOOK_RESPONSE_BODY, response, $f); };
+    (analytics $name:ident = $f:path) => {
+        $crate::hook!(@table $name, 0, $crate::rt::create_config, $crate::rt::destroy_config, None, None, {
+            unsafe extern "C" fn on_analytics(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
+                // SAFETY: called by the host per the ABI.
+                unsafe { $crate::rt::on_analytics_fn(i, c, $f) }
+            }
+            Some(on_analytics)
+        });
+    };
     (@fn $name:ident, $flags:expr, request, $f:path) => {
         $crate::hook!(@table $name, $flags, $crate::rt::create_config, $crate::rt::destroy_config, {
             unsafe extern "C" fn on_request(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
@@ -188,7 +206,7 @@ macro_rules! hook {
                 unsafe { $crate::rt::on_request_fn(i, c, $f) }
             }
             Some(on_request)
-        }, None);
+        }, None, None);
     };
     (@fn $name:ident, $flags:expr, response, $f:path) => {
         $crate::hook!(@table $name, $flags, $crate::rt::create_config, $crate::rt::destroy_config, None, {
@@ -197,7 +215,7 @@ macro_rules! hook {
                 unsafe { $crate::rt::on_response_fn(i, c, $f) }
             }
             Some(on_response)
-        });
+        }, None);
     };
     ($name:ident : $ty:ty) => {
         $crate::hook!(@table $name,
@@ -217,9 +235,16 @@ macro_rules! hook {
                     unsafe { $crate::rt::on_response_hook::<$ty>(i, c) }
                 }
                 Some(on_response)
+            },
+            {
+                unsafe extern "C" fn on_analytics(i: *mut ::std::ffi::c_void, c: *mut $crate::abi::gh_call) -> $crate::abi::gh_status {
+                    // SAFETY: called by the host per the ABI.
+                    unsafe { $crate::rt::on_analytics_hook::<$ty>(i, c) }
+                }
+                Some(on_analytics)
             });
     };
-    (@table $name:ident, $flags:expr, $create:expr, $destroy:expr, $on_request:expr, $on_response:expr) => {
+    (@table $name:ident, $flags:expr, $create:expr, $destroy:expr, $on_request:expr, $on_response:expr, $on_analytics:expr) => {
         // Not listed in `declare_plugin!(hooks: [...])`, the gateway could never find it:
         // a compile error here, not a "symbol not found" at run time.
         use self::__gatehouse_listed::$name as _;
@@ -234,6 +259,7 @@ macro_rules! hook {
             on_response: $on_response,
             magic: $crate::abi::GH_HOOK_MAGIC,
             create_for: None,
+            on_analytics: $on_analytics,
         };
     };
 }

@@ -13,7 +13,7 @@ use std::{
 use crate::{
     Flow, Hook,
     abi::*,
-    call::{Call, Request, Response},
+    call::{Call, Record, Request, Response},
 };
 
 static HOST: AtomicPtr<gh_host_api> = AtomicPtr::new(null_mut());
@@ -166,6 +166,14 @@ pub unsafe fn on_response_fn(instance: *mut c_void, call: *mut gh_call, f: fn(&m
     run(call, |host| f(&mut Response::new(Call::new(call, host, config))))
 }
 
+/// # Safety
+/// As `on_request_fn`.
+pub unsafe fn on_analytics_fn(instance: *mut c_void, call: *mut gh_call, f: fn(&mut Record<'_>) -> Flow) -> gh_status {
+    // SAFETY: per this function's contract.
+    let config = unsafe { config_of(instance) };
+    run(call, |host| f(&mut Record::new(Call::new(call, host, config))))
+}
+
 /// `create` for function hooks: keeps the entry's config for `Request::config`.
 ///
 /// # Safety
@@ -250,6 +258,16 @@ pub unsafe fn on_response_hook<T: Hook>(instance: *mut c_void, call: *mut gh_cal
         return GH_ERROR;
     };
     run(call, |host| hook.on_response(&mut Response::new(Call::new(call, host, "null"))))
+}
+
+/// # Safety
+/// As `on_request_hook`.
+pub unsafe fn on_analytics_hook<T: Hook>(instance: *mut c_void, call: *mut gh_call) -> gh_status {
+    // SAFETY: as in `on_request_hook`.
+    let Some(hook) = (unsafe { instance.cast::<T>().as_ref() }) else {
+        return GH_ERROR;
+    };
+    run(call, |host| hook.on_analytics(&mut Record::new(Call::new(call, host, "null"))))
 }
 
 #[cfg(test)]

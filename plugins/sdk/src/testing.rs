@@ -20,7 +20,7 @@ use std::{collections::BTreeMap, ffi::c_void};
 use crate::{
     Flow,
     abi::*,
-    call::{Call, Request, Response},
+    call::{Call, Record, Request, Response},
 };
 
 /// One request (and, for response hooks, its response) as a test describes it.
@@ -58,6 +58,12 @@ pub struct TestCall {
     pub error_status: Option<u16>,
     /// The alias an `authCheck` hook gave the session it created.
     pub session_alias: Option<String>,
+    /// For analytics hooks: the record's fields by name, as text (`None`: null).
+    pub record: BTreeMap<String, Option<Vec<u8>>>,
+    /// For analytics hooks: the record's tags.
+    pub tags: Vec<String>,
+    /// For analytics hooks: the record's `meta_data`.
+    pub meta: BTreeMap<String, String>,
     scratch: String,
 }
 
@@ -85,6 +91,24 @@ impl TestCall {
     pub fn request(&mut self, f: fn(&mut Request<'_>) -> Flow) -> Flow {
         let config = self.config.clone();
         self.run(|raw, host| f(&mut Request::new(Call::new(raw, host, &config))))
+    }
+
+    /// Sets a field of the record analytics hooks see.
+    pub fn with_field(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.record.insert(name.to_owned(), Some(value.as_ref().to_vec()));
+        self
+    }
+
+    /// A field of the record as text, after an analytics hook ran.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        std::str::from_utf8(self.record.get(name)?.as_deref()?).ok()
+    }
+
+    /// Runs an analytics hook the way the gateway would. Unlike the gateway, this stand-in
+    /// accepts any field name and value.
+    pub fn analytics(&mut self, f: fn(&mut Record<'_>) -> Flow) -> Flow {
+        let config = self.config.clone();
+        self.run(|raw, host| f(&mut Record::new(Call::new(raw, host, &config))))
     }
 
     /// Runs a response hook the way the gateway would.
@@ -368,6 +392,38 @@ unsafe extern "C" fn set_error_status(call: *mut gh_call, status: u16) -> i32 {
     1
 }
 
+unsafe extern "C" fn record_get(call: *mut gh_call, name: gh_str, o: *mut gh_str) -> i32 {
+    // SAFETY: as `me`.
+    let c = unsafe { me(call) };
+    match c.record.get(&text(name)) {
+        Some(Some(v)) => {
+            // SAFETY: hooks pass a valid place to write; the bytes live in the TestCall.
+            unsafe { *o = gh_str::new(v) };
+            1
+        }
+        _ => 0,
+    }
+}
+unsafe extern "C" fn record_set(call: *mut gh_call, name: gh_str, value: gh_str) -> i32 {
+    // SAFETY: as `me`; the view is readable for the call.
+    unsafe { me(call) }.record.insert(text(name), Some(unsafe { value.as_bytes() }.to_vec()));
+    1
+}
+unsafe extern "C" fn record_drop(call: *mut gh_call, name: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    i32::from(unsafe { me(call) }.record.remove(&text(name)).is_some())
+}
+unsafe extern "C" fn record_add_tag(call: *mut gh_call, tag: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.tags.push(text(tag));
+    1
+}
+unsafe extern "C" fn record_set_meta(call: *mut gh_call, key: gh_str, value: gh_str) -> i32 {
+    // SAFETY: as `me`.
+    unsafe { me(call) }.meta.insert(text(key), text(value));
+    1
+}
+
 static TEST_HOST: gh_host_api = gh_host_api {
     size: size_of::<gh_host_api>() as u32,
     abi_minor: GH_ABI_MINOR as u32,
@@ -402,6 +458,11 @@ static TEST_HOST: gh_host_api = gh_host_api {
     header_values,
     header_replace,
     set_error_status,
+    record_get,
+    record_set,
+    record_drop,
+    record_add_tag,
+    record_set_meta,
 };
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ fn c_header_matches_rust_layout_and_constants() {
         gh_str { ptr, len }
         gh_buf { ptr, cap, len }
         gh_plugin { magic, abi_major, abi_minor, flags, sdk, init, find_hook, quiesce }
-        gh_hook { size, flags, create, destroy, on_request, on_response, magic, create_for }
+        gh_hook { size, flags, create, destroy, on_request, on_response, magic, create_for, on_analytics }
         gh_pair { key, value }
         gh_session_init { size, _reserved, id, rate, per_ms, quota_max, quota_renewal_ms, access_rights, access_rights_len,
             alias, meta, meta_len }
@@ -36,7 +36,8 @@ fn c_header_matches_rust_layout_and_constants() {
             header_get, headers_each, header_set, header_add, header_remove, body_get, body_set,
             response_status, response_set_status, session_id, session_json, session_meta_get, session_meta_set,
             session_create, api_id, api_name, api_listen_path, api_config_data, api_spec,
-            request_set_method, request_set_path, request_set_query, header_values, header_replace, set_error_status }
+            request_set_method, request_set_path, request_set_query, header_values, header_replace, set_error_status,
+            record_get, record_set, record_drop, record_add_tag, record_set_meta }
     };
     let consts = [
         ("GH_MAGIC", GH_MAGIC),

@@ -1,7 +1,9 @@
 //! Hooks that misbehave on purpose, to show the gateway containing them.
-use gatehouse_plugin::{Flow, Hook, Request, declare_plugin, hook};
+use gatehouse_plugin::{Flow, Hook, Record, Request, declare_plugin, hook};
 
-declare_plugin!(hooks: [Panic, Fail, Forbidden, NeedsConfig, PanicOnDrop]);
+declare_plugin!(hooks: [Panic, Fail, Forbidden, NeedsConfig, PanicOnDrop, PanicInAnalytics, FailInAnalytics]);
+hook!(analytics PanicInAnalytics = panic_in_analytics);
+hook!(analytics FailInAnalytics = fail_in_analytics);
 hook!(request Panic = panic);
 hook!(request Fail = fail);
 hook!(request Forbidden = forbidden);
@@ -13,6 +15,20 @@ fn panic(req: &mut Request) -> Flow {
         return Flow::Continue;
     }
     panic!("this hook panics on purpose");
+}
+
+/// Changes the record, then panics: the record is written as it was before this hook.
+fn panic_in_analytics(rec: &mut Record) -> Flow {
+    rec.add_tag("tagged-before-panic");
+    rec.mask("path");
+    panic!("this analytics hook panics on purpose");
+}
+
+/// Changes the record, then fails: the record is written as it was before this hook.
+fn fail_in_analytics(rec: &mut Record) -> Flow {
+    rec.add_tag("tagged-before-failing");
+    rec.drop_field("method");
+    Flow::error("this analytics hook fails on purpose")
 }
 
 fn fail(_: &mut Request) -> Flow {
