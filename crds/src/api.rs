@@ -277,7 +277,9 @@ impl Middleware {
                 e.plugins.iter().enumerate().map(|(j, r)| (format!("spec.middleware.endpoints[{i}].plugins[{j}]"), r)),
             );
         }
-        out.extend(self.analytics.iter().enumerate().map(|(i, r)| (format!("spec.middleware.analytics[{i}]"), &r.hook)));
+        out.extend(
+            self.analytics.iter().enumerate().map(|(i, r)| (format!("spec.middleware.analytics[{i}]"), &r.hook)),
+        );
         out.into_iter()
     }
 }

@@ -17,8 +17,8 @@ pub mod protocol;
 pub mod snapshot;
 
 pub use api::{
-    AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, Auth, AuthToken, AuthType, Middleware, PluginRef, RateLimit,
-    ServiceRef, Upstream,
+    AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, Auth, AuthToken, AuthType, Middleware,
+    PluginRef, RateLimit, ServiceRef, Upstream,
 };
 pub use duration::Duration;
 pub use endpoint::{EndpointPlugins, EndpointSegment, HttpMethod, parse_endpoint_path};

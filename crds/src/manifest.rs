@@ -282,7 +282,12 @@ stringData: {password: x}
     #[test]
     fn analytics_entries_read_detailed_recording_and_refuse_unknown_fields() {
         let head = "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a}\nspec:\n  listenPath: /a/\n  upstream: {url: 'http://127.0.0.1:1'}\n  middleware:\n    analytics:\n";
-        let p = parse("apis.yaml", &format!("{head}    - {{plugin: mask, symbol: MaskPasswords, detailedRecording: true, config: {{k: v}}}}\n"));
+        let p = parse(
+            "apis.yaml",
+            &format!(
+                "{head}    - {{plugin: mask, symbol: MaskPasswords, detailedRecording: true, config: {{k: v}}}}\n"
+            ),
+        );
         assert!(p.rejected.is_empty(), "{:?}", p.rejected);
         let Resource::Api(a) = &p.resources[0].1 else { panic!("not an API") };
         let entry = &a.spec.middleware.analytics[0];

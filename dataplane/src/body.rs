@@ -4,7 +4,7 @@
 
 use std::{
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -21,6 +21,84 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// An upstream's body, holding a slot on its target until it is read or dropped.
     Held(Incoming, Slot),
+    /// A body copied into a [`Capture`] as it streams by (analytics `detailedRecording`).
+    /// Boxed: only APIs that ask for it pay for its size.
+    Tee(Box<Tee>),
+}
+
+/// The first bytes of a body, copied as they pass, and whether it reached its end.
+#[derive(Debug, Default)]
+pub struct Capture(Mutex<Captured>);
+
+#[derive(Debug, Default)]
+struct Captured {
+    data: bytes::BytesMut,
+    seen: u64,
+    ended: bool,
+}
+
+impl Capture {
+    /// What was copied so far, how many bytes passed, and whether the body ended.
+    pub fn taken(&self) -> (Bytes, u64, bool) {
+        // A poisoned lock only means a copy panicked half-way; what is there is still bytes.
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (std::mem::take(&mut c.data).freeze(), c.seen, c.ended)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Captured> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A body passed through unchanged while its first `cap` bytes go to `capture`. When it
+/// ends or is dropped, `then` runs once (the analytics record is sent from there).
+pub struct Tee {
+    inner: ProxyBody,
+    capture: Arc<Capture>,
+    cap: usize,
+    then: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tee").field("inner", &self.inner).field("capture", &self.capture).finish_non_exhaustive()
+    }
+}
+
+impl Tee {
+    pub fn wrap(
+        inner: ProxyBody,
+        capture: Arc<Capture>,
+        cap: usize,
+        then: Option<Box<dyn FnOnce() + Send + Sync>>,
+    ) -> ProxyBody {
+        if inner.is_end_stream() {
+            capture.lock().ended = true;
+        }
+        ProxyBody::Tee(Box::new(Tee { inner, capture, cap, then }))
+    }
+
+    fn copy(&self, chunk: &[u8]) {
+        let mut c = self.capture.lock();
+        c.seen += chunk.len() as u64;
+        let room = self.cap.saturating_sub(c.data.len());
+        c.data.extend_from_slice(&chunk[..room.min(chunk.len())]);
+    }
+
+    fn end(&mut self) {
+        self.capture.lock().ended = true;
+        if let Some(then) = self.then.take() {
+            then();
+        }
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        if let Some(then) = self.then.take() {
+            then();
+        }
+    }
 }
 
 impl ProxyBody {
@@ -43,6 +121,22 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Stream(b) | ProxyBody::Held(b, _) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Tee(t) => {
+                let polled = Pin::new(&mut t.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            t.copy(d);
+                        }
+                        if t.inner.is_end_stream() {
+                            t.end();
+                        }
+                    }
+                    Poll::Ready(None) => t.end(),
+                    Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -50,6 +144,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream(b) | ProxyBody::Held(b, _) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Tee(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -57,6 +152,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Stream(b) | ProxyBody::Held(b, _) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Tee(t) => t.inner.size_hint(),
         }
     }
 }

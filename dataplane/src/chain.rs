@@ -19,9 +19,9 @@ use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::{
-    analytics::Record,
+    analytics::{BODY_CAP, Bodies, Captured, Record},
     auth::{self, QuotaLeft},
-    body::{BufferError, ProxyBody},
+    body::{BufferError, Capture, ProxyBody, Tee},
     endpoints,
     gateway::Gateway,
     limits::{CounterStore, Decision},
@@ -46,6 +46,8 @@ struct Exchange {
     /// Bytes of bodies buffered for plugins, given back to the shared budget when the
     /// request ends.
     held: crate::body::Reservation,
+    /// With `detailedRecording` (and a sink on): the request body as it streamed by.
+    request_capture: Option<Arc<Capture>>,
 }
 
 static RATE_LIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -79,8 +81,7 @@ impl Gateway {
                 resp
             }
         };
-        self.record(&ex, &response, started, peer, seen);
-        response
+        self.record(&ex, response, started, peer, seen)
     }
 
     async fn run(
@@ -106,7 +107,12 @@ impl Gateway {
             return Err(GatewayError::PluginFailure);
         }
 
-        let (parts, body) = req.into_parts();
+        let (parts, mut body) = req.into_parts();
+        if plugins.detailed_recording && self.analytics.enabled() {
+            let capture = Arc::new(Capture::default());
+            body = Tee::wrap(body, capture.clone(), BODY_CAP, None);
+            ex.request_capture = Some(capture);
+        }
         let mut req = RequestState { parts, body: None, body_set: false };
         let mut body = Some(body);
         if plugins.request_body {
@@ -217,15 +223,16 @@ impl Gateway {
         Ok(resp)
     }
 
-    /// 10. Metrics always; an analytics record when a sink is on.
+    /// 10. Metrics always; an analytics record when a sink is on. With `detailedRecording`
+    /// the record waits, inside the response body, for that body to end (or be dropped).
     fn record(
         &self,
         ex: &Exchange,
-        resp: &Response<ProxyBody>,
+        resp: Response<ProxyBody>,
         started: Instant,
         peer: SocketAddr,
         seen: Option<(String, String, Option<u64>)>,
-    ) {
+    ) -> Response<ProxyBody> {
         let took = started.elapsed();
         let status = resp.status().as_u16();
         let m = ex.api.as_ref().map_or(&self.metrics.unrouted, |a| &a.metrics);
@@ -238,9 +245,9 @@ impl Gateway {
             m.reject(e);
         }
         let Some((method, path, request_bytes)) = seen else {
-            return;
+            return resp;
         };
-        self.analytics.send(Record {
+        let record = Record {
             time: jiff::Timestamp::now().to_string(),
             api_id: ex.api.as_ref().map(|a| a.id.clone()),
             api_name: ex.api.as_ref().map(|a| a.display_name.clone()),
@@ -256,7 +263,25 @@ impl Gateway {
             response_bytes: http_body::Body::size_hint(resp.body()).exact().or_else(|| content_length(resp.headers())),
             plugin_answered: ex.plugin_answered,
             error: ex.error.map(GatewayError::reason),
-        });
+            tags: Vec::new(),
+            session: ex.session.clone(),
+            hooks: ex.api.as_ref().filter(|a| !a.plugins.analytics.is_empty()).cloned(),
+            bodies: None,
+        };
+        let Some(request_capture) = ex.request_capture.clone() else {
+            self.analytics.send(record);
+            return resp;
+        };
+        let analytics = self.analytics.clone();
+        let response_capture = Arc::new(Capture::default());
+        let captured = response_capture.clone();
+        let send = move || {
+            let mut record = record;
+            record.bodies = Some(Bodies { request: Captured::of(&request_capture), response: Captured::of(&captured) });
+            analytics.send(record);
+        };
+        let (head, body) = resp.into_parts();
+        Response::from_parts(head, Tee::wrap(body, response_capture, BODY_CAP, Some(Box::new(send))))
     }
 }
 

@@ -20,6 +20,10 @@ pub struct PluginChain {
     pub endpoints: Vec<Endpoint>,
     pub post: Vec<HookCall>,
     pub response: Vec<HookCall>,
+    /// `middleware.analytics`, run by the analytics writer on each record of the API.
+    pub analytics: Vec<HookCall>,
+    /// Some analytics entry asked for `detailedRecording`: records carry the bodies.
+    pub detailed_recording: bool,
     pub unavailable: Option<String>,
     /// Entries with `disabled: true`, by field path, for `/config`.
     pub disabled: Vec<String>,
@@ -37,6 +41,7 @@ impl PluginChain {
             && self.endpoints.is_empty()
             && self.post.is_empty()
             && self.response.is_empty()
+            && self.analytics.is_empty()
             && self.unavailable.is_none()
     }
 }
@@ -75,8 +80,8 @@ pub fn chain(plugins: &ChainBuilder<'_>, api: &ApiEntry) -> (PluginChain, Vec<St
             Phase::PostKeyAuth => chain.post_key_auth.push(call),
             Phase::Post => chain.post.push(call),
             Phase::Response => chain.response.push(call),
-            // Endpoint entries are bound per endpoint, below.
-            Phase::Endpoint => {}
+            // Endpoint and analytics entries are bound below.
+            Phase::Endpoint | Phase::Analytics => {}
         }
     }
     for (i, e) in m.endpoints.iter().enumerate() {
@@ -101,7 +106,25 @@ pub fn chain(plugins: &ChainBuilder<'_>, api: &ApiEntry) -> (PluginChain, Vec<St
         }
         chain.endpoints.push(endpoint);
     }
+    bind_analytics(plugins, api, &mut chain, &mut notes);
     (chain, notes)
+}
+
+/// Binds `middleware.analytics`, in order; a failure gets the Plugin's `failurePolicy` as
+/// in every other phase.
+fn bind_analytics(plugins: &ChainBuilder<'_>, api: &ApiEntry, chain: &mut PluginChain, notes: &mut Vec<String>) {
+    for (i, e) in api.spec.middleware.analytics.iter().enumerate() {
+        let field = format!("spec.middleware.analytics[{i}]");
+        let r = &e.hook;
+        if r.disabled {
+            chain.disabled.push(format!("{field} (Plugin {}, symbol {:?})", r.plugin, r.symbol));
+            continue;
+        }
+        if let Some(call) = bind_entry(plugins, api, Phase::Analytics, &field, r, chain, notes) {
+            chain.analytics.push(call);
+            chain.detailed_recording |= e.detailed_recording;
+        }
+    }
 }
 
 /// Binds one entry; a failure is applied to the chain by the Plugin's `failurePolicy`.
@@ -117,7 +140,8 @@ fn bind_entry(
     let plugin_id = format!("{}/{}", api.namespace, r.plugin);
     match plugins.bind(&plugin_id, phase, r) {
         Ok(call) => {
-            chain.request_body |= phase != Phase::Response && call.wants_body();
+            // Analytics hooks see bodies through `detailedRecording`, never by buffering.
+            chain.request_body |= !matches!(phase, Phase::Response | Phase::Analytics) && call.wants_body();
             chain.response_body |= phase == Phase::Response && call.wants_body();
             Some(call)
         }

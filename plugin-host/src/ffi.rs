@@ -21,7 +21,7 @@ use gatehouse_plugin::abi::*;
 use http::{HeaderName, HeaderValue, StatusCode};
 use libloading::os::unix::{Library as DlHandle, RTLD_LOCAL, RTLD_NOW};
 
-use super::{CallCtx, Phase, PluginError, elf::Defined};
+use super::{CallCtx, HookApi, Phase, PluginError, analytics::RecordCtx, elf::Defined};
 
 /// A loaded library. Never unloaded: `dlclose` is unsound for Rust libraries (thread-local
 /// destructors, statics), so the handle is leaked on purpose.
@@ -181,7 +181,11 @@ impl Library {
         // SAFETY: a non-null address of a static in a library that is never unloaded, at
         // least as long as its ELF symbol says when that is known.
         let hook = unsafe { Hook::read(hook, object_size) }.map_err(not_a_hook)?;
-        let handles = if phase == Phase::Response { hook.on_response.is_some() } else { hook.on_request.is_some() };
+        let handles = match phase {
+            Phase::Response => hook.on_response.is_some(),
+            Phase::Analytics => hook.on_analytics.is_some(),
+            _ => hook.on_request.is_some(),
+        };
         if !handles {
             return Err(PluginError::PhaseNotHandled { symbol: symbol.to_owned(), phase });
         }
@@ -258,6 +262,7 @@ pub struct Hook {
     destroy: Option<unsafe extern "C" fn(*mut c_void)>,
     on_request: Option<unsafe extern "C" fn(*mut c_void, *mut gh_call) -> gh_status>,
     on_response: Option<unsafe extern "C" fn(*mut c_void, *mut gh_call) -> gh_status>,
+    on_analytics: Option<unsafe extern "C" fn(*mut c_void, *mut gh_call) -> gh_status>,
 }
 
 // SAFETY: the table is a static of a library that is never unloaded; the ABI makes its
@@ -287,7 +292,7 @@ impl Hook {
         // SAFETY: `size` covers the 1.0 fields; each is read on its own.
         let (flags, create, destroy, on_request, on_response) =
             unsafe { ((*raw).flags, (*raw).create, (*raw).destroy, (*raw).on_request, (*raw).on_response) };
-        let mut create_for = None;
+        let (mut create_for, mut on_analytics) = (None, None);
         if size >= offset_of!(gh_hook, magic) + size_of::<u64>() {
             // SAFETY: `size` covers `magic`.
             if unsafe { (*raw).magic } != GH_HOOK_MAGIC {
@@ -297,8 +302,12 @@ impl Hook {
                 // SAFETY: `size` covers `create_for`.
                 create_for = unsafe { (*raw).create_for };
             }
+            if size >= offset_of!(gh_hook, on_analytics) + size_of::<usize>() {
+                // SAFETY: `size` covers `on_analytics`.
+                on_analytics = unsafe { (*raw).on_analytics };
+            }
         }
-        Ok(Self { raw, flags, create, create_for, destroy, on_request, on_response })
+        Ok(Self { raw, flags, create, create_for, destroy, on_request, on_response, on_analytics })
     }
 }
 
@@ -310,9 +319,17 @@ impl Hook {
 struct Current {
     handle: usize,
     ctx: *mut c_void,
+    /// What `ctx` points at: a `CallCtx` (request phases) or a `RecordCtx` (analytics).
+    kind: CtxKind,
 }
 
-const NO_CALL: Current = Current { handle: 0, ctx: std::ptr::null_mut() };
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CtxKind {
+    Exchange,
+    Record,
+}
+
+const NO_CALL: Current = Current { handle: 0, ctx: std::ptr::null_mut(), kind: CtxKind::Exchange };
 
 /// Hands each thread its own range of 2^32 handles (on 64-bit targets), so handles are
 /// unique across threads without an atomic per call.
@@ -394,11 +411,24 @@ impl Instance {
         let f = if phase == Phase::Response { self.hook.on_response } else { self.hook.on_request };
         let Some(f) = f else { return GH_CONTINUE };
         let handle = next_handle();
-        let prev = CURRENT.replace(Current { handle, ctx: (ctx as *mut CallCtx<'_>).cast() });
+        let prev = CURRENT.replace(Current { handle, ctx: (ctx as *mut CallCtx<'_>).cast(), kind: CtxKind::Exchange });
         // SAFETY: `f` was checked present for this phase when the chain was built; the
         // instance is the one `create` returned. The `gh_call` is an opaque handle that
         // host calls turn back into `ctx` only while it is this thread's current call, and
         // `ctx` outlives the call.
+        let status = unsafe { f(self.instance, std::ptr::without_provenance_mut(handle)) };
+        CURRENT.set(prev);
+        status
+    }
+
+    /// Runs the hook's `on_analytics` on `ctx`, the current call on this thread until it
+    /// returns.
+    pub fn call_analytics(&self, ctx: &mut RecordCtx<'_>) -> gh_status {
+        let Some(f) = self.hook.on_analytics else { return GH_CONTINUE };
+        let handle = next_handle();
+        let prev = CURRENT.replace(Current { handle, ctx: (ctx as *mut RecordCtx<'_>).cast(), kind: CtxKind::Record });
+        // SAFETY: as in `call`: `f` was checked present for the analytics phase when the
+        // chain was built, and host calls reach `ctx` only while it is current here.
         let status = unsafe { f(self.instance, std::ptr::without_provenance_mut(handle)) };
         CURRENT.set(prev);
         status
@@ -451,6 +481,8 @@ enum Misuse {
     NotCurrent,
     /// A change to the call from inside a `headers_each` callback.
     WhileIterating,
+    /// A request call from an analytics hook, or a record call from a request phase.
+    WrongPhase,
 }
 
 /// Logs a refused host call: once per hook when a hook is running on this thread (it is
@@ -461,6 +493,9 @@ fn refuse(what: &str, why: Misuse) {
             "its gh_call is not the hook call running on this thread (kept after the hook returned, or used from another thread)"
         }
         Misuse::WhileIterating => "headers cannot change from inside a headers_each callback",
+        Misuse::WrongPhase => {
+            "it does not apply to this phase (the record_* calls are for analytics hooks, which cannot reach the request, its headers, bodies or session)"
+        }
     };
     let current = CURRENT.get().ctx;
     if current.is_null() {
@@ -469,11 +504,22 @@ fn refuse(what: &str, why: Misuse) {
         }
         return;
     }
-    // SAFETY: the current call's context, live while its hook runs on this thread; only
-    // shared access, which is all any host call holds while a hook runs nested callbacks.
-    let c = unsafe { &*current.cast::<CallCtx<'_>>() };
-    if !c.hook.misuse_logged.swap(true, Ordering::Relaxed) {
-        let (api, plugin, symbol, phase) = (c.api.id(), &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
+    // SAFETY: the current call's context, of the kind `CURRENT` says, live while its hook
+    // runs on this thread; only shared access, which is all any host call holds while a
+    // hook runs nested callbacks.
+    let (api, hook) = match CURRENT.get().kind {
+        CtxKind::Exchange => {
+            let c = unsafe { &*current.cast::<CallCtx<'_>>() };
+            (c.api, c.hook)
+        }
+        CtxKind::Record => {
+            // SAFETY: as above.
+            let c = unsafe { &*current.cast::<RecordCtx<'_>>() };
+            (c.api, c.hook)
+        }
+    };
+    if !hook.misuse_logged.swap(true, Ordering::Relaxed) {
+        let (api, plugin, symbol, phase) = (api.id(), &*hook.path, &*hook.symbol, hook.phase.as_str());
         tracing::warn!(target: "plugin", api, plugin, symbol, phase, call = what, "refused a host call: {reason} (logged once per hook)");
     }
 }
@@ -486,6 +532,10 @@ unsafe fn ctx_ref<'a>(call: *mut gh_call, what: &str) -> Option<&'a CallCtx<'a>>
     let current = CURRENT.get();
     if call.is_null() || call.addr() != current.handle {
         refuse(what, Misuse::NotCurrent);
+        return None;
+    }
+    if current.kind != CtxKind::Exchange {
+        refuse(what, Misuse::WrongPhase);
         return None;
     }
     // SAFETY: the `CallCtx` that `Instance::call` made current on this thread, live until
@@ -503,6 +553,10 @@ unsafe fn ctx_mut<'a>(call: *mut gh_call, what: &str) -> Option<&'a mut CallCtx<
     let current = CURRENT.get();
     if call.is_null() || call.addr() != current.handle {
         refuse(what, Misuse::NotCurrent);
+        return None;
+    }
+    if current.kind != CtxKind::Exchange {
+        refuse(what, Misuse::WrongPhase);
         return None;
     }
     if ITERATING.get() {
@@ -555,20 +609,31 @@ unsafe extern "C" fn log(call: *mut gh_call, level: gh_level, msg: gh_str) {
         return super::log_from_plugin(level, &msg);
     }
     // SAFETY: checked against the current call.
-    match unsafe { ctx_ref(call, "log") } {
-        Some(c) => super::log_from_hook(c, level, &msg),
+    match unsafe { any_ctx(call, "log") } {
+        Some(Ctx::Exchange(c)) => super::log_from_hook(c, level, &msg),
+        Some(Ctx::Record(c)) => c.log(level, &msg),
         None => super::log_from_plugin(level, &msg),
     }
 }
 
 unsafe extern "C" fn set_error(call: *mut gh_call, msg: gh_str) {
-    // SAFETY: checked against the current call; the view is readable for the call.
-    if let Some(c) = unsafe { ctx_mut(call, "set_error") } {
-        c.error = Some(String::from_utf8_lossy(unsafe { bytes(msg) }).into_owned());
+    // SAFETY: the view is readable for the call.
+    let msg = String::from_utf8_lossy(unsafe { bytes(msg) }).into_owned();
+    // SAFETY: checked against the current call.
+    if let Some(Ctx::Record(c)) = unsafe { any_ctx(call, "set_error") } {
+        c.error = Some(msg);
+    // SAFETY: checked against the current call.
+    } else if let Some(c) = unsafe { ctx_mut(call, "set_error") } {
+        c.error = Some(msg);
     }
 }
 
 unsafe extern "C" fn set_error_status(call: *mut gh_call, status: u16) -> i32 {
+    // An analytics hook's failure answers nobody: accepted, and without effect.
+    // SAFETY: checked against the current call.
+    if let Some(Ctx::Record(_)) = unsafe { any_ctx(call, "set_error_status") } {
+        return 1;
+    }
     // SAFETY: checked against the current call.
     let Some(c) = (unsafe { ctx_mut(call, "set_error_status") }) else { return -1 };
     match StatusCode::from_u16(status) {
@@ -910,7 +975,7 @@ macro_rules! api_text {
     ($($name:ident => $field:ident),*) => {$(
         unsafe extern "C" fn $name(call: *mut gh_call) -> gh_str {
             // SAFETY: checked; the text lives in the API's compiled config.
-            unsafe { ctx_ref(call, stringify!($name)) }.map_or(gh_str::EMPTY, |c| view(c.api.$field().as_bytes()))
+            unsafe { any_api(call, stringify!($name)) }.map_or(gh_str::EMPTY, |api| view(api.$field().as_bytes()))
         }
     )*};
 }
@@ -918,7 +983,7 @@ api_text!(api_id => id, api_name => display_name, api_config_data => config_data
 
 unsafe extern "C" fn api_listen_path(call: *mut gh_call) -> gh_str {
     // SAFETY: checked.
-    unsafe { ctx_ref(call, "api_listen_path") }.map_or(gh_str::EMPTY, |c| view(c.api.listen_path().as_bytes()))
+    unsafe { any_api(call, "api_listen_path") }.map_or(gh_str::EMPTY, |api| view(api.listen_path().as_bytes()))
 }
 
 /// What hooks call back into. A static, so it outlives every plugin.
@@ -956,4 +1021,130 @@ pub static HOST_API: gh_host_api = gh_host_api {
     header_values,
     header_replace,
     set_error_status,
+    record_get,
+    record_set,
+    record_drop,
+    record_add_tag,
+    record_set_meta,
 };
+
+// ------------------------------------------------------------------ analytics phase
+
+/// The current call's context, whichever phase it is in.
+enum Ctx<'a> {
+    Exchange(&'a CallCtx<'a>),
+    Record(&'a mut RecordCtx<'a>),
+}
+
+/// The call's context in any phase: `call` must be this thread's current call. A request
+/// context is only lent shared (changes go through `ctx_mut`, which knows `headers_each`).
+///
+/// # Safety
+/// As `ctx_ref`.
+unsafe fn any_ctx<'a>(call: *mut gh_call, what: &str) -> Option<Ctx<'a>> {
+    let current = CURRENT.get();
+    if call.is_null() || call.addr() != current.handle {
+        refuse(what, Misuse::NotCurrent);
+        return None;
+    }
+    Some(match current.kind {
+        // SAFETY: as in `ctx_ref`.
+        CtxKind::Exchange => Ctx::Exchange(unsafe { &*current.ctx.cast::<CallCtx<'a>>() }),
+        // SAFETY: the `RecordCtx` that `Instance::call_analytics` made current on this
+        // thread, live until the hook returns. The analytics phase has no callbacks, so no
+        // other borrow of it is live while a host call runs.
+        CtxKind::Record => Ctx::Record(unsafe { &mut *current.ctx.cast::<RecordCtx<'a>>() }),
+    })
+}
+
+/// The API of the current call, in any phase.
+///
+/// # Safety
+/// As `ctx_ref`.
+unsafe fn any_api<'a>(call: *mut gh_call, what: &str) -> Option<&'a dyn HookApi> {
+    // SAFETY: per the contract.
+    match unsafe { any_ctx(call, what) }? {
+        Ctx::Exchange(c) => Some(c.api),
+        Ctx::Record(c) => Some(c.api),
+    }
+}
+
+/// The record of the current analytics call; refused (once per hook in the log) in a
+/// request phase.
+///
+/// # Safety
+/// As `ctx_ref`.
+unsafe fn record_ctx<'a>(call: *mut gh_call, what: &str) -> Option<&'a mut RecordCtx<'a>> {
+    // SAFETY: per the contract.
+    match unsafe { any_ctx(call, what) }? {
+        Ctx::Record(c) => Some(c),
+        Ctx::Exchange(_) => {
+            refuse(what, Misuse::WrongPhase);
+            None
+        }
+    }
+}
+
+/// UTF-8 text a plugin passed, or the refusal logged.
+fn utf8<'b>(c: &RecordCtx<'_>, what: &str, b: &'b [u8]) -> Option<&'b str> {
+    let t = std::str::from_utf8(b).ok();
+    if t.is_none() {
+        c.refused(what, "not UTF-8");
+    }
+    t
+}
+
+unsafe extern "C" fn record_get(call: *mut gh_call, name: gh_str, out: *mut gh_str) -> i32 {
+    // SAFETY: per the ABI.
+    let (Some(c), name) = (unsafe { record_ctx(call, "record_get") }, unsafe { bytes(name) }) else { return -1 };
+    // The view points into the record, which stays put until this field changes.
+    match c.rec.get(name) {
+        Some(v) => write(out, view(v)),
+        None => 0,
+    }
+}
+
+unsafe extern "C" fn record_set(call: *mut gh_call, name: gh_str, value: gh_str) -> i32 {
+    // SAFETY: per the ABI.
+    let (Some(c), name, value) =
+        (unsafe { record_ctx(call, "record_set") }, unsafe { bytes(name) }, unsafe { bytes(value) })
+    else {
+        return -1;
+    };
+    match c.rec.set(name, value) {
+        Ok(()) => 1,
+        Err(why) => {
+            c.refused("record_set", &why);
+            -1
+        }
+    }
+}
+
+unsafe extern "C" fn record_drop(call: *mut gh_call, name: gh_str) -> i32 {
+    // SAFETY: per the ABI.
+    let (Some(c), name) = (unsafe { record_ctx(call, "record_drop") }, unsafe { bytes(name) }) else { return -1 };
+    i32::from(c.rec.drop_field(name))
+}
+
+unsafe extern "C" fn record_add_tag(call: *mut gh_call, tag: gh_str) -> i32 {
+    // SAFETY: per the ABI.
+    let (Some(c), tag) = (unsafe { record_ctx(call, "record_add_tag") }, unsafe { bytes(tag) }) else { return -1 };
+    let Some(tag) = utf8(c, "record_add_tag", tag) else { return -1 };
+    c.rec.add_tag(tag.to_owned());
+    1
+}
+
+unsafe extern "C" fn record_set_meta(call: *mut gh_call, key: gh_str, value: gh_str) -> i32 {
+    // SAFETY: per the ABI.
+    let (Some(c), key, value) =
+        (unsafe { record_ctx(call, "record_set_meta") }, unsafe { bytes(key) }, unsafe { bytes(value) })
+    else {
+        return -1;
+    };
+    let (Some(key), Some(value)) = (utf8(c, "record_set_meta", key), utf8(c, "record_set_meta", value)) else {
+        return -1;
+    };
+    let (key, value) = (key.to_owned(), value.to_owned());
+    c.rec.set_meta(key, value);
+    1
+}

@@ -13,6 +13,7 @@
 // block.
 #![deny(unsafe_code)]
 
+pub mod analytics;
 mod elf;
 mod ffi;
 mod view;
@@ -48,6 +49,8 @@ pub enum Phase {
     Endpoint,
     Post,
     Response,
+    /// `middleware.analytics`: on each analytics record, off the request path.
+    Analytics,
 }
 
 impl Phase {
@@ -59,6 +62,7 @@ impl Phase {
             Phase::Endpoint => "endpoint",
             Phase::Post => "post",
             Phase::Response => "response",
+            Phase::Analytics => "analytics",
         }
     }
 }
@@ -422,6 +426,8 @@ pub struct HookCall {
     /// Set once a misuse of the host API by this hook (a `gh_call` used outside its call,
     /// a header change while iterating) has been logged, so a loop cannot flood the log.
     misuse_logged: AtomicBool,
+    /// Set once a failure of this analytics hook has been logged (every one is counted).
+    failure_logged: AtomicBool,
 }
 
 impl HookCall {
@@ -561,6 +567,7 @@ impl<'a> ChainBuilder<'a> {
             errors: m.failures.with_label_values(&[path, r.symbol.as_str(), phase.as_str(), event.as_str(), "error"]),
             panics: m.failures.with_label_values(&[path, r.symbol.as_str(), phase.as_str(), event.as_str(), "panic"]),
             misuse_logged: AtomicBool::new(false),
+            failure_logged: AtomicBool::new(false),
         })
     }
 }
@@ -844,7 +851,11 @@ fn with_path_and_query(uri: &http::Uri, path: &str, query: Option<&str>) -> Resu
 }
 
 fn log_from_hook(c: &CallCtx<'_>, level: gh_level, msg: &str) {
-    let (api, plugin, symbol, phase) = (c.api.id(), &*c.hook.path, &*c.hook.symbol, c.hook.phase.as_str());
+    log_for_hook(c.api, c.hook, level, msg);
+}
+
+fn log_for_hook(api: &dyn HookApi, hook: &HookCall, level: gh_level, msg: &str) {
+    let (api, plugin, symbol, phase) = (api.id(), &*hook.path, &*hook.symbol, hook.phase.as_str());
     match level {
         abi::GH_LOG_ERROR => tracing::error!(target: "plugin", api, plugin, symbol, phase, "{msg}"),
         abi::GH_LOG_WARN => tracing::warn!(target: "plugin", api, plugin, symbol, phase, "{msg}"),

@@ -499,6 +499,7 @@ pub fn plugins() -> &'static Plugins {
         cc("dataplane/tests/fixtures/big_plugin.c", "big_v1", &["-DVERSION=\"v1\""]);
         cc("dataplane/tests/fixtures/big_plugin.c", "big_v2", &["-DVERSION=\"v2\""]);
         cc("dataplane/tests/fixtures/abi10_plugin.c", "abi10", &[]);
+        cc("dataplane/tests/fixtures/analytics_plugin.c", "analytics_fixture", &[]);
         cc("dataplane/tests/fixtures/abi11_plugin.c", "abi11", &["-pthread"]);
         cc("dataplane/tests/fixtures/abi11_plugin.c", "abi11_quiesce", &["-pthread", "-DVERSION=\"quiesce-me\""]);
         cc("dataplane/tests/fixtures/abi11_plugin.c", "go_a", &["-pthread", "-DGO_RUNTIME", "-DVERSION=\"go-a\""]);

@@ -63,7 +63,7 @@ fn mask_in(v: &mut serde_json::Value) -> bool {
 /// An analytics hook that edits each record as its config says, in this order: tags,
 /// metadata, masked fields, fields set, dropped fields.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TagRecord {
     /// Appended to `tags`; `{status}` and `{method}` are replaced by the record's own.
     #[serde(default)]
@@ -80,6 +80,10 @@ pub struct TagRecord {
     /// Fields removed.
     #[serde(default)]
     drop: Vec<String>,
+    /// Before anything else, waits (at most a minute) until this file exists: a slow
+    /// analytics hook, to see that it holds up analytics and never requests.
+    #[serde(default)]
+    wait_for_file: Option<std::path::PathBuf>,
 }
 
 impl Hook for TagRecord {
@@ -91,6 +95,12 @@ impl Hook for TagRecord {
     }
 
     fn on_analytics(&self, rec: &mut Record<'_>) -> Flow {
+        if let Some(file) = &self.wait_for_file {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !file.exists() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         for tag in &self.tags {
             let tag = tag
                 .replace("{status}", rec.get("status").unwrap_or("-"))
@@ -210,14 +220,17 @@ mod tests {
             .with_field("request_body", r#"{"user":"a","password":"hunter2","nested":[{"Password":"x"}]}"#)
             .with_field("response_body", "not json, password=kept");
         assert_eq!(call.analytics(mask_passwords), Flow::Continue);
-        let body: serde_json::Value = serde_json::from_str(call.field("request_body").unwrap_or("")).unwrap_or_default();
+        let body: serde_json::Value =
+            serde_json::from_str(call.field("request_body").unwrap_or("")).unwrap_or_default();
         assert_eq!(body, serde_json::json!({"user": "a", "password": "****", "nested": [{"Password": "****"}]}));
         assert_eq!(call.field("response_body"), Some("not json, password=kept"));
     }
 
     fn tag(rec: &mut Record<'_>) -> Flow {
-        let t = TagRecord::new(r#"{"tags": ["s-{status}"], "meta": {"team": "a"}, "mask": ["key_alias"], "drop": ["client_ip"]}"#)
-            .unwrap_or_default();
+        let t = TagRecord::new(
+            r#"{"tags": ["s-{status}"], "meta": {"team": "a"}, "mask": ["key_alias"], "drop": ["client_ip"]}"#,
+        )
+        .unwrap_or_default();
         t.on_analytics(rec)
     }
 
