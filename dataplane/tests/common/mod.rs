@@ -36,7 +36,7 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// - `/slow?ms=N`: answers after N ms
 /// - `/big?bytes=N`: streams N bytes (`b'x'`) in 64 KiB chunks
 /// - `/upload`: reads the whole body, answers with its length
-/// - `/echo`: streams the request body back
+/// - `/echo`: reads the request body, sends it back
 /// - `/gate`: streams "one", waits for the test to open the gate, then "two"
 /// - anything else: JSON with the method, path, query, headers and the upstream's name
 pub struct Upstream {
@@ -124,6 +124,10 @@ async fn upstream_route(
                 }
             });
             Response::new(body.boxed())
+        }
+        "/echo" => {
+            let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            Response::new(Full::new(body).boxed())
         }
         "/upload" => {
             let mut body = req.into_body();
