@@ -223,8 +223,9 @@ impl Gateway {
         Ok(resp)
     }
 
-    /// 10. Metrics always; an analytics record when a sink is on. With `detailedRecording`
-    /// the record waits, inside the response body, for that body to end (or be dropped).
+    /// Step 10: metrics always; an analytics record when a sink is on. With
+    /// `detailedRecording` the record waits, inside the response body, for that body to end
+    /// (or be dropped).
     fn record(
         &self,
         ex: &Exchange,

@@ -24,7 +24,8 @@ fn analytics(entries: &[String]) -> String {
 }
 
 struct Setup {
-    cfg: ConfigDir,
+    /// Holds the config directory (and the analytics file) for the test's length.
+    _cfg: ConfigDir,
     out: PathBuf,
     gw: Gatehouse,
 }
@@ -40,7 +41,7 @@ async fn start(up: &Upstream, docs: &[String]) -> Setup {
     cfg.write("all.yaml", &text);
     let out = cfg.path().join("analytics.jsonl");
     let gw = Gatehouse::start(cfg.path(), &[&format!("--analytics=file:{}", out.display())]).await;
-    Setup { cfg, out, gw }
+    Setup { _cfg: cfg, out, gw }
 }
 
 /// Every record written so far.
@@ -263,7 +264,7 @@ async fn a_hook_without_an_analytics_handler_is_a_load_error_naming_symbol_and_p
     for (api, symbol) in [("request-only", "LookupUser"), ("short", "Short")] {
         let st = api_state(&state, &format!("default/{api}"));
         assert!(
-            st.contains(&format!("spec.middleware.analytics[0]: Plugin default/"))
+            st.contains("spec.middleware.analytics[0]: Plugin default/")
                 && st.contains(&format!("symbol {symbol:?} has no handler for the analytics phase")),
             "{st}"
         );
@@ -271,7 +272,6 @@ async fn a_hook_without_an_analytics_handler_is_a_load_error_naming_symbol_and_p
         assert_eq!((r.status, r.error().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "plugin failure"));
     }
     assert_eq!(s.gw.get("/plain/x").await.status, StatusCode::OK, "other APIs keep serving");
-    let _ = &s.cfg;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,13 +30,17 @@ fn record(u: &mut Unstructured<'_>) -> Result<Record> {
         status: u.arbitrary()?,
         latency_total_ms: ms(u)?,
         latency_upstream_ms: if u.arbitrary()? { Some(ms(u)?) } else { None },
-        key_hash: arc(u)?,
+        key_id: arc(u)?,
         key_alias: arc(u)?,
         client_ip: u.arbitrary()?,
         request_bytes: u.arbitrary()?,
         response_bytes: u.arbitrary()?,
         plugin_answered: u.arbitrary()?,
         error: if u.arbitrary()? { Some(*u.choose(ERRORS)?) } else { None },
+        tags: u.arbitrary()?,
+        session: None,
+        hooks: None,
+        bodies: None,
     })
 }
 
@@ -59,12 +63,15 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(v["status"].as_u64(), Some(u64::from(r.status)));
     assert_eq!(v["latency_total_ms"].as_f64(), Some(r.latency_total_ms));
     assert_eq!(v["latency_upstream_ms"].as_f64(), r.latency_upstream_ms);
-    assert_eq!(s("key_hash"), arc(&r.key_hash));
+    assert_eq!(s("key_id"), arc(&r.key_id));
     assert_eq!(s("key_alias"), arc(&r.key_alias));
     assert_eq!(s("client_ip").as_deref(), Some(r.client_ip.as_str()));
     assert_eq!(v["request_bytes"].as_u64(), r.request_bytes);
     assert_eq!(v["response_bytes"].as_u64(), r.response_bytes);
     assert_eq!(v["plugin_answered"].as_bool(), Some(r.plugin_answered));
     assert_eq!(s("error").as_deref(), r.error);
-    assert_eq!(v.as_object().map(|o| o.len()), Some(15), "no field more or less: {v}");
+    let tags: Vec<&str> = v["tags"].as_array().expect("tags").iter().filter_map(Value::as_str).collect();
+    assert_eq!(tags, r.tags);
+    assert_eq!(v["meta_data"], serde_json::json!({}), "no session, no metadata");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(17), "no field more or less: {v}");
 });

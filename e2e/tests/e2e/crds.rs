@@ -8,8 +8,9 @@ use std::{
 };
 
 use gatehouse_crds::{
-    ApiDefinition, ApiDefinitionSpec, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration, EndpointPlugins,
-    FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, ServiceRef, Upstream,
+    AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration,
+    EndpointPlugins, FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, ServiceRef,
+    Upstream,
     manifest::{self, Resource},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -170,6 +171,16 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
                     ],
                 },
                 EndpointPlugins { path: "/files/*".to_owned(), methods: Vec::new(), plugins: Vec::new() },
+            ],
+            analytics: vec![
+                AnalyticsPluginRef {
+                    hook: plugin_ref("mask", "MaskPasswords", Some(json!({"fields": ["password"]}))),
+                    detailed_recording: true,
+                },
+                AnalyticsPluginRef {
+                    hook: PluginRef { disabled: true, ..plugin_ref("tag", "TagRecord", None) },
+                    detailed_recording: false,
+                },
             ],
         },
         config_data: Some(json!({"tier": "gold", "nested": {"list": [1, 2.5, "x"], "flag": false}})),
