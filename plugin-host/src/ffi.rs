@@ -509,11 +509,12 @@ fn refuse(what: &str, why: Misuse) {
     // hook runs nested callbacks.
     let (api, hook) = match CURRENT.get().kind {
         CtxKind::Exchange => {
+            // SAFETY: as above, a `CallCtx`.
             let c = unsafe { &*current.cast::<CallCtx<'_>>() };
             (c.api, c.hook)
         }
         CtxKind::Record => {
-            // SAFETY: as above.
+            // SAFETY: as above, a `RecordCtx`.
             let c = unsafe { &*current.cast::<RecordCtx<'_>>() };
             (c.api, c.hook)
         }
@@ -620,11 +621,16 @@ unsafe extern "C" fn set_error(call: *mut gh_call, msg: gh_str) {
     // SAFETY: the view is readable for the call.
     let msg = String::from_utf8_lossy(unsafe { bytes(msg) }).into_owned();
     // SAFETY: checked against the current call.
-    if let Some(Ctx::Record(c)) = unsafe { any_ctx(call, "set_error") } {
-        c.error = Some(msg);
-    // SAFETY: checked against the current call.
-    } else if let Some(c) = unsafe { ctx_mut(call, "set_error") } {
-        c.error = Some(msg);
+    match unsafe { any_ctx(call, "set_error") } {
+        Some(Ctx::Record(c)) => c.error = Some(msg),
+        // A request's context changes only through `ctx_mut` (it knows `headers_each`).
+        // SAFETY: checked against the current call.
+        Some(Ctx::Exchange(_)) => {
+            if let Some(c) = unsafe { ctx_mut(call, "set_error") } {
+                c.error = Some(msg);
+            }
+        }
+        None => {}
     }
 }
 
