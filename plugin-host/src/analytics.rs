@@ -7,10 +7,11 @@
 //! `HookRecord` from its own record and writes what the hooks leave; the writer thread and
 //! the sink are the dataplane's.
 
-use std::{collections::BTreeMap, sync::atomic::Ordering, time::Instant};
+use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use bytes::Bytes;
 use gatehouse_plugin::abi;
+use quanta::Instant;
 
 use super::{HookApi, HookCall};
 
