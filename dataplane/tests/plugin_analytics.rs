@@ -313,3 +313,36 @@ async fn host_calls_of_the_wrong_phase_are_refused_without_harm() {
     assert_eq!(logs.matches("it does not apply to this phase").count(), 2, "{logs}");
     assert_eq!(s.gw.get("/plain/x").await.status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_analytics_off_no_record_is_built_and_no_analytics_hook_runs() {
+    let p = plugins();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    let hooks = analytics(&[
+        "{plugin: faulty, symbol: PanicInAnalytics, detailedRecording: true}".to_owned(),
+        tag("{tags: [t]}"),
+    ]);
+    cfg.write(
+        "all.yaml",
+        &[
+            plugin("api", &p.rust("plugin-api"), ""),
+            plugin("faulty", &p.rust("faulty"), ""),
+            api("sink-off", "/off/", &up.url(), &hooks),
+        ]
+        .concat(),
+    );
+    let gw = Gatehouse::start(cfg.path(), &[]).await;
+    let big = 100 * 1024;
+    for _ in 0..3 {
+        let r = gw.get(&format!("/off/big?bytes={big}")).await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, big), "{}", gw.config().await);
+    }
+    assert_eq!(api_state(&gw.config().await, "default/sink-off"), "serving");
+    let path = p.rust("faulty");
+    let calls = format!(
+        r#"gatehouse_plugin_duration_seconds_count{{event="NativePluginMiddleware:{path}:PanicInAnalytics",phase="analytics",plugin="{path}",symbol="PanicInAnalytics"}}"#
+    );
+    assert!(gw.admin("/metrics").await.text().contains(&calls), "the hook is bound and its series exists");
+    assert_eq!(gw.metric(&calls).await, 0.0, "never called: no record was built");
+}
