@@ -8,7 +8,8 @@
 //! A crate of its own so that the one place that needs `unsafe` (`ffi`, the boundary with
 //! plugin code) is a crate the rest of the gateway forbids it in. It sits below the
 //! dataplane: hooks see the dataplane's API and session through [`HookApi`] and
-//! [`SessionSlot`], and the dataplane answers a failed hook ([`HookFailure`]) itself.
+//! [`SessionSlot`], analytics hooks see a record as an [`analytics::HookRecord`] the
+//! dataplane builds, and the dataplane answers a failed hook ([`HookFailure`]) itself.
 // `unsafe` only at the plugin boundary: `ffi` allows it, with a SAFETY comment on every
 // block.
 #![deny(unsafe_code)]
