@@ -23,6 +23,7 @@ use crate::{
     model::{Api, Target},
     path::{normalise, prefix_key},
     reply::GatewayError,
+    server::Conn,
     slots::{Slot, Slots},
 };
 
@@ -106,8 +107,9 @@ pub async fn forward(
     slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
-    peer: SocketAddr,
+    conn: Conn,
 ) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
+    let peer = conn.peer;
     let target = api.pick_target();
     let mut timeout = api.timeout;
     let slot = match slots.try_take(target) {
@@ -136,7 +138,8 @@ pub async fn forward(
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, peer);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    // Always set, never passed on: what a client sends here is its own claim.
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
