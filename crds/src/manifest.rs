@@ -353,6 +353,15 @@ stringData: {password: x}
     }
 
     #[test]
+    fn tls_requires_hosts() {
+        let e = one_error(
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a}\nspec:\n  listenPath: /a/\n  tls: {secretName: a-cert}\n  upstream: {url: 'http://127.0.0.1:1'}\n",
+        );
+        assert_eq!(e.field, "spec.tls");
+        assert!(e.reason.starts_with("requires spec.hosts"), "{e}");
+    }
+
+    #[test]
     fn unknown_kind_is_rejected() {
         let e = one_error("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n");
         assert_eq!(e.field, "kind");

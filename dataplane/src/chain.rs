@@ -280,7 +280,7 @@ impl Gateway {
         let query = uri.query().map_or(0, |q| q.len() + 1);
         let mut location = String::with_capacity(8 + host.len() + self.redirect_port.len() + uri.path().len() + query);
         location.push_str("https://");
-        location.push_str(host);
+        location.extend(host.chars().map(|c| c.to_ascii_lowercase()));
         location.push_str(&self.redirect_port);
         location.push_str(uri.path());
         if let Some(q) = uri.query() {

@@ -86,9 +86,10 @@ impl Cli {
         }
     }
 
-    /// Where `spec.tls.redirectHttp` sends plain-HTTP clients.
-    pub fn redirect_port(&self) -> u16 {
-        self.tls_redirect_port.or(self.tls_listen.map(|a| a.port())).unwrap_or(443)
+    /// Where `spec.tls.redirectHttp` sends plain-HTTP clients, given the port
+    /// `--tls-listen` is bound to.
+    pub fn redirect_port(&self, tls_bound: Option<u16>) -> u16 {
+        self.tls_redirect_port.or(tls_bound).unwrap_or(443)
     }
 }
 

@@ -62,24 +62,6 @@ pub fn init_logging(format: LogFormat) {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
-    let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
-    let loader = gatehouse_plugin_host::Loader::new(cli.plugin_dir.clone());
-    let gw = Arc::new(
-        Gateway::new(metrics, analytics, loader, key_ids)
-            .context("starting the config thread")?
-            .with_limits(&cli.limits)
-            .with_redirect_port(cli.redirect_port()),
-    );
-    let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
-    gw.metrics.registry().register(Box::new(open_connections.clone()))?;
-
-    let source = match (&cli.config, &cli.controller) {
-        (Some(path), _) => Source::Standalone(Standalone::new(path.clone())?),
-        (None, Some(url)) => Source::Controller(Box::new(Subscriber::new(url, &cli)?)),
-        (None, None) => anyhow::bail!("one of --config or --controller is required"),
-    };
     let plain = match cli.plain_listen() {
         Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?),
         None => None,
@@ -92,6 +74,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
     let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let (plain_addr, tls_addr) = (local(&plain), local(&secure));
+    let metrics = Metrics::new();
+    let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
+    let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
+    let loader = gatehouse_plugin_host::Loader::new(cli.plugin_dir.clone());
+    let gw = Arc::new(
+        Gateway::new(metrics, analytics, loader, key_ids)
+            .context("starting the config thread")?
+            .with_limits(&cli.limits)
+            .with_redirect_port(cli.redirect_port(tls_addr.map(|a| a.port()))),
+    );
+    let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
+    gw.metrics.registry().register(Box::new(open_connections.clone()))?;
+
+    let source = match (&cli.config, &cli.controller) {
+        (Some(path), _) => Source::Standalone(Standalone::new(path.clone())?),
+        (None, Some(url)) => Source::Controller(Box::new(Subscriber::new(url, &cli)?)),
+        (None, None) => anyhow::bail!("one of --config or --controller is required"),
+    };
     // Before any config is applied: runtimes refuse upstreams by this policy.
     let own = plain_addr.into_iter().chain(tls_addr).chain([admin.local_addr()?]).collect();
     egress::install(egress::EgressPolicy::new(&cli.allow_upstream, own));

@@ -266,7 +266,7 @@ fn parse(entry: &CertificateEntry) -> Result<Parsed, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| "tls.crt: not a PEM certificate chain".to_owned())?;
     let Some(leaf) = chain.first() else {
-        return Err("tls.crt: no CERTIFICATE block".to_owned());
+        return Err("tls.crt: no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned());
     };
     let (not_before, not_after, dns_names) = read_leaf(leaf)?;
     let key = PrivateKeyDer::from_pem_slice(entry.private_key_pem.expose().as_bytes())
