@@ -1,11 +1,12 @@
-//! Accepting connections (HTTP/1.1 and HTTP/2 cleartext on one port), bounding what each
-//! client may hold, and draining connections on shutdown.
+//! Accepting connections (HTTP/1.1 and HTTP/2 on one port, cleartext or over TLS with
+//! ALPN), bounding what each client may hold, and draining connections on shutdown.
 //!
 //! Bounds, per connection unless said otherwise (the flags are in `cli::Limits`):
 //! - connections at once: a semaphore taken before `accept`, so past the cap new clients
 //!   wait in the kernel's backlog and open connections are untouched;
 //! - the time to the first request, the wait for each next request's head, and idle time
-//!   (`Watched`, one timer per connection rather than hyper's timer per request);
+//!   (`Watched`, one timer per connection rather than hyper's timer per request); a TLS
+//!   handshake falls within the time to the first request;
 //! - header size and count (hyper: 431), HTTP/2 streams and resets (h2: GOAWAY);
 //! - the drain on shutdown: past it, connections still open are dropped.
 
