@@ -23,7 +23,6 @@ use crate::{
     model::{Api, Target},
     path::{normalise, prefix_key},
     reply::GatewayError,
-    server::Conn,
     slots::{Slot, Slots},
 };
 
@@ -101,15 +100,16 @@ impl TargetSlots {
 
 /// Sends `req` to one of the API's targets; the answer's headers must come within the
 /// API's timeout, which also bounds the wait for a free slot on the target. Returns the
-/// upstream's response and how long its headers took.
+/// upstream's response and how long its headers took. `peer` and `tls` describe the
+/// client's connection (`server::Conn`), taken apart so this layer imports no entry point.
 pub async fn forward(
     client: &UpstreamClient,
     slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
-    conn: Conn,
+    peer: SocketAddr,
+    tls: bool,
 ) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
-    let peer = conn.peer;
     let target = api.pick_target();
     let mut timeout = api.timeout;
     let slot = match slots.try_take(target) {
@@ -139,7 +139,7 @@ pub async fn forward(
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, peer);
     // Always set, never passed on: what a client sends here is its own claim.
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
