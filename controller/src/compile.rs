@@ -85,7 +85,14 @@ pub struct Outcome {
     pub accepted: Result<(), String>,
     /// Err: a Plugin or Service it names is missing.
     pub resolved: Result<(), String>,
+    /// Some: dataplanes cannot serve it as declared, whatever they acknowledge.
+    pub unprogrammable: Option<String>,
 }
+
+/// Why an API with `spec.tls` is not programmed: its certificate's private key may not
+/// travel over the plaintext config stream, so dataplanes never receive it.
+pub const TLS_NOT_STREAMED: &str =
+    "spec.tls: certificates reach dataplanes only over the TLS config stream, which this controller does not serve yet";
 
 pub fn id_of<K: ResourceExt>(o: &K) -> String {
     format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
@@ -102,7 +109,7 @@ impl Resources {
         let errors = api.spec.validate(&format!("ApiDefinition {id}"));
         if let Some(e) = errors.first() {
             let accepted = Err(format!("{}: {}", e.field, e.reason));
-            return Some((None, Outcome { generation, accepted, resolved: Ok(()) }));
+            return Some((None, Outcome { generation, accepted, resolved: Ok(()), unprogrammable: None }));
         }
         let mut missing = Vec::new();
         let mut plugins: BTreeSet<&str> = BTreeSet::new();
@@ -126,10 +133,12 @@ impl Resources {
             None => None,
         };
         let resolved = if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) };
+        let unprogrammable = api.spec.tls.is_some().then(|| TLS_NOT_STREAMED.to_owned());
         match ApiEntry::compile(api, targets) {
-            Ok(entry) => Some((Some(entry), Outcome { generation, accepted: Ok(()), resolved })),
+            Ok(entry) => Some((Some(entry), Outcome { generation, accepted: Ok(()), resolved, unprogrammable })),
             Err(e) => {
-                Some((None, Outcome { generation, accepted: Err(format!("{}: {}", e.field, e.reason)), resolved }))
+                let accepted = Err(format!("{}: {}", e.field, e.reason));
+                Some((None, Outcome { generation, accepted, resolved, unprogrammable }))
             }
         }
     }
@@ -139,9 +148,10 @@ impl Resources {
         let generation = p.metadata.generation.unwrap_or(0);
         if let Some(e) = p.spec.validate(&format!("Plugin {id}")).first() {
             let accepted = Err(format!("{}: {}", e.field, e.reason));
-            return Some((None, Outcome { generation, accepted, resolved: Ok(()) }));
+            return Some((None, Outcome { generation, accepted, resolved: Ok(()), unprogrammable: None }));
         }
-        Some((Some(PluginEntry::from_resource(p)), Outcome { generation, accepted: Ok(()), resolved: Ok(()) }))
+        let outcome = Outcome { generation, accepted: Ok(()), resolved: Ok(()), unprogrammable: None };
+        Some((Some(PluginEntry::from_resource(p)), outcome))
     }
 
     pub fn compile_key(&self, id: &str) -> Option<Result<KeyEntry, ResourceError>> {
@@ -298,6 +308,18 @@ mod tests {
         assert_eq!(outcome.resolved, Err("Plugin missing not found".into()), "refs are checked");
         assert_eq!(r.apis_using_service("shop/web"), ["shop/web"]);
         assert_eq!(r.apis_using_plugin("shop/missing"), ["shop/web"]);
+    }
+
+    #[test]
+    fn an_api_with_tls_is_accepted_but_marked_unprogrammable() {
+        let mut r = with_service();
+        let api = r.apis.get_mut("shop/web").expect("known");
+        api.spec.hosts = vec!["web.example".into()];
+        api.spec.tls = Some(gatehouse_crds::ApiTls { secret_name: "web-cert".into(), redirect_http: false });
+        let (entry, outcome) = r.compile_api("shop/web").expect("known");
+        assert!(entry.is_some());
+        assert_eq!(outcome.accepted, Ok(()));
+        assert_eq!(outcome.unprogrammable.as_deref(), Some(TLS_NOT_STREAMED));
     }
 
     #[test]

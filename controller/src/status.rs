@@ -231,7 +231,10 @@ fn api_conditions(o: &Outcome, conflict: Option<&Conflict>, t: &Tally) -> Wanted
     if let (Ok(()), Some(c)) = (&o.accepted, conflict) {
         conditions[0] = ("Accepted", false, "Conflicted", format!("spec.listenPath: {c}; this API is not served"));
     }
-    let (ok, reason, message) = programmed(t, o.generation, "serve");
+    let (ok, reason, message) = match &o.unprogrammable {
+        Some(why) => (false, "Unsupported", why.clone()),
+        None => programmed(t, o.generation, "serve"),
+    };
     conditions.push(("Programmed", ok, reason, message));
     Wanted { generation: o.generation, conditions }
 }
@@ -249,7 +252,7 @@ mod tests {
     use super::*;
 
     fn outcome() -> Outcome {
-        Outcome { generation: 3, accepted: Ok(()), resolved: Ok(()) }
+        Outcome { generation: 3, accepted: Ok(()), resolved: Ok(()), unprogrammable: None }
     }
 
     #[test]
@@ -281,6 +284,18 @@ mod tests {
         let invalid = Outcome { accepted: Err("spec.upstream: bad".into()), ..outcome() };
         let w = api_conditions(&invalid, Some(&c), &Tally { serving: 0, live: 1, problems: vec![] });
         assert_eq!(w.conditions[0].2, "Invalid", "an invalid spec is reported first");
+    }
+
+    #[test]
+    fn an_unprogrammable_api_says_why_whatever_the_dataplanes_ack() {
+        let o = Outcome { unprogrammable: Some(crate::compile::TLS_NOT_STREAMED.into()), ..outcome() };
+        let w = api_conditions(&o, None, &Tally { serving: 2, live: 2, problems: vec![] });
+        let (_, ok, reason, message) = &w.conditions[2];
+        assert_eq!((*ok, *reason), (false, "Unsupported"));
+        assert!(
+            message.starts_with("spec.tls: certificates reach dataplanes only over the TLS config stream"),
+            "{message}"
+        );
     }
 
     #[test]

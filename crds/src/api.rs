@@ -36,6 +36,12 @@ use crate::{Duration, ResourceError, endpoint::EndpointPlugins};
         "message": "spec.middleware.authCheck is only used when spec.auth.type is plugin",
         "fieldPath": ".middleware.authCheck",
         "reason": "FieldValueForbidden"
+    },
+    {
+        "rule": "!has(self.tls) || (has(self.hosts) && size(self.hosts) > 0)",
+        "message": "spec.tls requires spec.hosts: the certificate is chosen by the host a client names (SNI)",
+        "fieldPath": ".tls",
+        "reason": "FieldValueRequired"
     }
 ]))]
 pub struct ApiDefinitionSpec {
@@ -57,6 +63,9 @@ pub struct ApiDefinitionSpec {
     #[schemars(inner(length(min = 1)))]
     pub hosts: Vec<String>,
     pub upstream: Upstream,
+    /// Client-facing TLS for `hosts`: the certificate, chosen by SNI on `--tls-listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTls>,
     #[serde(default)]
     pub auth: Auth,
     /// API-wide rate limit, counted over all callers.
@@ -147,6 +156,25 @@ fn upstream_targets_rules(schema: &mut schemars::Schema) {
     if let Some(items) = schema.get_mut("items").and_then(|i| <&mut schemars::Schema>::try_from(i).ok()) {
         upstream_url_rules(items);
     }
+}
+
+/// The certificate an API is served with over TLS, and what plain HTTP requests get.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiTls {
+    /// A `kubernetes.io/tls` Secret in the same namespace (`tls.crt`: PEM chain, leaf
+    /// first; `tls.key`: PEM private key) whose certificate covers every one of `hosts`.
+    #[schemars(
+        length(min = 1, max = 253),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "secretName must be the name of a Secret in the same namespace (lowercase letters, digits, '-' and '.')"
+        }])
+    )]
+    pub secret_name: String,
+    /// Answer plain-HTTP requests for this API with 308 to the same URL over https.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redirect_http: bool,
 }
 
 /// How callers authenticate.
@@ -423,6 +451,17 @@ impl ApiDefinitionSpec {
             }
             if rl.per.0.is_zero() {
                 err("spec.rateLimit.per", "must be greater than zero".to_owned());
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if self.hosts.is_empty() {
+                err(
+                    "spec.tls",
+                    "requires spec.hosts: the certificate is chosen by the host a client names (SNI)".to_owned(),
+                );
+            }
+            if tls.secret_name.is_empty() {
+                err("spec.tls.secretName", "must name a kubernetes.io/tls Secret in the same namespace".to_owned());
             }
         }
         match (self.auth.kind, &self.middleware.auth_check) {

@@ -7,13 +7,17 @@ use k8s_openapi::api::core::v1::Secret;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{ApiDefinition, KEY_LABEL, KeySession, Plugin, ResourceError, key_hash};
+use crate::{
+    ApiDefinition, KEY_LABEL, KeySession, Plugin, ResourceError, TLS_SECRET_TYPE, TlsSecret, key_hash, tls_from_secret,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     ApiDefinition,
     Plugin,
     Key,
+    /// A `kubernetes.io/tls` Secret.
+    Certificate,
 }
 
 impl fmt::Display for Kind {
@@ -21,7 +25,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::ApiDefinition => "ApiDefinition",
             Kind::Plugin => "Plugin",
-            Kind::Key => "Secret",
+            Kind::Key | Kind::Certificate => "Secret",
         })
     }
 }
@@ -56,6 +60,7 @@ pub enum Resource {
     Api(ApiDefinition),
     Plugin(Plugin),
     Key(KeySecret),
+    Certificate(TlsSecret),
 }
 
 /// A document that could not be used, with its identity when that much was readable (so a
@@ -67,7 +72,7 @@ pub struct Rejected {
 }
 
 /// What one YAML text yields: usable resources, rejected documents, and documents that are
-/// not Gatehouse's (Secrets without the key label), which callers may ignore.
+/// not Gatehouse's (Secrets that are neither keys nor certificates), which callers may ignore.
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub resources: Vec<(ResourceId, Resource)>,
@@ -95,7 +100,10 @@ pub fn parse(origin: &str, text: &str) -> Parsed {
         match parse_document(doc) {
             Ok(Some((id, r))) => out.resources.push((id, r)),
             Ok(None) => {
-                out.ignored.push(format!("{origin}: document {}: a Secret without label {KEY_LABEL}=true", i + 1))
+                out.ignored.push(format!(
+                    "{origin}: document {}: a Secret that is neither a key (label {KEY_LABEL}=true) nor a certificate (type {TLS_SECRET_TYPE})",
+                    i + 1
+                ))
             }
             Err((id, mut error)) => {
                 error.resource = match &id {
@@ -126,6 +134,7 @@ fn parse_document(doc: Value) -> DocResult {
     let (kind, want_version) = match kind_name.as_str() {
         "ApiDefinition" => (Kind::ApiDefinition, "gatehouse.dev/v1alpha1"),
         "Plugin" => (Kind::Plugin, "gatehouse.dev/v1alpha1"),
+        "Secret" if text("type") == TLS_SECRET_TYPE => (Kind::Certificate, "v1"),
         "Secret" => (Kind::Key, "v1"),
         "" => return Err(no_id("kind", "is missing".to_owned())),
         other => {
@@ -169,6 +178,10 @@ fn parse_document(doc: Value) -> DocResult {
         Kind::Key => {
             let s: Secret = typed(doc).map_err(|(f, r)| fail(&f, r))?;
             Resource::Key(key_from_secret(&s).map_err(|e| fail(&e.field, e.reason))?)
+        }
+        Kind::Certificate => {
+            let s: Secret = typed(doc).map_err(|(f, r)| fail(&f, r))?;
+            Resource::Certificate(tls_from_secret(&s).map_err(|e| fail(&e.field, e.reason))?)
         }
     };
     Ok(Some((id, resource)))
@@ -342,6 +355,30 @@ stringData: {password: x}
         let e = one_error("apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: off}\n");
         assert_eq!(e.field, "metadata.name");
         assert!(e.reason.contains("quote it"), "{e}");
+    }
+
+    #[test]
+    fn tls_secrets_are_certificates_with_their_default_label() {
+        let p = parse(
+            "certs.yaml",
+            "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {name: c, labels: {gatehouse.dev/default-certificate: 'true'}}\nstringData: {tls.crt: CERT, tls.key: KEY}\n",
+        );
+        assert!(p.rejected.is_empty(), "{:?}", p.rejected);
+        let Resource::Certificate(c) = &p.resources[0].1 else { panic!("not a certificate") };
+        assert_eq!((c.id().as_str(), c.default, c.certificate_pem.as_str()), ("default/c", true, "CERT"));
+        let e = one_error(
+            "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {name: c}\nstringData: {tls.crt: CERT}\n",
+        );
+        assert_eq!((e.resource.as_str(), e.field.as_str()), ("apis.yaml: Secret default/c", "data.tls.key"));
+    }
+
+    #[test]
+    fn tls_requires_hosts() {
+        let e = one_error(
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a}\nspec:\n  listenPath: /a/\n  tls: {secretName: a-cert}\n  upstream: {url: 'http://127.0.0.1:1'}\n",
+        );
+        assert_eq!(e.field, "spec.tls");
+        assert!(e.reason.starts_with("requires spec.hosts"), "{e}");
     }
 
     #[test]

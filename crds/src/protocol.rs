@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot};
+use crate::snapshot::{ApiEntry, CertificateEntry, KeyEntry, PluginEntry, Snapshot};
 
 pub const STREAM_PATH: &str = "/v1/stream";
 pub const ACK_PATH: &str = "/v1/ack";
@@ -41,6 +41,9 @@ pub struct Delta {
     pub plugins: BTreeMap<String, Option<PluginEntry>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keys: BTreeMap<String, Option<KeyEntry>>,
+    /// Certificates (private keys included): only ever on a stream that runs over TLS.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub certificates: BTreeMap<String, Option<CertificateEntry>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,6 +75,7 @@ impl Snapshot {
         apply_map(&mut self.apis, &d.apis);
         apply_map(&mut self.plugins, &d.plugins);
         apply_map(&mut self.keys, &d.keys);
+        apply_map(&mut self.certificates, &d.certificates);
         self.version = d.version;
         Ok(())
     }

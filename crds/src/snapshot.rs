@@ -8,9 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ApiDefinition, ApiDefinitionSpec, KeySession, Plugin, PluginSpec, ResourceError,
+    ApiDefinition, ApiDefinitionSpec, KeySession, Plugin, PluginSpec, ResourceError, TlsSecret,
     manifest::{KeySecret, Resource},
 };
+
+/// A certificate in a snapshot: a `kubernetes.io/tls` Secret, private key included. Only a
+/// config source that keeps keys on the dataplane's side of a trust boundary (the
+/// `--config` directory; a config stream over TLS) may carry these.
+pub type CertificateEntry = TlsSecret;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct Snapshot {
@@ -20,6 +25,10 @@ pub struct Snapshot {
     pub plugins: BTreeMap<String, PluginEntry>,
     /// Keyed by the Secret's `namespace/name`; the raw key is never here, only its hash.
     pub keys: BTreeMap<String, KeyEntry>,
+    /// `kubernetes.io/tls` Secrets by `namespace/name`. Absent from older snapshots, and
+    /// never sent over a plaintext config stream.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub certificates: BTreeMap<String, CertificateEntry>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -213,6 +222,9 @@ impl Snapshot {
                 Resource::Key(k) => {
                     let e = KeyEntry::from(k);
                     snap.keys.insert(e.id(), e);
+                }
+                Resource::Certificate(c) => {
+                    snap.certificates.insert(c.id(), c);
                 }
             }
         }

@@ -58,6 +58,7 @@ pub fn serve(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr, access: Co
                 "apis": rt.report.apis,
                 "plugins": rt.report.plugins,
                 "keys": rt.report.keys,
+                "certificates": rt.report.certificates,
                 "errors": *gw.source_errors(),
             });
             reply::json(StatusCode::OK, Bytes::from(body.to_string()))

@@ -30,6 +30,7 @@ use crate::{
     proxy,
     reply::GatewayError,
     runtime::Runtime,
+    server::Conn,
 };
 
 /// What the chain learnt about a request, for step 10.
@@ -55,7 +56,8 @@ static RATE_LIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-r
 
 impl Gateway {
     /// Serves one request. Never fails: every failure becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
+        let peer = conn.peer;
         let started = Instant::now();
         let rt = self.runtime();
         let mut ex = Exchange::default();
@@ -69,7 +71,7 @@ impl Gateway {
             .enabled()
             .then(|| (req.method().to_string(), req.uri().path().to_owned(), content_length(req.headers())));
         let result = match normal {
-            Ok(()) => self.run(&rt, &mut ex, req, peer).await,
+            Ok(()) => self.run(&rt, &mut ex, req, conn).await,
             Err(e) => Err(e),
         };
         let response = match result {
@@ -89,8 +91,9 @@ impl Gateway {
         rt: &Runtime,
         ex: &mut Exchange,
         req: Request<ProxyBody>,
-        peer: SocketAddr,
+        conn: Conn,
     ) -> Result<Response<ProxyBody>, GatewayError> {
+        let peer = conn.peer;
         // 1. Route: the request-target's authority (absolute form, HTTP/2 `:authority`)
         // wins over Host (RFC 9112 3.2.2); then the longest listen path.
         let host = req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
@@ -101,6 +104,14 @@ impl Gateway {
             && !rt.router.route(host, &bare).is_some_and(|b| Arc::ptr_eq(b, api))
         {
             return Err(GatewayError::BadPath(PathError::ParametersChangeRoute));
+        }
+        // Plain HTTP for an API that asks for TLS only: send the client there first, before
+        // anything reads (or a plugin sees) what it sent in the clear.
+        if !conn.tls
+            && let Some(tls) = &api.entry.spec.tls
+            && tls.redirect_http
+        {
+            return Ok(self.redirect_to_https(host, req.uri()));
         }
         let plugins = &api.plugins;
         if plugins.unavailable.is_some() {
@@ -195,7 +206,8 @@ impl Gateway {
             (None, None) => ProxyBody::empty(),
         };
         let (mut resp, took) =
-            proxy::forward(&self.client, &self.target_slots, api, Request::from_parts(req.parts, body), peer).await?;
+            proxy::forward(&self.client, &self.target_slots, api, Request::from_parts(req.parts, body), peer, conn.tls)
+                .await?;
         ex.upstream_latency = Some(took);
         carry_headers(&ex.reply.headers, resp.headers_mut());
 
@@ -287,6 +299,34 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// 308 to the same URL over https. `host` matched one of the API's `hosts` (an API
+    /// with `spec.tls` has some), so it is a name the API declared, not arbitrary input;
+    /// the port is `--tls-redirect-port`, or `--tls-listen`'s, left out when 443.
+    fn redirect_to_https(&self, host: Option<&str>, uri: &http::Uri) -> Response<ProxyBody> {
+        let host = crate::router::strip_port(host.unwrap_or_default());
+        let query = uri.query().map_or(0, |q| q.len() + 1);
+        let mut location = String::with_capacity(8 + host.len() + self.redirect_port.len() + uri.path().len() + query);
+        location.push_str("https://");
+        location.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+        location.push_str(&self.redirect_port);
+        location.push_str(uri.path());
+        if let Some(q) = uri.query() {
+            location.push('?');
+            location.push_str(q);
+        }
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+        match HeaderValue::try_from(location) {
+            Ok(v) => {
+                resp.headers_mut().insert(http::header::LOCATION, v);
+            }
+            // A host that routed and a normalised path are always a valid header value; if
+            // that ever fails, no redirect to a mangled URL.
+            Err(_) => return GatewayError::NoRoute.into_response(),
+        }
+        resp
+    }
+
     /// Reads a body whole for hooks that asked for it, within the per-body limit (413)
     /// and the budget shared by all requests (503).
     async fn buffer(

@@ -10,9 +10,19 @@ use crate::egress::AllowUpstream;
 #[command(name = "gatehouse-dataplane", version, about = "The Gatehouse API gateway dataplane")]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "controller"])))]
 pub struct Cli {
-    /// Address the gateway serves clients on (HTTP/1.1 and HTTP/2 cleartext).
-    #[arg(long, default_value = "0.0.0.0:8080")]
-    pub listen: SocketAddr,
+    /// Address the gateway serves clients on (HTTP/1.1 and HTTP/2 cleartext). Default
+    /// `0.0.0.0:8080`, unless only `--tls-listen` is given: then no plain-HTTP listener.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Address the gateway serves clients on over TLS (1.3 and 1.2; ALPN h2 and
+    /// http/1.1), with certificates from `kubernetes.io/tls` Secrets chosen by SNI.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
+    /// The port `spec.tls.redirectHttp` redirects send clients to. Default: the port of
+    /// `--tls-listen` (443 without it). Set it when a Service or load balancer maps
+    /// another port (usually 443) to `--tls-listen`. 443 is left out of the URL.
+    #[arg(long, value_name = "PORT")]
+    pub tls_redirect_port: Option<u16>,
     /// Address of the admin port: /metrics, /healthz, /readyz, /config.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
@@ -61,6 +71,26 @@ pub struct Cli {
     /// `--state-dir` as `key-id-secret`. Replicas that share analytics should share it.
     #[arg(long, value_name = "PATH", env = "GATEHOUSE_KEY_ID_SECRET_FILE")]
     pub key_id_secret_file: Option<PathBuf>,
+}
+
+/// The plain-HTTP listener when none is named: none if TLS alone was asked for.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
+
+impl Cli {
+    /// `--listen`, its default, or None when only `--tls-listen` is given.
+    pub fn plain_listen(&self) -> Option<SocketAddr> {
+        match (self.listen, self.tls_listen) {
+            (Some(a), _) => Some(a),
+            (None, None) => Some(DEFAULT_LISTEN),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Where `spec.tls.redirectHttp` sends plain-HTTP clients, given the port
+    /// `--tls-listen` is bound to.
+    pub fn redirect_port(&self, tls_bound: Option<u16>) -> u16 {
+        self.tls_redirect_port.or(tls_bound).unwrap_or(443)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

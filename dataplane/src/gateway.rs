@@ -20,6 +20,7 @@ use crate::{
     metrics::Metrics,
     proxy::{TargetSlots, UpstreamClient},
     runtime::Runtime,
+    tls::Resolver,
 };
 
 pub struct Gateway {
@@ -41,6 +42,10 @@ pub struct Gateway {
     key_ids: Arc<KeyIdSecret>,
     /// Where runtimes are built and plugin files checked: never on a request worker.
     config_thread: ConfigThread,
+    /// What TLS handshakes take their certificate from: the current runtime's table.
+    pub certificates: Arc<Resolver>,
+    /// The `:port` that `spec.tls.redirectHttp` redirects add after the host; empty for 443.
+    pub redirect_port: Arc<str>,
 }
 
 impl Gateway {
@@ -59,6 +64,8 @@ impl Gateway {
             loader: Arc::new(loader),
             key_ids: Arc::new(key_ids),
             config_thread: ConfigThread::spawn()?,
+            certificates: Arc::default(),
+            redirect_port: Arc::from(""),
         })
     }
 
@@ -67,6 +74,12 @@ impl Gateway {
         self.client = crate::proxy::client_with(limits.upstream_connect_timeout);
         self.target_slots = Arc::new(TargetSlots::new(limits.upstream_max_connections_per_target));
         self.bodies = BodyBudget::new(limits.max_buffered_body_bytes, limits.buffered_body_budget_bytes);
+        self
+    }
+
+    /// HTTP→HTTPS redirects name this port (none for 443, the https default).
+    pub fn with_redirect_port(mut self, port: u16) -> Self {
+        self.redirect_port = Arc::from(if port == 443 { String::new() } else { format!(":{port}") });
         self
     }
 
@@ -110,6 +123,7 @@ impl Gateway {
     fn swap_in(&self, (rt, took): (Runtime, std::time::Duration)) {
         let version = rt.version;
         self.metrics.config_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.certificates.store(rt.certificates.clone());
         self.runtime.store(Arc::new(rt));
         self.ready.store(true, Ordering::Release);
         tracing::debug!(version, ?took, "runtime built");

@@ -29,6 +29,7 @@ pub mod server;
 pub mod slots;
 pub mod standalone;
 pub mod subscriber;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -61,6 +62,18 @@ pub fn init_logging(format: LogFormat) {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let plain = match cli.plain_listen() {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?),
+        None => None,
+    };
+    let secure = match cli.tls_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--tls-listen {addr}"))?),
+        None => None,
+    };
+    let admin =
+        TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
+    let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (plain_addr, tls_addr) = (local(&plain), local(&secure));
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
     let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
@@ -68,7 +81,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let gw = Arc::new(
         Gateway::new(metrics, analytics, loader, key_ids)
             .context("starting the config thread")?
-            .with_limits(&cli.limits),
+            .with_limits(&cli.limits)
+            .with_redirect_port(cli.redirect_port(tls_addr.map(|a| a.port()))),
     );
     let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
     gw.metrics.registry().register(Box::new(open_connections.clone()))?;
@@ -78,14 +92,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (None, Some(url)) => Source::Controller(Box::new(Subscriber::new(url, &cli)?)),
         (None, None) => anyhow::bail!("one of --config or --controller is required"),
     };
-    let listener = TcpListener::bind(cli.listen).await.with_context(|| format!("--listen {}", cli.listen))?;
-    let admin =
-        TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
     // Before any config is applied: runtimes refuse upstreams by this policy.
-    egress::install(egress::EgressPolicy::new(&cli.allow_upstream, vec![listener.local_addr()?, admin.local_addr()?]));
+    let own = plain_addr.into_iter().chain(tls_addr).chain([admin.local_addr()?]).collect();
+    egress::install(egress::EgressPolicy::new(&cli.allow_upstream, own));
     let from =
         cli.config.as_ref().map_or_else(|| cli.controller.clone().unwrap_or_default(), |p| p.display().to_string());
-    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, config = %from, "gatehouse dataplane starting");
+    let shown = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "none".to_owned(), |a| a.to_string());
+    tracing::info!(
+        listen = %shown(plain_addr),
+        tls_listen = %shown(tls_addr),
+        admin = %admin.local_addr()?,
+        config = %from,
+        "gatehouse dataplane starting"
+    );
 
     let (stop_tx, stop) = watch::channel(false);
     let watcher = {
@@ -103,39 +122,50 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         })
     };
-    let proxy = tokio::spawn(server::serve(
-        listener,
-        {
+    let proxy_handler = {
+        let gw = gw.clone();
+        move |req, conn| {
             let gw = gw.clone();
-            move |req, peer| {
-                let gw = gw.clone();
-                async move { gw.handle(req, peer).await }
-            }
-        },
-        stop.clone(),
-        cli.limits.clone(),
-        Some(open_connections),
-    ));
-    let admin = tokio::spawn(server::serve(
+            async move { gw.handle(req, conn).await }
+        }
+    };
+    let mut servers = Vec::new();
+    for (listener, tls) in
+        [(plain, None), (secure, Some(tokio_rustls::TlsAcceptor::from(tls::server_config(gw.certificates.clone())?)))]
+    {
+        let Some(listener) = listener else { continue };
+        servers.push(tokio::spawn(server::serve(
+            listener,
+            proxy_handler.clone(),
+            stop.clone(),
+            cli.limits.clone(),
+            Some(open_connections.clone()),
+            tls,
+        )));
+    }
+    servers.push(tokio::spawn(server::serve(
         admin,
         {
             let gw = gw.clone();
             let access = admin::ConfigAccess::from_flag(cli.expose_config);
-            move |req, peer| {
+            move |req, conn: server::Conn| {
                 let gw = gw.clone();
-                async move { admin::serve(&gw, &req, peer, access) }
+                async move { admin::serve(&gw, &req, conn.peer, access) }
             }
         },
         stop,
         cli.limits.clone(),
         None,
-    ));
+        None,
+    )));
 
     shutdown_signal().await;
     tracing::info!("shutting down: draining requests in flight");
     let _ = stop_tx.send(true);
     watcher.abort();
-    let _ = tokio::join!(proxy, admin);
+    for s in servers {
+        let _ = s.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

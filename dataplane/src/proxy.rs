@@ -100,13 +100,15 @@ impl TargetSlots {
 
 /// Sends `req` to one of the API's targets; the answer's headers must come within the
 /// API's timeout, which also bounds the wait for a free slot on the target. Returns the
-/// upstream's response and how long its headers took.
+/// upstream's response and how long its headers took. `peer` and `tls` describe the
+/// client's connection (`server::Conn`), taken apart so this layer imports no entry point.
 pub async fn forward(
     client: &UpstreamClient,
     slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
     peer: SocketAddr,
+    tls: bool,
 ) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
     let target = api.pick_target();
     let mut timeout = api.timeout;
@@ -136,7 +138,8 @@ pub async fn forward(
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     append_forwarded_for(headers, peer);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    // Always set, never passed on: what a client sends here is its own claim.
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }

@@ -92,7 +92,8 @@ impl Router {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// The host without a `:port`; `[v6]` loses its brackets.
+pub fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);

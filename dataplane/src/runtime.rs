@@ -19,6 +19,7 @@ use crate::{
     middleware,
     model::{Api, Session},
     router::Router,
+    tls::{self, CertTable, CertificateReport},
 };
 
 /// How the `/config` state of an API that lost its route to an older one starts.
@@ -43,6 +44,8 @@ pub struct Runtime {
     apis: HashMap<String, Arc<Api>>,
     /// Each Plugin and the content loaded for it, to tell which APIs a change touches.
     plugin_state: BTreeMap<String, (PluginEntry, Option<String>)>,
+    /// The certificates `--tls-listen` serves with this config.
+    pub certificates: Arc<CertTable>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -52,6 +55,8 @@ pub struct Report {
     pub apis: Vec<ApiReport>,
     pub plugins: Vec<PluginReport>,
     pub keys: usize,
+    /// `kubernetes.io/tls` Secrets: state and names, never key material.
+    pub certificates: Vec<CertificateReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +195,20 @@ impl Runtime {
                 disabled,
             });
         }
+        // Certificates, for the APIs that are routed: an API with a TLS problem still
+        // serves plain HTTP (and its hosts keep the certificate they had, if any).
+        let empty = CertTable::default();
+        let served = snapshot.apis.iter().filter(|(id, _)| apis.contains_key(*id)).map(|(_, e)| e);
+        let tls = tls::build(snapshot, served, prev.map_or(&empty, |p| &p.certificates));
+        for a in &mut report.apis {
+            if let Some(problem) = tls.api_problems.get(&a.id)
+                && a.ok()
+            {
+                tracing::warn!(api = %a.id, reason = %problem, "API not served over TLS as declared");
+                a.state = format!("not served over TLS as declared: {problem}");
+            }
+        }
+        report.certificates = tls.certificates;
         let keys = build_keys(snapshot, key_ids, prev);
         report.keys = keys.len();
         let (plugin_files, plugin_retry, served_plugins) =
@@ -205,6 +224,7 @@ impl Runtime {
             served_plugins,
             apis,
             plugin_state,
+            certificates: tls.table,
         }
     }
 

@@ -1,11 +1,12 @@
-//! Accepting connections (HTTP/1.1 and HTTP/2 cleartext on one port), bounding what each
-//! client may hold, and draining connections on shutdown.
+//! Accepting connections (HTTP/1.1 and HTTP/2 on one port, cleartext or over TLS with
+//! ALPN), bounding what each client may hold, and draining connections on shutdown.
 //!
 //! Bounds, per connection unless said otherwise (the flags are in `cli::Limits`):
 //! - connections at once: a semaphore taken before `accept`, so past the cap new clients
 //!   wait in the kernel's backlog and open connections are untouched;
 //! - the time to the first request, the wait for each next request's head, and idle time
-//!   (`Watched`, one timer per connection rather than hyper's timer per request);
+//!   (`Watched`, one timer per connection rather than hyper's timer per request); a TLS
+//!   handshake falls within the time to the first request;
 //! - header size and count (hyper: 431), HTTP/2 streams and resets (h2: GOAWAY);
 //! - the drain on shutdown: past it, connections still open are dropped.
 
@@ -27,32 +28,48 @@ use http::{Request, Response};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
 use prometheus::IntGauge;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{Semaphore, watch},
     task::JoinSet,
     time::{Instant, Sleep},
 };
+use tokio_rustls::TlsAcceptor;
 
 use crate::{body::ProxyBody, cli::Limits};
 
 /// hyper's own default; any other value makes it allocate the header array per request.
 const HYPER_MAX_HEADERS: u32 = 100;
 
+/// How a request's connection came in, for the handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// Over TLS (`--tls-listen`).
+    pub tls: bool,
+}
+
 /// Serves `listener` with `handler` until `stop` turns true, then drains connections for
-/// up to `limits.drain_timeout`. `open` counts the connections being served.
+/// up to `limits.drain_timeout`. `open` counts the connections being served. With `tls`,
+/// every connection starts with a TLS handshake, on the connection's own task: it holds a
+/// connection slot, and it must end within the header-read timeout, which also bounds the
+/// first request (one deadline from `accept` to the first request's head).
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
     open: Option<IntGauge>,
+    tls: Option<TlsAcceptor>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let builder = Arc::new(builder(&limits));
@@ -83,32 +100,24 @@ pub async fn serve<H, F>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (io, busy) = Watched::new(stream, header_read, idle);
-        let handler = handler.clone();
-        let svc = service_fn(move |req| {
-            // Held while the request is being answered, so an idle check never closes a
-            // connection that waits on its upstream.
-            let in_flight = busy.upgrade();
-            if let Some(b) = &in_flight {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-            let fut = handler(req, peer);
-            async move {
-                let resp = fut.await;
-                drop(in_flight);
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-        let conn = graceful.watch(conn);
-        let open = open.clone();
+        let first_request_by = Instant::now() + header_read;
+        let (handler, builder, watcher, open, tls) =
+            (handler.clone(), builder.clone(), graceful.watcher(), open.clone(), tls.clone());
+        let timing = Timing { first_request_by, header_read, idle };
         conns.spawn(async move {
             let _slot = slot;
             if let Some(g) = &open {
                 g.inc();
             }
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match tls {
+                None => serve_one(&builder, watcher, stream, timing, handler, Conn { peer, tls: false }).await,
+                Some(acceptor) => match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_one(&builder, watcher, stream, timing, handler, Conn { peer, tls: true }).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
+                },
             }
             if let Some(g) = &open {
                 g.dec();
@@ -123,6 +132,48 @@ pub async fn serve<H, F>(
         }
     }
     conns.shutdown().await;
+}
+
+/// A connection's time limits: `Watched`'s first check falls on `first_request_by`.
+#[derive(Clone, Copy)]
+struct Timing {
+    first_request_by: Instant,
+    header_read: Duration,
+    idle: Duration,
+}
+
+/// Serves one connection (plain, or TLS once the handshake is done) with hyper.
+async fn serve_one<S, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    stream: S,
+    timing: Timing,
+    handler: H,
+    conn: Conn,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let (io, busy) = Watched::new(stream, timing);
+    let svc = service_fn(move |req| {
+        // Held while the request is being answered, so an idle check never closes a
+        // connection that waits on its upstream.
+        let in_flight = busy.upgrade();
+        if let Some(b) = &in_flight {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        let fut = handler(req, conn);
+        async move {
+            let resp = fut.await;
+            drop(in_flight);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let c = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    if let Err(e) = watcher.watch(c).await {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
 }
 
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -159,8 +210,8 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 ///
 /// hyper 1.12 has no idle timeout (HTTP/2 has none at all), and its header-read timer
 /// starts only once it knows the protocol, after the first bytes.
-struct Watched {
-    stream: TcpStream,
+struct Watched<S> {
+    stream: S,
     timer: Pin<Box<Sleep>>,
     header_read: Duration,
     idle: Duration,
@@ -186,11 +237,12 @@ enum Protocol {
 /// What every HTTP/2 connection starts with (RFC 9113 3.4); no HTTP/1.1 method is `PRI`.
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
-impl Watched {
-    fn new(stream: TcpStream, header_read: Duration, idle: Duration) -> (Self, Weak<AtomicU32>) {
+impl<S> Watched<S> {
+    fn new(stream: S, timing: Timing) -> (Self, Weak<AtomicU32>) {
+        let Timing { first_request_by, header_read, idle } = timing;
         let requests = Arc::new(AtomicU32::new(0));
         let weak = Arc::downgrade(&requests);
-        let timer = Box::pin(tokio::time::sleep(header_read));
+        let timer = Box::pin(tokio::time::sleep_until(first_request_by));
         let protocol = Protocol::Unknown;
         let me = Self {
             stream,
@@ -246,7 +298,7 @@ impl Watched {
     }
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
@@ -270,7 +322,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.stream).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r

@@ -44,17 +44,31 @@ enum Acked {
 fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage) -> anyhow::Result<Option<Acked>> {
     match msg {
         StreamMessage::Ping => Ok(None),
-        StreamMessage::Snapshot { snapshot } => {
+        StreamMessage::Snapshot { mut snapshot } => {
+            refuse_certificates(&mut snapshot.certificates);
             *current = Some(Arc::new(snapshot));
             Ok(Some(Acked::All))
         }
-        StreamMessage::Delta(d) => {
+        StreamMessage::Delta(mut d) => {
+            refuse_certificates(&mut d.certificates);
             let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
             // Out of order means a lost message: reconnect for the whole state. The config
             // thread has let go of the last one applied, so this changes it in place.
             Arc::make_mut(s).apply(&d)?;
             Ok(Some(Acked::Changed { apis: d.apis.into_keys().collect(), plugins: d.plugins.into_keys().collect() }))
         }
+    }
+}
+
+/// The stream is plaintext: a private key that came over it is exposed already, and
+/// serving it would hide that. Certificates are dropped, never applied nor saved to disk.
+fn refuse_certificates<T>(certificates: &mut std::collections::BTreeMap<String, T>) {
+    if !certificates.is_empty() {
+        tracing::error!(
+            certificates = ?certificates.keys().collect::<Vec<_>>(),
+            "certificates arrived over the plaintext config stream; ignoring them"
+        );
+        certificates.clear();
     }
 }
 
@@ -343,5 +357,27 @@ mod tests {
         assert_eq!(plugin_result(&report, 4), ResourceResult { generation: 4, ok: false, message: state });
         let loaded = PluginReport { state: "loaded".into(), ..report };
         assert_eq!(plugin_result(&loaded, 4), ResourceResult { generation: 4, ok: true, message: String::new() });
+    }
+
+    #[test]
+    fn certificates_from_the_plaintext_stream_are_never_applied() {
+        let cert = gatehouse_crds::TlsSecret {
+            namespace: "ns".into(),
+            name: "c".into(),
+            default: true,
+            certificate_pem: "CERT".into(),
+            private_key_pem: gatehouse_crds::PrivateKeyPem::new("KEY".into()),
+        };
+        let mut snapshot = Snapshot { version: 1, ..Default::default() };
+        snapshot.certificates.insert("ns/c".into(), cert.clone());
+        let mut current = None;
+        on_message(&mut current, StreamMessage::Snapshot { snapshot }).expect("applies");
+        assert!(current.as_ref().expect("applied").certificates.is_empty());
+        let mut d = gatehouse_crds::protocol::Delta { version: 2, base: 1, ..Default::default() };
+        d.certificates.insert("ns/c".into(), Some(cert));
+        on_message(&mut current, StreamMessage::Delta(d)).expect("applies");
+        let s = current.expect("applied");
+        assert_eq!(s.version, 2);
+        assert!(s.certificates.is_empty());
     }
 }

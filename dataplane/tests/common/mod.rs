@@ -201,6 +201,8 @@ pub struct Gatehouse {
     _plugin_cache: tempfile::TempDir,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// `--tls-listen`, when the test asked for it.
+    pub tls: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     client: Client<HttpConnector, Body>,
 }
@@ -260,7 +262,8 @@ impl Gatehouse {
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
                     let f = &v["fields"];
                     let parse = |k: &str| f[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-                    let _ = addr_tx.send((parse("listen"), parse("admin")));
+                    let tls = f["tls_listen"].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+                    let _ = addr_tx.send((parse("listen"), parse("admin"), tls));
                     sent = true;
                 }
                 l.lock().unwrap().push(line);
@@ -270,12 +273,12 @@ impl Gatehouse {
         let local = |a: SocketAddr| {
             if a.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], a.port())) } else { a }
         };
-        let (addr, admin) = match addr_rx.recv_timeout(PATIENCE) {
-            Ok((addr, admin)) => (local(addr), local(admin)),
+        let (addr, admin, tls) = match addr_rx.recv_timeout(PATIENCE) {
+            Ok((addr, admin, tls)) => (local(addr), local(admin), tls.map(local)),
             Err(_) => panic!("gateway did not start; logs:\n{}", logs.lock().unwrap().join("\n")),
         };
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { child, _plugin_cache: plugin_cache, addr, admin, logs, client }
+        Self { child, _plugin_cache: plugin_cache, addr, admin, tls, logs, client }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -197,6 +197,52 @@ async fn a_plugin_that_cannot_load_makes_programmed_false_with_the_reason_while_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_with_tls_is_not_programmed_and_says_why_while_its_plain_routes_and_others_serve() {
+    let e = env("tls").await;
+    let up = upstream("t").await;
+    let ctl = controller(&e.c.kubeconfig, &e.ns, "ctl-1");
+    let dp = dataplane(ctl.addr, &e.token, &e.dir.path().join("dp"), "dp-1");
+    apply(
+        &e,
+        &api_yaml(
+            "secure",
+            "/secure/",
+            &up.to_string(),
+            "  hosts: [secure.example]\n  tls: {secretName: secure-cert}\n",
+        ),
+    );
+    apply(&e, &api_yaml("fine", "/fine/", &up.to_string(), ""));
+    eventually("the fine API to be served", || serves(&dp, "/fine/x", "upstream t /x")).await;
+    eventually("Programmed=False, Unsupported, with the reason", || async {
+        match condition::<ApiDefinition>(&e, "secure", "Programmed").await? {
+            (s, r, m, _)
+                if s == "False"
+                    && r == "Unsupported"
+                    && m == "spec.tls: certificates reach dataplanes only over the TLS config stream, which this controller does not serve yet" =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually("its plain-HTTP route to be served", || async {
+        match get(&format!("http://{}/secure/x", dp.addr), &[("host", "secure.example")]).await {
+            Ok((StatusCode::OK, body)) if body == "upstream t /x" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eventually("the fine API Programmed", || async {
+        match condition::<ApiDefinition>(&e, "fine", "Programmed").await? {
+            (s, ..) if s == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_secret_grants_access_until_it_is_revoked() {
     let e = env("keys").await;
     let up = upstream("c").await;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use gatehouse_crds::{
-    AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration,
+    AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiTls, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration,
     EndpointPlugins, FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, ServiceRef,
     Upstream,
     manifest::{self, Resource},
@@ -125,7 +125,7 @@ async fn the_standalone_examples_are_accepted_and_read_back_as_the_standalone_pa
                     let stored = api.get(&id.name).await.unwrap_or_else(|e| panic!("{file}: reading {id}: {e}"));
                     assert_eq!(stored.spec, local.spec, "{file}: {id}");
                 }
-                Resource::Key(_) => {}
+                Resource::Key(_) | Resource::Certificate(_) => {}
             }
         }
     }
@@ -153,6 +153,7 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
             timeout: Some(Duration::from_millis(1500)),
             ..Upstream::default()
         },
+        tls: Some(ApiTls { secret_name: "everything-cert".to_owned(), redirect_http: true }),
         auth: Auth { kind: AuthType::Plugin, auth_token: AuthToken::default() },
         rate_limit: Some(RateLimit { rate: 100, per: Duration::from_secs(1) }),
         middleware: Middleware {
@@ -388,6 +389,16 @@ async fn invalid_api_definitions_are_refused_with_a_message_naming_the_problem()
             "an unknown auth type",
             api_with(json!({"auth": {"type": "basic"}})),
             "spec.auth.type: Unsupported value: \"basic\": supported values: \"keyless\", \"authToken\", \"plugin\"",
+        ),
+        invalid(
+            "tls without hosts",
+            api_with(json!({"tls": {"secretName": "api-cert"}})),
+            "spec.tls: Required value: spec.tls requires spec.hosts: the certificate is chosen by the host a client names (SNI)",
+        ),
+        invalid(
+            "tls naming no Secret",
+            api_with(json!({"hosts": ["a.example"], "tls": {"secretName": "Not_A_Name"}})),
+            "secretName must be the name of a Secret in the same namespace",
         ),
         invalid(
             "plugin auth without authCheck",
