@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 . scripts/lib.sh
 need_rust
-# cc builds the C example plugin and fixtures, and checks the C header.
-apt_install gcc libc6-dev
+# cc builds the C example plugin and fixtures, and checks the C header; redis-server backs
+# the shared-counter tests (dataplane/tests/redis.rs).
+apt_install gcc libc6-dev redis-server
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::egress::AllowUpstream;
+use crate::{egress::AllowUpstream, limits::FailurePolicy};
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "gatehouse-dataplane", version, about = "The Gatehouse API gateway dataplane")]
@@ -71,6 +71,58 @@ pub struct Cli {
     /// `--state-dir` as `key-id-secret`. Replicas that share analytics should share it.
     #[arg(long, value_name = "PATH", env = "GATEHOUSE_KEY_ID_SECRET_FILE")]
     pub key_id_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub counters: CounterArgs,
+}
+
+/// Where rate limits and quotas are counted.
+#[derive(clap::Args, Clone)]
+#[command(next_help_heading = "Counters")]
+pub struct CounterArgs {
+    /// `memory`: each dataplane counts alone, so with N replicas a limit lets N times as
+    /// much through. Or a Redis/Valkey URL that every replica shares, which makes limits and
+    /// quotas exact across replicas: `redis://[user:password@]host:port[/db]`, `rediss://`
+    /// for TLS, `redis-cluster://host:port?node=host:port`, or
+    /// `redis-sentinel://host:port/db?sentinelServiceName=NAME&node=host:port`. Read from
+    /// the environment too, so the password can come from a Secret. Replicas sharing Redis
+    /// must share `--key-id-secret-file`: keys are counted under their keyed id.
+    #[arg(
+        long = "counters",
+        env = "GATEHOUSE_COUNTERS",
+        hide_env_values = true,
+        value_name = "memory|URL",
+        default_value = "memory"
+    )]
+    pub url: String,
+    /// What a limited request gets while Redis cannot answer within `--counters-timeout`:
+    /// `open` lets it through uncounted (an outage of the counter store is not an outage
+    /// of every limited API), `closed` answers 503. A metric and a log line (at most one
+    /// every 10 s) say so either way; the gateway reconnects by itself.
+    #[arg(long = "counters-failure", value_enum, value_name = "POLICY", default_value_t = FailurePolicy::Open)]
+    pub failure: FailurePolicy,
+    /// Longest one limit check may wait for Redis before the failure policy applies.
+    /// 100 ms: a Redis next to the gateway answers in well under a millisecond; a check
+    /// this slow means it is down or overloaded.
+    #[arg(long = "counters-timeout", value_name = "DURATION", default_value = "100ms", value_parser = parse_positive)]
+    pub timeout: Duration,
+}
+
+impl CounterArgs {
+    pub fn is_memory(&self) -> bool {
+        self.url == "memory"
+    }
+}
+
+impl std::fmt::Debug for CounterArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        let store = if self.is_memory() { "memory" } else { "redis" };
+        f.debug_struct("CounterArgs")
+            .field("store", &store)
+            .field("failure", &self.failure)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// The plain-HTTP listener when none is named: none if TLS alone was asked for.

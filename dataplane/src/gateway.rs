@@ -16,7 +16,7 @@ use crate::{
     cli::Limits,
     config_thread::{ConfigThread, Stopped},
     key_id::KeyIdSecret,
-    limits::MemoryStore,
+    limits::Counters,
     metrics::Metrics,
     proxy::{TargetSlots, UpstreamClient},
     runtime::Runtime,
@@ -34,7 +34,7 @@ pub struct Gateway {
     pub target_slots: Arc<TargetSlots>,
     /// Bodies buffered for plugins: per-body cap and shared budget.
     pub bodies: BodyBudget,
-    pub counters: MemoryStore,
+    pub counters: Counters,
     pub analytics: Analytics,
     /// Shared with the config thread, which resolves per-API handles while building.
     pub metrics: Arc<Metrics>,
@@ -58,7 +58,7 @@ impl Gateway {
             client: crate::proxy::client(),
             target_slots: Arc::default(),
             bodies: BodyBudget::default(),
-            counters: MemoryStore::default(),
+            counters: Counters::default(),
             analytics,
             metrics: Arc::new(metrics),
             loader: Arc::new(loader),
@@ -67,6 +67,12 @@ impl Gateway {
             certificates: Arc::default(),
             redirect_port: Arc::from(""),
         })
+    }
+
+    /// Counts limits in `counters` instead of this process's memory.
+    pub fn with_counters(mut self, counters: Counters) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Applies the upstream and body limits of the command line.

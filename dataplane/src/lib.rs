@@ -78,11 +78,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
     let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
     let loader = gatehouse_plugin_host::Loader::new(cli.plugin_dir.clone());
+    let counters = counters(&cli, &metrics).await?;
     let gw = Arc::new(
         Gateway::new(metrics, analytics, loader, key_ids)
             .context("starting the config thread")?
             .with_limits(&cli.limits)
-            .with_redirect_port(cli.redirect_port(tls_addr.map(|a| a.port()))),
+            .with_redirect_port(cli.redirect_port(tls_addr.map(|a| a.port())))
+            .with_counters(counters),
     );
     let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
     gw.metrics.registry().register(Box::new(open_connections.clone()))?;
@@ -168,6 +170,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn counters(cli: &Cli, metrics: &Metrics) -> anyhow::Result<limits::Counters> {
+    let c = &cli.counters;
+    if c.is_memory() {
+        tracing::info!("rate limits and quotas are counted per dataplane (--counters memory)");
+        return Ok(limits::Counters::default());
+    }
+    // Keys are counted under their keyed id: replicas with different secrets would count
+    // one key under different names, each allowing the whole limit.
+    anyhow::ensure!(
+        cli.key_id_secret_file.is_some(),
+        "--counters redis needs --key-id-secret-file: every replica sharing the counters must name keys with the same secret"
+    );
+    let counters = limits::Counters::redis(&c.url, c.timeout, c.failure, metrics.counter_store()).await?;
+    tracing::info!(failure = ?c.failure, timeout = ?c.timeout, "rate limits and quotas are counted in Redis, shared by every replica using it");
+    Ok(counters)
 }
 
 async fn shutdown_signal() {

@@ -1,16 +1,26 @@
-//! Rate limits and quotas, counted in a store that several dataplanes could share.
+//! Rate limits and quotas, counted in memory (per dataplane) or in Redis (shared by every
+//! dataplane pointed at it: `--counters redis://...`).
 //!
-//! The trait is the seam for a shared (Redis) store: each operation is one atomic
-//! check-and-count on one key, which maps to one server-side script there. The in-memory
-//! store below is per dataplane.
+//! Each operation is one atomic check-and-count on one key: a map entry in memory, one
+//! server-side script in Redis. `Counters` picks the store and applies the failure policy
+//! when Redis cannot answer.
+
+mod redis;
 
 use std::{
     future::Future,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
+use crate::metrics::CounterStoreMetrics;
+use clap::ValueEnum;
 use dashmap::DashMap;
+
+pub use redis::{PREFIX as REDIS_PREFIX, RedisStore};
 
 /// The outcome of counting one request against a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +32,9 @@ pub enum Decision {
     Denied {
         retry_after: Duration,
     },
+    /// The store could not answer and `--counters-failure open` lets the request through
+    /// uncounted.
+    Unchecked,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +135,116 @@ impl CounterStore for MemoryStore {
 
     async fn quota(&self, key: &str, max: u64, renewal: Duration) -> Result<Decision, StoreError> {
         Ok(self.quota_at(key, max, renewal, self.now()))
+    }
+}
+
+/// What a request gets when the counter store cannot answer (down, or slower than
+/// `--counters-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailurePolicy {
+    /// Let it through uncounted: an outage of the counter store does not become an outage
+    /// of every limited API (Kong's `fault_tolerant` and Envoy's rate-limit filter default
+    /// to this too).
+    Open,
+    /// Refuse it with 503: for quotas that must never be exceeded, such as billed ones.
+    Closed,
+}
+
+/// The counter store the gateway uses.
+pub enum Counters {
+    Memory(MemoryStore),
+    Redis(Box<Shared>),
+}
+
+/// Redis counters with their failure policy and metrics.
+pub struct Shared {
+    store: RedisStore,
+    failure: FailurePolicy,
+    metrics: CounterStoreMetrics,
+    /// When the next failure may be logged (ms since `epoch`): at most one line every
+    /// `LOG_EVERY`, however many requests fail.
+    next_log_ms: AtomicU64,
+    /// Failures since the last line.
+    unlogged: AtomicU64,
+    epoch: Instant,
+}
+
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self::Memory(MemoryStore::default())
+    }
+}
+
+impl Counters {
+    /// Counters in the Redis at `url`.
+    pub async fn redis(
+        url: &str,
+        timeout: Duration,
+        failure: FailurePolicy,
+        metrics: CounterStoreMetrics,
+    ) -> Result<Self, StoreError> {
+        let store = RedisStore::connect(url, timeout).await?;
+        Ok(Self::Redis(Box::new(Shared {
+            store,
+            failure,
+            metrics,
+            next_log_ms: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })))
+    }
+}
+
+impl Shared {
+    async fn check(&self, check: impl Future<Output = Result<Decision, StoreError>>) -> Result<Decision, StoreError> {
+        let m = &self.metrics;
+        m.in_flight.inc();
+        let timer = m.latency.start_timer();
+        let result = check.await;
+        timer.observe_duration();
+        m.in_flight.dec();
+        result.or_else(|e| {
+            m.errors.inc();
+            self.log(&e);
+            match self.failure {
+                FailurePolicy::Open => Ok(Decision::Unchecked),
+                FailurePolicy::Closed => Err(e),
+            }
+        })
+    }
+
+    fn log(&self, e: &StoreError) {
+        let unlogged = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_log_ms.load(Ordering::Relaxed);
+        let later = now.saturating_add(LOG_EVERY.as_secs() * 1000);
+        if now < next || self.next_log_ms.compare_exchange(next, later, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return;
+        }
+        self.unlogged.fetch_sub(unlogged, Ordering::Relaxed);
+        let action = match self.failure {
+            FailurePolicy::Open => "letting limited requests through uncounted (--counters-failure open)",
+            FailurePolicy::Closed => "refusing limited requests with 503 (--counters-failure closed)",
+        };
+        tracing::error!(error = %e, failed_checks = unlogged, "counter store unavailable; {action}; at most one such line every 10 s");
+    }
+}
+
+impl CounterStore for Counters {
+    async fn rate(&self, key: &str, rate: u64, per: Duration) -> Result<Decision, StoreError> {
+        match self {
+            Self::Memory(m) => m.rate(key, rate, per).await,
+            Self::Redis(r) => r.check(r.store.rate(key, rate, per)).await,
+        }
+    }
+
+    async fn quota(&self, key: &str, max: u64, renewal: Duration) -> Result<Decision, StoreError> {
+        match self {
+            Self::Memory(m) => m.quota(key, max, renewal).await,
+            Self::Redis(r) => r.check(r.store.quota(key, max, renewal)).await,
+        }
     }
 }
 

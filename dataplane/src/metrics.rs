@@ -28,6 +28,13 @@ pub struct Metrics {
     pub unrouted: ApiMetrics,
 }
 
+/// The shared counter store's series.
+pub struct CounterStoreMetrics {
+    pub latency: Histogram,
+    pub errors: IntCounter,
+    pub in_flight: IntGauge,
+}
+
 /// One API's series, resolved once per config build.
 #[derive(Clone)]
 pub struct ApiMetrics {
@@ -128,6 +135,31 @@ impl Metrics {
             plugin_duration,
             plugin_failures,
         }
+    }
+
+    /// The shared counter store's series, registered only when one is configured: how long
+    /// a limit check takes, how many failed (timed out, or Redis unreachable), and how many
+    /// are waiting now.
+    pub fn counter_store(&self) -> CounterStoreMetrics {
+        let latency = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "gatehouse_counter_store_duration_seconds",
+                "Time one rate-limit or quota check took in Redis",
+            )
+            .buckets(vec![1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]),
+        ));
+        let errors = must(IntCounter::new(
+            "gatehouse_counter_store_errors_total",
+            "Rate-limit and quota checks Redis did not answer in time (the failure policy applied)",
+        ));
+        let in_flight = must(IntGauge::new(
+            "gatehouse_counter_store_checks_in_flight",
+            "Rate-limit and quota checks waiting on Redis now",
+        ));
+        must(self.registry.register(Box::new(latency.clone())));
+        must(self.registry.register(Box::new(errors.clone())));
+        must(self.registry.register(Box::new(in_flight.clone())));
+        CounterStoreMetrics { latency, errors, in_flight }
     }
 
     pub fn registry(&self) -> &Registry {

@@ -97,7 +97,7 @@ impl Api {
             targets,
             next_target: AtomicUsize::new(0),
             timeout: entry.spec.upstream.timeout.map_or(DEFAULT_TIMEOUT, |t| t.as_std()),
-            rate_key: Arc::from(format!("api:{id}")),
+            rate_key: Arc::from(format!("rate:{id}/api")),
             metrics: metrics.for_api(&id),
             config_data_json: entry.spec.config_data.as_ref().map_or_else(|| "null".to_owned(), |v| v.to_string()),
             spec_json: serde_json::to_string(&entry.spec).unwrap_or_else(|_| "{}".to_owned()),
@@ -120,14 +120,19 @@ fn parse_target(url: &str) -> Result<Target, String> {
 
 impl Session {
     pub(crate) fn compile(k: &KeyEntry, digest: &[u8; 32], key_ids: &KeyIdSecret) -> Self {
+        let key_id = key_ids.id(digest);
+        // Counter names hold the keyed id, never the key's plain hash: a shared store is
+        // read by more people than the gateway, and a plain hash can be tested against
+        // guesses. The namespace keeps equal keys of two tenants apart.
+        let counter = format!("{}/key/{key_id}", k.namespace);
         Self {
             alias: Arc::from(k.id()),
             hash: Arc::from(k.hash.as_str()),
-            key_id: Some(key_ids.id(digest)),
+            key_id: Some(key_id),
             namespace: k.namespace.clone(),
             session: k.session.clone(),
-            rate_key: Arc::from(format!("key:{}", k.hash)),
-            quota_key: Arc::from(format!("quota:{}", k.hash)),
+            rate_key: Arc::from(format!("rate:{counter}")),
+            quota_key: Arc::from(format!("quota:{counter}")),
         }
     }
 
@@ -142,14 +147,16 @@ impl Session {
     }
 
     pub fn from_plugin(namespace: &str, plugin: &str, id: &str, session: KeySession) -> Self {
-        let scoped = format!("{plugin}:{id}");
+        // An auth plugin may name sessions by the token itself: counters hold its SHA-256,
+        // scoped to the plugin and namespace that made it.
+        let scoped = format!("{namespace}/plugin/{plugin}/{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(id)));
         Self {
             alias: Arc::from(id),
             hash: Arc::from(""),
             key_id: None,
             namespace: namespace.to_owned(),
             session,
-            rate_key: Arc::from(format!("key:{scoped}")),
+            rate_key: Arc::from(format!("rate:{scoped}")),
             quota_key: Arc::from(format!("quota:{scoped}")),
         }
     }

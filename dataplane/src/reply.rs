@@ -76,12 +76,14 @@ impl GatewayError {
             RateLimited { .. } | ApiRateLimited { .. } | QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            PluginFailure | StoreUnavailable => StatusCode::INTERNAL_SERVER_ERROR,
+            PluginFailure => StatusCode::INTERNAL_SERVER_ERROR,
             PluginRefused(status) => status,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BadBody | BadPath(_) => StatusCode::BAD_REQUEST,
             UpstreamConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamBusy | BodyBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            // The counter store is down and the policy is to refuse: the request may work
+            // once it is back.
+            UpstreamBusy | BodyBudgetExhausted | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

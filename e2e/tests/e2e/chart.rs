@@ -600,6 +600,9 @@ async fn chart_lints_and_its_schema_refuses_bad_values() {
         ),
         (&["dataplane.podDisruptionBudget.maxUnavailable=null"], "/dataplane/podDisruptionBudget"),
         (&["dataplane.drainTimeoutSeconds=0"], "/dataplane/drainTimeoutSeconds"),
+        (&["counters.redis.url=http://redis:6379"], "/counters/redis/url"),
+        (&["counters.failure=maybe"], "/counters/failure"),
+        (&["counters.timeout=soon"], "/counters/timeout"),
     ];
     for (sets, wanted) in bad {
         let sets: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();

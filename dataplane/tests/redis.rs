@@ -1,0 +1,386 @@
+//! Limits shared through a real `redis-server` (Debian's package; `scripts/test.sh` installs
+//! it): two dataplanes count against one Redis, exactly, and the failure policy holds while
+//! Redis is down or stalled.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use http::StatusCode;
+
+/// A `redis-server` on a free loopback port, with no persistence, killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Redis {
+    async fn start() -> Self {
+        // The port is free when picked; another process could take it before Redis binds
+        // it, so a start that fails is retried on another port.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap() };
+            if r.run().await {
+                return r;
+            }
+        }
+        panic!("redis-server did not start on any of 5 ports");
+    }
+
+    /// Starts the server on `self.port`; false if it exited (port taken).
+    async fn run(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::time::Instant::now() < deadline {
+            if self.cli(&["ping"]) == "PONG" {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server on port {} did not answer PING", self.port);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP or SIGCONT: a stopped server keeps its connections open and answers nothing,
+    /// as an overloaded or partitioned one does.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.cli(&["--scan", "--pattern", "gatehouse:*"]).lines().map(str::to_owned).collect()
+    }
+}
+
+/// The secret replicas share so that they name keys alike.
+fn shared_secret() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key-id-secret");
+    std::fs::write(&path, "a secret shared by every replica").unwrap();
+    (dir, path)
+}
+
+fn redis_args<'a>(redis_url: &'a str, secret: &'a Path, more: &[&'a str]) -> Vec<String> {
+    let mut args = vec![format!("--counters={redis_url}"), format!("--key-id-secret-file={}", secret.display())];
+    args.extend(more.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+async fn start(cfg: &ConfigDir, args: &[String]) -> Gatehouse {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Gatehouse::start(cfg.path(), &args).await
+}
+
+const AUTH: &str = "  auth: {type: authToken, authToken: {header: X-Api-Key}}\n";
+
+async fn status(gw: &Gatehouse, path: &str, token: &str) -> StatusCode {
+    gw.get_with(path, &[("x-api-key", token)]).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dataplanes_sharing_redis_let_exactly_the_limit_through_whichever_gets_the_requests() {
+    let redis = Redis::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            api("keyed", "/keyed/", &up.url(), AUTH),
+            api("wide", "/wide/", &up.url(), "  rateLimit: {rate: 7, per: 1h}\n"),
+            api("billed", "/billed/", &up.url(), AUTH),
+            key("alice", "alice-token", "rate: 5\nper: 1h\naccessRights: [keyed]"),
+            key("bob", "bob-token", "quotaMax: 4\nquotaRenewal: 3s\naccessRights: [billed]"),
+        ]
+        .concat(),
+    );
+    let args = redis_args(&redis.url(), &secret, &[]);
+    let a = start(&cfg, &args).await;
+    let b = start(&cfg, &args).await;
+
+    // Alternating replicas: each alone would allow the whole limit again.
+    let mut allowed = 0;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match status(gw, "/keyed/x", "alice-token").await {
+            StatusCode::OK => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(allowed, 5, "per-key rate 5/h across two replicas");
+
+    let mut allowed = 0;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match gw.get("/wide/x").await.status {
+            StatusCode::OK => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(allowed, 7, "API-wide rate 7/h across two replicas");
+
+    // Quota 4 per 3 s window, shared; the window renews on its own.
+    let mut allowed = 0;
+    let mut last = None;
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = gw.get_with("/billed/x", &[("x-api-key", "bob-token")]).await;
+        match r.status {
+            StatusCode::OK => allowed += 1,
+            StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS => last = Some(r),
+            other => panic!("request {i}: {other} {}", r.text()),
+        }
+    }
+    assert_eq!(allowed, 4, "quota 4 across two replicas");
+    let refused = last.expect("a refusal");
+    let refused_status = refused.status;
+    let others =
+        retry_until(&refused, StatusCode::OK, async || b.get_with("/billed/x", &[("x-api-key", "bob-token")]).await)
+            .await;
+    let _ = (others, refused_status);
+    let left = b.get_with("/billed/x", &[("x-api-key", "bob-token")]).await;
+    assert_eq!(left.status, StatusCode::OK, "a renewed window allows the quota again");
+    assert_eq!(left.header("x-ratelimit-remaining"), "2", "{:?}", left.headers);
+
+    // Counters hold the keyed id, never the key or its plain hash.
+    let keys = redis.keys();
+    assert!(keys.iter().any(|k| k.starts_with("gatehouse:rate:default/key/")), "{keys:?}");
+    assert!(keys.iter().any(|k| k == "gatehouse:rate:default/wide/api"), "{keys:?}");
+    let plain = hex::encode(<sha2::Sha256 as sha2::Digest>::digest("alice-token"));
+    assert!(!keys.iter().any(|k| k.contains(&plain) || k.contains("alice-token")), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_clients_across_two_replicas_get_exactly_the_limit() {
+    let redis = Redis::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[api("a", "/a/", &up.url(), AUTH), key("k", "k-token", "rate: 50\nper: 1h\naccessRights: [a]")].concat(),
+    );
+    let args = redis_args(&redis.url(), &secret, &[]);
+    let gws = std::sync::Arc::new([start(&cfg, &args).await, start(&cfg, &args).await]);
+    let mut clients = Vec::new();
+    for c in 0..64 {
+        let gws = gws.clone();
+        clients.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..2 {
+                match status(&gws[(c + i) % 2], "/a/x", "k-token").await {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::TOO_MANY_REQUESTS => {}
+                    other => panic!("client {c}: {other}"),
+                }
+            }
+            ok
+        }));
+    }
+    let mut allowed = 0;
+    for c in clients {
+        allowed += c.await.unwrap();
+    }
+    assert_eq!(allowed, 50, "128 concurrent requests, limit 50");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_expire_after_their_window() {
+    let redis = Redis::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            api("a", "/a/", &up.url(), AUTH),
+            key("k", "k-token", "rate: 10\nper: 1s\nquotaMax: 100\nquotaRenewal: 2s\naccessRights: [a]"),
+        ]
+        .concat(),
+    );
+    let gw = start(&cfg, &redis_args(&redis.url(), &secret, &[])).await;
+    assert_eq!(status(&gw, "/a/x", "k-token").await, StatusCode::OK);
+    let keys = redis.keys();
+    assert_eq!(keys.len(), 2, "a rate and a quota counter: {keys:?}");
+    for k in &keys {
+        let ttl: i64 = redis.cli(&["pttl", k]).parse().unwrap();
+        assert!(ttl > 0 && ttl <= 2_000, "{k} has TTL {ttl} ms, not within its window");
+    }
+    gw.wait_until("the counters to expire", async || redis.keys().is_empty()).await;
+}
+
+fn limited_and_free(up: &Upstream) -> ConfigDir {
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            api("limited", "/limited/", &up.url(), AUTH),
+            api("free", "/free/", &up.url(), ""),
+            key("k", "k-token", "rate: 3\nper: 1h\naccessRights: [limited]"),
+        ]
+        .concat(),
+    );
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_waiting_on_a_stalled_redis_hold_no_worker_and_count_exactly_once_it_answers() {
+    let redis = Redis::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = limited_and_free(&up);
+    // A long timeout, so that checks waiting on the stalled Redis are still waiting while
+    // the test looks at everything else.
+    let gw = start(&cfg, &redis_args(&redis.url(), &secret, &["--counters-timeout=60s"])).await;
+    assert_eq!(status(&gw, "/limited/x", "k-token").await, StatusCode::OK);
+
+    // Stalled: its connections stay open and nothing answers, as with an overloaded or
+    // partitioned server. The gateway runs two workers; if waiting checks held them, the
+    // free API could not answer until the checks gave up.
+    redis.signal("-STOP");
+    let waiting: Vec<_> = (0..8)
+        .map(|_| {
+            let url = gw.url("/limited/x");
+            tokio::spawn(async move {
+                let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
+                let req = http::Request::get(url).header("x-api-key", "k-token").body(Default::default()).unwrap();
+                client.request(req).await.unwrap().status()
+            })
+        })
+        .collect();
+    gw.wait_until("the eight checks to wait on the stalled Redis", async || {
+        gw.metric("gatehouse_counter_store_checks_in_flight").await == 8.0
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(gw.get("/free/x").await.status, StatusCode::OK);
+    }
+    assert!(waiting.iter().all(|w| !w.is_finished()), "a limited request finished while Redis was stalled");
+    redis.signal("-CONT");
+    let mut allowed = 0;
+    for w in waiting {
+        if w.await.unwrap() == StatusCode::OK {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 2, "with Redis back, the stalled checks are counted exactly (3 per hour, 1 used)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_limited_requests_pass_by_default_and_limits_return_with_it() {
+    let mut redis = Redis::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = limited_and_free(&up);
+    let gw = start(&cfg, &redis_args(&redis.url(), &secret, &[])).await;
+    assert_eq!(status(&gw, "/limited/x", "k-token").await, StatusCode::OK);
+
+    // Down: the default policy (open) lets limited requests through, uncounted, and says so.
+    redis.stop();
+    for _ in 0..5 {
+        assert_eq!(status(&gw, "/limited/x", "k-token").await, StatusCode::OK, "fail open");
+        assert_eq!(gw.get("/free/x").await.status, StatusCode::OK);
+    }
+    gw.wait_for_log_containing("counter store unavailable").await;
+    assert!(gw.metric("gatehouse_counter_store_errors_total").await >= 5.0);
+
+    // Back (empty, as after a failover): limits count again without a restart.
+    assert!(redis.run().await, "restart redis-server on its port");
+    gw.wait_until("limits to be enforced again", async || {
+        status(&gw, "/limited/x", "k-token").await == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+    assert!(!redis.keys().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_policy_closed_refuses_limited_requests_while_redis_is_down_and_other_apis_keep_serving() {
+    let mut redis = Redis::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            api("limited", "/limited/", &up.url(), "  rateLimit: {rate: 100, per: 1s}\n"),
+            api("free", "/free/", &up.url(), ""),
+        ]
+        .concat(),
+    );
+    let gw = start(&cfg, &redis_args(&redis.url(), &secret, &["--counters-failure=closed"])).await;
+    assert_eq!(gw.get("/limited/x").await.status, StatusCode::OK);
+    redis.stop();
+    let r = gw.get("/limited/x").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert_eq!(gw.get("/free/x").await.status, StatusCode::OK);
+    assert!(redis.run().await);
+    gw.wait_until("limited requests to pass again", async || gw.get("/limited/x").await.status == StatusCode::OK).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_counters_need_a_shared_key_id_secret_and_a_valid_url() {
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("a", "/a/", "http://127.0.0.1:1", ""));
+    let run = |args: &[&str]| {
+        let out = Command::new(binary())
+            .args(["--listen=127.0.0.1:0", "--admin-listen=127.0.0.1:0", "--config"])
+            .arg(cfg.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--counters=redis://127.0.0.1:1"]);
+    assert!(err.contains("--counters redis needs --key-id-secret-file"), "{err}");
+    let (_s, secret) = shared_secret();
+    let secret = format!("--key-id-secret-file={}", secret.display());
+    let err = run(&["--counters=redis://user:hunter2@[bad", &secret]);
+    assert!(err.contains("--counters"), "{err}");
+    assert!(!err.contains("hunter2"), "the password is printed: {err}");
+}
