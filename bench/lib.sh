@@ -46,10 +46,11 @@ start_upstream() {
   pids+=($!)
 }
 
-# start_gatehouse LISTEN ADMIN CONFIG-DIR [BINARY]: one worker thread, on the proxy CPU.
+# start_gatehouse LISTEN ADMIN CONFIG-DIR [BINARY [FLAG...]]: one worker thread, on the
+# proxy CPU.
 start_gatehouse() {
   RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "${4:-target/release/gatehouse-dataplane}" \
-    --listen "$1" --admin-listen "$2" --config "$3" --plugin-dir "$work/plugin-cache-${1##*:}" &
+    --listen "$1" --admin-listen "$2" --config "$3" --plugin-dir "$work/plugin-cache-${1##*:}" "${@:5}" &
   pids+=($!)
   for _ in $(seq 100); do curl -fs "http://$2/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "gatehouse did not become ready" >&2
@@ -75,8 +76,10 @@ expect_1k() {
 }
 
 # measure URL: prints "rps p50_ms p99_ms" for one wrk run; fails on any non-2xx answer.
+# WRK_ARGS (an array) adds wrk options, e.g. a header.
+WRK_ARGS=()
 measure() {
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$1" | awk '
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$1" | awk '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /Requests\/sec/ { rps = $2 }
     $1 == "50%" { p50 = ms($2) }

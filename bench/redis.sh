@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Per-key rate limits counted in memory vs in Redis, in the same run: what sharing the
+# counters across replicas costs. One API with token auth and a per-key rate limit that is
+# never reached; redis-server is pinned with the upstream and wrk on the load CPU, each
+# gateway alone on the proxy CPU in its turn.
+#
+#   bash bench/redis.sh
+#   ROUNDS=5 DURATION=10s bash bench/redis.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+apt_install redis-server
+
+echo "==> building gatehouse-dataplane (release)"
+cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+MEM=127.0.0.1:28086 RED=127.0.0.1:28087 REDIS_PORT=28379
+
+taskset -c "$LOAD_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+  --dir "$work" --logfile "$work/redis.log" &
+pids+=($!)
+for _ in $(seq 100); do [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
+
+start_upstream
+mkdir -p "$work/gh"
+cat > "$work/gh/api.yaml" <<YAML
+apiVersion: gatehouse.dev/v1alpha1
+kind: ApiDefinition
+metadata: {name: bench}
+spec:
+  listenPath: /
+  upstream: {url: "http://$UP"}
+  auth: {type: authToken, authToken: {header: X-Api-Key}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: bench-key, labels: {gatehouse.dev/key: "true"}}
+stringData:
+  key: bench-token
+  session.yaml: |
+    rate: 1000000000
+    per: 1s
+    accessRights: [bench]
+YAML
+printf 'a benchmark key id secret' > "$work/key-id-secret"
+start_gatehouse "$MEM" 127.0.0.1:28096 "$work/gh" target/release/gatehouse-dataplane \
+  --key-id-secret-file "$work/key-id-secret"
+start_gatehouse "$RED" 127.0.0.1:28097 "$work/gh" target/release/gatehouse-dataplane \
+  --key-id-secret-file "$work/key-id-secret" --counters "redis://127.0.0.1:$REDIS_PORT"
+WRK_ARGS=(-H "X-Api-Key: bench-token")
+for a in "$MEM" "$RED"; do
+  [ "$(curl -fs -H 'X-Api-Key: bench-token' "http://$a/" | wc -c)" = 1024 ] || { echo "$a does not return the 1 KiB body" >&2; exit 1; }
+done
+compare memory "http://$MEM/" redis "http://$RED/" "per-key rate limit (1 worker, CPU $PROXY_CPU)"
+[ "$(redis-cli -p "$REDIS_PORT" --scan --pattern 'gatehouse:rate:*' | wc -l)" -ge 1 ] \
+  || { echo "no counter in Redis: the Redis gateway did not count" >&2; exit 1; }
+echo "p99 added by Redis: $(awk -v a="$(col 3 "$work/a.txt")" -v b="$(col 3 "$work/b.txt")" 'BEGIN { printf "%.3f ms", b - a }')"
