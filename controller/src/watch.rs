@@ -71,6 +71,8 @@ pub fn lock(state: &State) -> std::sync::MutexGuard<'_, Shared> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+// One per watch event, moved once into the compiler: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Change {
     Api(watcher::Event<ApiDefinition>),
     Plugin(watcher::Event<Plugin>),

@@ -96,7 +96,7 @@ pub(crate) fn free_form(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     "message": "exactly one of spec.upstream.url, spec.upstream.targets, spec.upstream.service must be set"
 }]))]
 pub struct Upstream {
-    /// A single upstream base URL, `http://host:port[/base]`.
+    /// A single upstream base URL, `http[s]://host[:port][/base]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(transform = upstream_url_rules)]
     pub url: Option<String>,
@@ -114,6 +114,52 @@ pub struct Upstream {
         "message": "spec.upstream.timeout must be greater than zero"
     }]))]
     pub timeout: Option<Duration>,
+    /// How `https://` upstreams are verified and what the gateway presents to them. Without
+    /// it, an `https://` upstream is verified against the system's roots for its URL's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to `https://` upstreams.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.insecureSkipVerify) && self.insecureSkipVerify && has(self.caSecretRef))",
+    "message": "spec.upstream.tls: caSecretRef has no effect with insecureSkipVerify",
+    "reason": "FieldValueForbidden"
+}]))]
+pub struct UpstreamTls {
+    /// A Secret in the same namespace whose `ca.crt` holds the CA certificates (PEM) the
+    /// upstream's certificate must chain to, instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretRef>,
+    /// The name sent as SNI and checked against the upstream's certificate; the URL's host
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_name: Option<String>,
+    /// Accept any certificate the upstream presents. For development only: anyone on the
+    /// path to the upstream can read and change the traffic. Logged whenever it is loaded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+    /// A `kubernetes.io/tls` Secret in the same namespace: the client certificate and key
+    /// the gateway presents to upstreams that ask for one (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the same namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    #[schemars(
+        length(min = 1, max = 253),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": "must be the name of a Secret in the same namespace (lowercase letters, digits, '-' and '.')"
+        }])
+    )]
+    pub name: String,
 }
 
 /// A Service in the same namespace, and the port of it to forward to.
@@ -137,12 +183,12 @@ fn upstream_url_rules(schema: &mut schemars::Schema) {
         "x-kubernetes-validations".to_owned(),
         serde_json::json!([
             {
-                "rule": "self.startsWith('http://')",
-                "message": "upstream URLs must start with http:// (TLS to upstreams is not supported yet)"
+                "rule": "self.startsWith('http://') || self.startsWith('https://')",
+                "message": "upstream URLs must start with http:// or https://"
             },
             {
-                "rule": "!self.startsWith('http://') || (isURL(self) && url(self).getHostname() != '')",
-                "message": "upstream URLs must have the form http://host:port[/base]"
+                "rule": "!(self.startsWith('http://') || self.startsWith('https://')) || (isURL(self) && url(self).getHostname() != '')",
+                "message": "upstream URLs must have the form http[s]://host[:port][/base]"
             },
             {
                 "rule": "!self.contains('?') && !self.contains('#')",
@@ -445,6 +491,14 @@ impl ApiDefinitionSpec {
         if u.timeout.is_some_and(|t| t.0.is_zero()) {
             err("spec.upstream.timeout", "must be greater than zero".to_owned());
         }
+        if let Some(tls) = &u.tls {
+            if tls.insecure_skip_verify && tls.ca_secret_ref.is_some() {
+                err("spec.upstream.tls", "caSecretRef has no effect with insecureSkipVerify".to_owned());
+            }
+            if tls.server_name.as_deref().is_some_and(|n| check_server_name(n).is_err()) {
+                err("spec.upstream.tls.serverName", "must be a DNS name or an IP address".to_owned());
+            }
+        }
         if let Some(rl) = &self.rate_limit {
             if rl.rate == 0 {
                 err("spec.rateLimit.rate", "must be at least 1".to_owned());
@@ -492,11 +546,25 @@ impl ApiDefinitionSpec {
     }
 }
 
-/// Only plain `http://host:port[/base]` upstreams: TLS to upstreams is not supported yet.
+/// Whether `n` can be sent as SNI and checked against a certificate: a DNS name or an IP.
+fn check_server_name(n: &str) -> Result<(), ()> {
+    let ip = n.parse::<std::net::IpAddr>().is_ok();
+    let dns = !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+        });
+    if ip || dns { Ok(()) } else { Err(()) }
+}
+
+/// `http[s]://host[:port][/base]`.
 fn check_upstream_url(url: &str) -> Result<(), String> {
     let parsed: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    if parsed.scheme_str() != Some("http") {
-        return Err(format!("{url:?} must start with http://"));
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{url:?} must start with http:// or https://"));
     }
     if parsed.authority().is_none() {
         return Err(format!("{url:?} has no host"));

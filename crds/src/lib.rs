@@ -19,14 +19,17 @@ mod tls;
 
 pub use api::{
     AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, ApiTls, Auth, AuthToken, AuthType,
-    Middleware, PluginRef, RateLimit, ServiceRef, Upstream,
+    Middleware, PluginRef, RateLimit, SecretRef, ServiceRef, Upstream, UpstreamTls,
 };
 pub use duration::Duration;
 pub use endpoint::{EndpointPlugins, EndpointSegment, HttpMethod, parse_endpoint_path};
 pub use error::ResourceError;
 pub use key::{KEY_LABEL, KeySession, key_hash};
 pub use plugin::{ConfigMapKeyRef, FailurePolicy, Plugin, PluginSpec, PluginStatus};
-pub use tls::{DEFAULT_CERTIFICATE_LABEL, PrivateKeyPem, TLS_SECRET_TYPE, TlsSecret, is_tls_secret, tls_from_secret};
+pub use tls::{
+    CA_KEY, CaSecret, DEFAULT_CERTIFICATE_LABEL, PrivateKeyPem, TLS_SECRET_TYPE, TlsSecret, ca_from_secret, has_ca,
+    is_tls_secret, tls_from_secret,
+};
 
 /// The API group of every Gatehouse resource.
 pub const GROUP: &str = "gatehouse.dev";

@@ -8,7 +8,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
-    ApiDefinition, KEY_LABEL, KeySession, Plugin, ResourceError, TLS_SECRET_TYPE, TlsSecret, key_hash, tls_from_secret,
+    ApiDefinition, CA_KEY, CaSecret, KEY_LABEL, KeySession, Plugin, ResourceError, TLS_SECRET_TYPE, TlsSecret,
+    ca_from_secret, key_hash, tls_from_secret,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -18,6 +19,8 @@ pub enum Kind {
     Key,
     /// A `kubernetes.io/tls` Secret.
     Certificate,
+    /// Another Secret with a `ca.crt` (and no key label): a CA bundle for upstream TLS.
+    CaCertificate,
 }
 
 impl fmt::Display for Kind {
@@ -25,7 +28,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::ApiDefinition => "ApiDefinition",
             Kind::Plugin => "Plugin",
-            Kind::Key | Kind::Certificate => "Secret",
+            Kind::Key | Kind::Certificate | Kind::CaCertificate => "Secret",
         })
     }
 }
@@ -61,6 +64,7 @@ pub enum Resource {
     Plugin(Plugin),
     Key(KeySecret),
     Certificate(TlsSecret),
+    CaCertificate(CaSecret),
 }
 
 /// A document that could not be used, with its identity when that much was readable (so a
@@ -101,7 +105,7 @@ pub fn parse(origin: &str, text: &str) -> Parsed {
             Ok(Some((id, r))) => out.resources.push((id, r)),
             Ok(None) => {
                 out.ignored.push(format!(
-                    "{origin}: document {}: a Secret that is neither a key (label {KEY_LABEL}=true) nor a certificate (type {TLS_SECRET_TYPE})",
+                    "{origin}: document {}: a Secret that is neither a key (label {KEY_LABEL}=true), a certificate (type {TLS_SECRET_TYPE}) nor a CA bundle ({CA_KEY})",
                     i + 1
                 ))
             }
@@ -148,17 +152,18 @@ fn parse_document(doc: Value) -> DocResult {
         };
         return Err(no_id("metadata.name", reason));
     }
+    // A Secret is a key only when labelled; unlabelled, one with a `ca.crt` is a CA bundle.
+    let labelled =
+        meta.and_then(|m| m.get("labels")).and_then(|l| l.get(KEY_LABEL)).and_then(Value::as_str) == Some("true");
+    let has_ca = ["data", "stringData"].iter().any(|k| map.get(*k).and_then(|d| d.get(CA_KEY)).is_some());
+    let kind = if kind == Kind::Key && !labelled && has_ca { Kind::CaCertificate } else { kind };
     let id = ResourceId { kind, namespace, name };
     let fail = |field: &str, reason: String| (Some(id.clone()), ResourceError::new(id.to_string(), field, reason));
     if api_version != want_version {
         return Err(fail("apiVersion", format!("must be {want_version}, got {api_version:?}")));
     }
-    if kind == Kind::Key {
-        let labelled =
-            meta.and_then(|m| m.get("labels")).and_then(|l| l.get(KEY_LABEL)).and_then(Value::as_str) == Some("true");
-        if !labelled {
-            return Ok(None);
-        }
+    if kind == Kind::Key && !labelled {
+        return Ok(None);
     }
     let resource = match kind {
         Kind::ApiDefinition => {
@@ -182,6 +187,10 @@ fn parse_document(doc: Value) -> DocResult {
         Kind::Certificate => {
             let s: Secret = typed(doc).map_err(|(f, r)| fail(&f, r))?;
             Resource::Certificate(tls_from_secret(&s).map_err(|e| fail(&e.field, e.reason))?)
+        }
+        Kind::CaCertificate => {
+            let s: Secret = typed(doc).map_err(|(f, r)| fail(&f, r))?;
+            Resource::CaCertificate(ca_from_secret(&s).map_err(|e| fail(&e.field, e.reason))?)
         }
     };
     Ok(Some((id, resource)))
@@ -370,6 +379,44 @@ stringData: {password: x}
             "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {name: c}\nstringData: {tls.crt: CERT}\n",
         );
         assert_eq!((e.resource.as_str(), e.field.as_str()), ("apis.yaml: Secret default/c", "data.tls.key"));
+    }
+
+    #[test]
+    fn ca_bundles_come_from_any_secret_with_a_ca_crt_that_is_not_a_key() {
+        let p = parse(
+            "ca.yaml",
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: ca}\nstringData: {ca.crt: CA}\n---\napiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {name: issued}\nstringData: {tls.crt: CERT, tls.key: KEY, ca.crt: ISSUER}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: other}\nstringData: {password: x}\n",
+        );
+        assert!(p.rejected.is_empty(), "{:?}", p.rejected);
+        let Resource::CaCertificate(ca) = &p.resources[0].1 else { panic!("not a CA bundle") };
+        assert_eq!((ca.id().as_str(), ca.ca_certificate_pem.as_str()), ("default/ca", "CA"));
+        assert_eq!(p.resources[0].0.to_string(), "Secret default/ca");
+        let Resource::Certificate(c) = &p.resources[1].1 else { panic!("not a certificate") };
+        assert_eq!(c.ca_certificate_pem.as_deref(), Some("ISSUER"), "cert-manager's ca.crt is kept");
+        assert_eq!(p.ignored.len(), 1, "a Secret with neither is not Gatehouse's");
+    }
+
+    #[test]
+    fn upstream_tls_is_checked() {
+        let api = |upstream: &str| {
+            format!(
+                "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: a}}\nspec:\n  listenPath: /a/\n  upstream: {upstream}\n"
+            )
+        };
+        let p = parse(
+            "apis.yaml",
+            &api("{url: 'https://orders.internal', tls: {caSecretRef: {name: ca}, serverName: orders.internal}}"),
+        );
+        assert!(p.rejected.is_empty(), "{:?}", p.rejected);
+        let e = one_error(&api("{url: 'ftp://a:1'}"));
+        assert_eq!(e.field, "spec.upstream.url");
+        let e = one_error(&api("{url: 'https://a', tls: {insecureSkipVerify: true, caSecretRef: {name: ca}}}"));
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("spec.upstream.tls", "caSecretRef has no effect with insecureSkipVerify")
+        );
+        let e = one_error(&api("{url: 'https://a', tls: {serverName: 'not a name'}}"));
+        assert_eq!(e.field, "spec.upstream.tls.serverName");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ApiDefinition, ApiDefinitionSpec, KeySession, Plugin, PluginSpec, ResourceError, TlsSecret,
+    ApiDefinition, ApiDefinitionSpec, CaSecret, KeySession, Plugin, PluginSpec, ResourceError, TlsSecret,
     manifest::{KeySecret, Resource},
 };
 
@@ -29,6 +29,11 @@ pub struct Snapshot {
     /// never sent over a plaintext config stream.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub certificates: BTreeMap<String, CertificateEntry>,
+    /// Secrets with only a `ca.crt` (CA bundles an upstream's `tls.caSecretRef` trusts), by
+    /// `namespace/name`. Like certificates, absent from older snapshots and never sent over
+    /// a plaintext config stream.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ca_certificates: BTreeMap<String, CaSecret>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -225,6 +230,9 @@ impl Snapshot {
                 }
                 Resource::Certificate(c) => {
                     snap.certificates.insert(c.id(), c);
+                }
+                Resource::CaCertificate(c) => {
+                    snap.ca_certificates.insert(c.id(), c);
                 }
             }
         }

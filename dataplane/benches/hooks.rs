@@ -41,7 +41,7 @@ fn runtime(path: &str) -> Runtime {
     assert!(errors.is_empty());
     let dir = std::env::temp_dir().join("gatehouse-bench-plugins");
     let key_ids = gatehouse_dataplane::key_id::KeyIdSecret::new(b"benchmark key id secret");
-    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), &key_ids, None)
+    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), &key_ids, &Default::default(), None)
 }
 
 fn hooks(c: &mut Criterion) {

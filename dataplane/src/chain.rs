@@ -211,8 +211,11 @@ impl Gateway {
         ex.upstream_latency = Some(took);
         carry_headers(&ex.reply.headers, resp.headers_mut());
 
-        // 9. `response` plugins, then the answer.
-        if let Some(parts) = seen_by_response_hooks {
+        // 9. `response` plugins, then the answer. A `101` has no body to change, and what
+        // follows it is no longer HTTP.
+        if let Some(parts) = seen_by_response_hooks
+            && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
             let (head, body) = resp.into_parts();
             let mut upstream =
                 ResponseState { status: head.status, headers: head.headers, body: None, body_set: false };

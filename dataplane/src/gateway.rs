@@ -15,10 +15,11 @@ use crate::{
     body::BodyBudget,
     cli::Limits,
     config_thread::{ConfigThread, Stopped},
+    connect::{Connector, UpstreamClient},
     key_id::KeyIdSecret,
     limits::Counters,
     metrics::Metrics,
-    proxy::{TargetSlots, UpstreamClient},
+    proxy::TargetSlots,
     runtime::Runtime,
     tls::Resolver,
 };
@@ -30,6 +31,8 @@ pub struct Gateway {
     /// resources concerned keep their last good version where they had one.
     source_errors: ArcSwap<Vec<String>>,
     pub client: UpstreamClient,
+    /// Builds the clients of `https://` upstreams with the same connect timeout.
+    connector: Connector,
     /// Caps requests in flight per upstream target.
     pub target_slots: Arc<TargetSlots>,
     /// Bodies buffered for plugins: per-body cap and shared budget.
@@ -50,12 +53,14 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(metrics: Metrics, analytics: Analytics, loader: Loader, key_ids: KeyIdSecret) -> std::io::Result<Self> {
-        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, &key_ids, None);
+        let connector = Connector::default();
+        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, &key_ids, &connector, None);
         Ok(Self {
             runtime: ArcSwap::from_pointee(empty),
             ready: AtomicBool::new(false),
             source_errors: ArcSwap::from_pointee(Vec::new()),
-            client: crate::proxy::client(),
+            client: connector.plain(),
+            connector,
             target_slots: Arc::default(),
             bodies: BodyBudget::default(),
             counters: Counters::default(),
@@ -77,7 +82,8 @@ impl Gateway {
 
     /// Applies the upstream and body limits of the command line.
     pub fn with_limits(mut self, limits: &Limits) -> Self {
-        self.client = crate::proxy::client_with(limits.upstream_connect_timeout);
+        self.connector = Connector::new(limits.upstream_connect_timeout);
+        self.client = self.connector.plain();
         self.target_slots = Arc::new(TargetSlots::new(limits.upstream_max_connections_per_target));
         self.bodies = BodyBudget::new(limits.max_buffered_body_bytes, limits.buffered_body_budget_bytes);
         self
@@ -114,10 +120,10 @@ impl Gateway {
     fn build_job(&self, snapshot: Arc<Snapshot>) -> impl FnOnce() -> (Runtime, std::time::Duration) + Send + 'static {
         let prev = self.runtime.load_full();
         let (metrics, loader, key_ids) = (self.metrics.clone(), self.loader.clone(), self.key_ids.clone());
-        let slots = self.target_slots.clone();
+        let (slots, connector) = (self.target_slots.clone(), self.connector);
         move || {
             let started = std::time::Instant::now();
-            let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, Some(&prev));
+            let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, &connector, Some(&prev));
             // The previous runtime is released here too, not on a request worker, unless a
             // request still holds it.
             drop(prev);

@@ -13,6 +13,7 @@ pub mod body;
 pub mod chain;
 mod cli;
 pub mod config_thread;
+pub mod connect;
 pub mod egress;
 pub mod endpoints;
 pub mod gateway;
@@ -30,6 +31,7 @@ pub mod slots;
 pub mod standalone;
 pub mod subscriber;
 pub mod tls;
+pub mod tunnel;
 
 use std::sync::Arc;
 

@@ -19,6 +19,7 @@ use gatehouse_plugin_host::{HookApi, HookSession, NewSession, SessionView};
 use http::uri::Authority;
 
 use crate::{
+    connect::{Connector, TlsClient, TlsInputs},
     key_id::KeyIdSecret,
     metrics::{ApiMetrics, Metrics},
     middleware::PluginChain,
@@ -42,10 +43,14 @@ pub struct Api {
     /// What plugins read through `api_config_data` and `api_spec`, serialised once.
     pub config_data_json: String,
     pub spec_json: String,
+    /// The client of its `https://` targets, and what it was made from.
+    pub tls: Option<(TlsClient, TlsInputs)>,
 }
 
 pub struct Target {
     pub authority: Authority,
+    /// `https://`: sent through the API's TLS client.
+    pub https: bool,
     /// Path of the upstream URL without its trailing slash ("" for none).
     pub base_path: String,
     /// This target's connection slots, bound on first use (`proxy::TargetSlots`).
@@ -86,12 +91,18 @@ impl Api {
         metrics: &Metrics,
         plugins: PluginChain,
         notes: Vec<String>,
+        tls: Option<TlsInputs>,
+        connector: &Connector,
     ) -> Result<Self, String> {
         let id: Arc<str> = Arc::from(entry.id());
         let targets = entry.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>, _>>()?;
         if targets.is_empty() {
             return Err("spec.upstream: no targets".to_owned());
         }
+        let tls = match tls {
+            Some(inputs) => Some((connector.tls(&inputs.config(&id)?), inputs)),
+            None => None,
+        };
         Ok(Self {
             display_name: Arc::from(entry.display_name()),
             targets,
@@ -103,6 +114,7 @@ impl Api {
             spec_json: serde_json::to_string(&entry.spec).unwrap_or_else(|_| "{}".to_owned()),
             plugins,
             notes,
+            tls,
             entry: entry.clone(),
             id,
         })
@@ -112,10 +124,10 @@ impl Api {
 fn parse_target(url: &str) -> Result<Target, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("spec.upstream: {url:?}: {e}"))?;
     let authority = uri.authority().cloned().ok_or_else(|| format!("spec.upstream: {url:?} has no host"))?;
-    // The connector speaks plain HTTP whatever the scheme, so a missing port means 80.
-    crate::egress::check_literal(authority.host(), authority.port_u16().unwrap_or(80))
+    let https = uri.scheme_str() == Some("https");
+    crate::egress::check_literal(authority.host(), authority.port_u16().unwrap_or(if https { 443 } else { 80 }))
         .map_err(|r| format!("spec.upstream: {url:?}: {r}"))?;
-    Ok(Target { authority, base_path: uri.path().trim_end_matches('/').to_owned(), slots: Default::default() })
+    Ok(Target { authority, https, base_path: uri.path().trim_end_matches('/').to_owned(), slots: Default::default() })
 }
 
 impl Session {

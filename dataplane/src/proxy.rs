@@ -8,42 +8,20 @@ use std::{
     time::Duration,
 };
 
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header,
-    uri::{Authority, PathAndQuery, Scheme},
-};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
-
+pub use crate::connect::{CONNECT_TIMEOUT, UpstreamClient};
 use crate::{
     body::ProxyBody,
-    egress::{GuardedConnector, GuardedResolver},
+    connect::tls_failure,
     model::{Api, Target},
     path::{normalise, prefix_key},
     reply::GatewayError,
     slots::{Slot, Slots},
+    tunnel::{self, Tunnel, UpgradeSlot},
 };
-
-pub type UpstreamClient = Client<GuardedConnector, ProxyBody>;
-
-/// A TCP connect to an upstream that takes longer fails (`--upstream-connect-timeout`).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-pub fn client() -> UpstreamClient {
-    client_with(CONNECT_TIMEOUT)
-}
-
-pub fn client_with(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new_with_resolver(GuardedResolver::default());
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(GuardedConnector::new(connector))
-}
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    uri::{Authority, PathAndQuery, Scheme},
+};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -124,7 +102,12 @@ pub async fn forward(
             Some(s)
         }
     };
-    let uri = upstream_uri(api, &target.authority, &target.base_path, req.uri())?;
+    let uri = upstream_uri(api, target, req.uri())?;
+    // A WebSocket: the client's half of the upgrade, and where to leave the tunnel.
+    let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
+        Some(to) if tunnel::is_websocket(req.version(), req.headers()) => Some((to, hyper::upgrade::on(&mut req))),
+        _ => None,
+    };
     let host_header = req.headers_mut().remove(header::HOST);
     // The host the request was routed by: the request-target's authority (absolute form,
     // HTTP/2 `:authority`) wins over Host, as in chain step 1.
@@ -137,6 +120,9 @@ pub async fn forward(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    if upgrade.is_some() {
+        tunnel::set_upgrade_headers(headers);
+    }
     append_forwarded_for(headers, peer);
     // Always set, never passed on: what a client sends here is its own claim.
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
@@ -145,21 +131,41 @@ pub async fn forward(
     }
 
     let started = std::time::Instant::now();
-    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+    let sent = match (&api.tls, target.https) {
+        (Some((tls, _)), true) => tls.request(req),
+        _ => client.request(req),
+    };
+    let resp = match tokio::time::timeout(timeout, sent).await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) if e.is_connect() && timed_out(&e) => return Err(GatewayError::UpstreamConnectTimeout),
         Ok(Err(e)) => {
-            match crate::egress::refusal_in(&e) {
-                Some(refusal) => tracing::warn!(api = %api.id, reason = %refusal, "upstream refused"),
-                None => {
-                    tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed")
-                }
+            if let Some(refusal) = crate::egress::refusal_in(&e) {
+                tracing::warn!(api = %api.id, reason = %refusal, "upstream refused");
+            } else if let Some(reason) = tls_failure(&e) {
+                tracing::warn!(api = %api.id, upstream = %target.authority, %reason, "upstream TLS handshake failed");
+                return Err(GatewayError::UpstreamTls);
+            } else {
+                tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
             }
             return Err(GatewayError::UpstreamUnreachable);
         }
         Ok(Ok(resp)) => resp,
     };
     let took = started.elapsed();
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some((to, client)) = upgrade else {
+            // Only an upgrade the client asked for, and the gateway passed on, may happen.
+            tracing::warn!(api = %api.id, "upstream switched protocols on a request that did not ask to");
+            return Err(GatewayError::UpstreamUnreachable);
+        };
+        let mut resp = resp;
+        let upstream = hyper::upgrade::on(&mut resp);
+        strip_hop_by_hop(resp.headers_mut());
+        tunnel::set_upgrade_headers(resp.headers_mut());
+        // The tunnel holds the target's slot for as long as it is open.
+        to.0.leave(Tunnel { client, upstream, slot });
+        return Ok((resp.map(ProxyBody::Stream), took));
+    }
     let mut resp = match slot {
         // The slot stays taken until the body has been read: the connection is busy till then.
         Some(slot) => resp.map(|b| ProxyBody::Held(b, slot)),
@@ -183,7 +189,8 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// `base path + request path (less the listen path if stripped) + query`.
-fn upstream_uri(api: &Api, authority: &http::uri::Authority, base: &str, incoming: &Uri) -> Result<Uri, GatewayError> {
+fn upstream_uri(api: &Api, target: &Target, incoming: &Uri) -> Result<Uri, GatewayError> {
+    let base = &target.base_path;
     // Step 1 normalised the path already, so this is one pass without allocation; it holds
     // any later rewrite of the path to the same rules.
     let path = normalise(incoming.path()).map_err(GatewayError::BadPath)?;
@@ -208,8 +215,8 @@ fn upstream_uri(api: &Api, authority: &http::uri::Authority, base: &str, incomin
     }
     let pq = PathAndQuery::try_from(pq).map_err(|_| GatewayError::UpstreamUnreachable)?;
     Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority.clone())
+        .scheme(if target.https { Scheme::HTTPS } else { Scheme::HTTP })
+        .authority(target.authority.clone())
         .path_and_query(pq)
         .build()
         .map_err(|_| GatewayError::UpstreamUnreachable)
@@ -259,7 +266,7 @@ mod tests {
         let mut a = std::sync::Arc::into_inner(a).expect("sole owner");
         a.entry.spec.strip_listen_path = strip;
         let t = a.pick_target();
-        upstream_uri(&a, &t.authority, &t.base_path, &incoming.parse().expect("uri")).expect("maps").to_string()
+        upstream_uri(&a, t, &incoming.parse().expect("uri")).expect("maps").to_string()
     }
 
     #[test]

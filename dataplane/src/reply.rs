@@ -50,6 +50,10 @@ pub enum GatewayError {
     UpstreamBusy,
     #[error("gateway busy: too many request bodies held for plugins")]
     BodyBudgetExhausted,
+    /// The upstream's certificate was refused, or it refused the gateway's (the log says
+    /// which, in rustls's words).
+    #[error("upstream TLS handshake failed")]
+    UpstreamTls,
 }
 
 fn refused_text(status: StatusCode) -> &'static str {
@@ -74,7 +78,7 @@ impl GatewayError {
             MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
             AccessDenied | KeyExpired => StatusCode::FORBIDDEN,
             RateLimited { .. } | ApiRateLimited { .. } | QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            UpstreamUnreachable | UpstreamTls => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             PluginFailure => StatusCode::INTERNAL_SERVER_ERROR,
             PluginRefused(status) => status,
@@ -110,6 +114,7 @@ impl GatewayError {
             UpstreamConnectTimeout => "upstream_connect_timeout",
             UpstreamBusy => "upstream_busy",
             BodyBudgetExhausted => "body_budget",
+            UpstreamTls => "upstream_tls",
         }
     }
 
@@ -137,6 +142,7 @@ impl GatewayError {
             UpstreamConnectTimeout => r#"{"error":"upstream connect timed out"}"#,
             UpstreamBusy => r#"{"error":"upstream connection limit reached"}"#,
             BodyBudgetExhausted => r#"{"error":"gateway busy: too many request bodies held for plugins"}"#,
+            UpstreamTls => r#"{"error":"upstream TLS handshake failed"}"#,
         }
     }
 
@@ -190,6 +196,7 @@ mod tests {
             UpstreamConnectTimeout,
             UpstreamBusy,
             BodyBudgetExhausted,
+            UpstreamTls,
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).expect("json");
             assert_eq!(v["error"], e.to_string());

@@ -14,6 +14,7 @@ use gatehouse_plugin_host::{ChainBuilder, HookMetrics, Loader, PluginReport, Ser
 use serde::Serialize;
 
 use crate::{
+    connect::{Connector, TlsInputs},
     key_id::KeyIdSecret,
     metrics::Metrics,
     middleware,
@@ -128,6 +129,7 @@ impl Runtime {
         metrics: &Metrics,
         loader: &Loader,
         key_ids: &KeyIdSecret,
+        connector: &Connector,
         prev: Option<&Runtime>,
     ) -> Self {
         let mut router = Router::default();
@@ -154,16 +156,21 @@ impl Runtime {
             } else if let Some(c) = conflicts.get(id) {
                 state = format!("{CONFLICTED}: spec.listenPath: {c}");
             } else {
-                let reused = prev
-                    .and_then(|p| p.apis.get(id).filter(|a| a.entry == *entry && p.same_plugins(entry, &plugin_state)))
-                    .cloned();
-                let compiled = match reused {
-                    Some(api) => Ok(api),
-                    None => {
-                        let (chain, notes) = middleware::chain(&plugins, entry);
-                        Api::compile(entry, metrics, chain, notes).map(Arc::new)
+                let compiled = TlsInputs::of(snapshot, entry).and_then(|tls| {
+                    let same_tls = |a: &Api| a.tls.as_ref().map(|(_, i)| i) == tls.as_ref();
+                    let reused = prev.and_then(|p| {
+                        p.apis
+                            .get(id)
+                            .filter(|a| a.entry == *entry && same_tls(a) && p.same_plugins(entry, &plugin_state))
+                    });
+                    match reused {
+                        Some(api) => Ok(api.clone()),
+                        None => {
+                            let (chain, notes) = middleware::chain(&plugins, entry);
+                            Api::compile(entry, metrics, chain, notes, tls, connector).map(Arc::new)
+                        }
                     }
-                };
+                });
                 match compiled {
                     Ok(api) => {
                         if let Err(holder) = router.insert(&api) {
@@ -259,7 +266,10 @@ pub(crate) mod tests {
             panic!("bad test API: {:?}", parsed.rejected)
         };
         let entry = ApiEntry::compile(&a, None).expect("compiles");
-        Arc::new(Api::compile(&entry, &Metrics::new(), PluginChain::default(), Vec::new()).expect("compiles"))
+        Arc::new(
+            Api::compile(&entry, &Metrics::new(), PluginChain::default(), Vec::new(), None, &Connector::default())
+                .expect("compiles"),
+        )
     }
 
     fn key(name: &str, token: &str, rate: Option<u64>) -> KeyEntry {
@@ -284,12 +294,33 @@ pub(crate) mod tests {
         let (metrics, loader) = (Metrics::new(), Loader::new(std::env::temp_dir().join("gatehouse-unused")));
         let secret = KeyIdSecret::new(b"0123456789abcdef");
         let (alice, bob) = (key("alice", "a-token", None), key("bob", "b-token", Some(5)));
-        let first = Runtime::build(&snapshot(&[alice.clone(), bob.clone()]), &metrics, &loader, &secret, None);
-        let same = Runtime::build(&snapshot(&[alice.clone(), bob.clone()]), &metrics, &loader, &secret, Some(&first));
+        let first = Runtime::build(
+            &snapshot(&[alice.clone(), bob.clone()]),
+            &metrics,
+            &loader,
+            &secret,
+            &Connector::default(),
+            None,
+        );
+        let same = Runtime::build(
+            &snapshot(&[alice.clone(), bob.clone()]),
+            &metrics,
+            &loader,
+            &secret,
+            &Connector::default(),
+            Some(&first),
+        );
         assert!(Arc::ptr_eq(&first.keys, &same.keys), "no key changed: the same table");
 
         let bob2 = key("bob", "b-token", Some(6));
-        let next = Runtime::build(&snapshot(&[alice.clone(), bob2]), &metrics, &loader, &secret, Some(&same));
+        let next = Runtime::build(
+            &snapshot(&[alice.clone(), bob2]),
+            &metrics,
+            &loader,
+            &secret,
+            &Connector::default(),
+            Some(&same),
+        );
         let digest =
             |t: &str| -> [u8; 32] { sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(t)).into() };
         let (a, b) = (digest("a-token"), digest("b-token"));
@@ -299,7 +330,7 @@ pub(crate) mod tests {
         assert_eq!(next.keys[&b].key_id, same.keys[&b].key_id, "same key, same id");
         assert_ne!(next.keys[&a].key_id.as_deref(), Some(alice.hash.as_str()), "never the plain hash");
 
-        let gone = Runtime::build(&snapshot(&[alice]), &metrics, &loader, &secret, Some(&next));
+        let gone = Runtime::build(&snapshot(&[alice]), &metrics, &loader, &secret, &Connector::default(), Some(&next));
         assert_eq!(gone.keys.len(), 1);
         assert!(gone.session(&b).is_none());
     }

@@ -8,7 +8,8 @@
 //!   (`Watched`, one timer per connection rather than hyper's timer per request); a TLS
 //!   handshake falls within the time to the first request;
 //! - header size and count (hyper: 431), HTTP/2 streams and resets (h2: GOAWAY);
-//! - the drain on shutdown: past it, connections still open are dropped.
+//! - the drain on shutdown: past it, connections still open are dropped (a WebSocket
+//!   runs on its connection's task, so the drain waits for it too).
 
 use std::{
     convert::Infallible,
@@ -16,10 +17,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        Arc, Weak,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Arc, Weak, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -43,7 +41,11 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use crate::{body::ProxyBody, cli::Limits};
+use crate::{
+    body::ProxyBody,
+    cli::Limits,
+    tunnel::{ConnState, UpgradeSlot},
+};
 
 /// hyper's own default; any other value makes it allocate the header array per request.
 const HYPER_MAX_HEADERS: u32 = 100;
@@ -125,8 +127,13 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
+    let drained = async {
+        graceful.shutdown().await;
+        // Upgraded connections left hyper's watch; their tasks end with the tunnel.
+        while conns.join_next().await.is_some() {}
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("connections drained"),
+        () = drained => tracing::debug!("connections drained"),
         () = tokio::time::sleep(limits.drain_timeout) => {
             tracing::warn!(open = conns.len(), "drain timed out; closing remaining connections");
         }
@@ -156,12 +163,17 @@ async fn serve_one<S, H, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let (io, busy) = Watched::new(stream, timing);
-    let svc = service_fn(move |req| {
+    let state = busy.clone();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         // Held while the request is being answered, so an idle check never closes a
         // connection that waits on its upstream.
         let in_flight = busy.upgrade();
         if let Some(b) = &in_flight {
-            b.fetch_add(1, Ordering::Relaxed);
+            b.requests.fetch_add(1, Ordering::Relaxed);
+            // Only a request that may upgrade is told where to leave its tunnel.
+            if req.version() == http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE) {
+                req.extensions_mut().insert(UpgradeSlot(b.clone()));
+            }
         }
         let fut = handler(req, conn);
         async move {
@@ -170,9 +182,17 @@ async fn serve_one<S, H, F>(
             Ok::<_, Infallible>(resp)
         }
     });
-    let c = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
     if let Err(e) = watcher.watch(c).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    }
+    // hyper handed an upgraded connection back: join it to its upstream here, holding
+    // the connection's slot. `state` counts as a request in flight for `Watched`, whose
+    // own checks stop: the tunnel has its idle timeout.
+    if let Some(state) = state.upgrade()
+        && let Some(tunnel) = state.take()
+    {
+        tunnel.run(timing.idle, conn.peer).await;
     }
 }
 
@@ -216,8 +236,8 @@ struct Watched<S> {
     header_read: Duration,
     idle: Duration,
     /// Requests started (the service counts them); alive while requests are in flight
-    /// (`Weak::upgrade` in the service).
-    requests: Arc<AtomicU32>,
+    /// (`Weak::upgrade` in the service) or a tunnel runs.
+    state: Arc<ConnState>,
     /// `requests` when the timer last fired, and whether one was in flight then.
     seen: u32,
     was_in_flight: bool,
@@ -238,10 +258,10 @@ enum Protocol {
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
 impl<S> Watched<S> {
-    fn new(stream: S, timing: Timing) -> (Self, Weak<AtomicU32>) {
+    fn new(stream: S, timing: Timing) -> (Self, Weak<ConnState>) {
         let Timing { first_request_by, header_read, idle } = timing;
-        let requests = Arc::new(AtomicU32::new(0));
-        let weak = Arc::downgrade(&requests);
+        let state = Arc::new(ConnState::default());
+        let weak = Arc::downgrade(&state);
         let timer = Box::pin(tokio::time::sleep_until(first_request_by));
         let protocol = Protocol::Unknown;
         let me = Self {
@@ -249,7 +269,7 @@ impl<S> Watched<S> {
             timer,
             header_read,
             idle,
-            requests,
+            state,
             seen: 0,
             was_in_flight: false,
             read: false,
@@ -274,15 +294,15 @@ impl<S> Watched<S> {
 
     /// Polled while the connection waits to read: whether it has stalled for good.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        if !self.serving && self.requests.load(Ordering::Relaxed) > 0 {
+        if !self.serving && self.state.requests.load(Ordering::Relaxed) > 0 {
             // The first request came: from now on the protocol's period applies. Once per
             // connection.
             self.serving = true;
             self.rearm();
         }
         while self.timer.as_mut().poll(cx).is_ready() {
-            let in_flight = Arc::strong_count(&self.requests) > 1;
-            let requests = self.requests.load(Ordering::Relaxed);
+            let in_flight = Arc::strong_count(&self.state) > 1;
+            let requests = self.state.requests.load(Ordering::Relaxed);
             if requests == 0 && !in_flight {
                 return Some(io::Error::new(io::ErrorKind::TimedOut, "no request within the header-read timeout"));
             }

@@ -46,6 +46,7 @@ fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage) -> anyhow
         StreamMessage::Ping => Ok(None),
         StreamMessage::Snapshot { mut snapshot } => {
             refuse_certificates(&mut snapshot.certificates);
+            refuse_certificates(&mut snapshot.ca_certificates);
             *current = Some(Arc::new(snapshot));
             Ok(Some(Acked::All))
         }
@@ -367,6 +368,7 @@ mod tests {
             default: true,
             certificate_pem: "CERT".into(),
             private_key_pem: gatehouse_crds::PrivateKeyPem::new("KEY".into()),
+            ca_certificate_pem: None,
         };
         let mut snapshot = Snapshot { version: 1, ..Default::default() };
         snapshot.certificates.insert("ns/c".into(), cert.clone());

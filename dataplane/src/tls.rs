@@ -326,6 +326,7 @@ mod tests {
             default,
             certificate_pem: crt.clone(),
             private_key_pem: PrivateKeyPem::new(key.clone()),
+            ca_certificate_pem: None,
         }
     }
 

@@ -6,14 +6,13 @@ mod common;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use common::*;
+use common::{certs::*, *};
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::{
-    ClientConfig, RootCertStore,
+    ClientConfig,
     pki_types::{CertificateDer, ServerName},
 };
 use tokio::{
@@ -23,62 +22,6 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 // ---------------------------------------------------------------- certificates
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    der: CertificateDer<'static>,
-}
-
-struct Leaf {
-    crt: String,
-    key: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "Gatehouse test CA");
-        let cert = params.self_signed(&key).unwrap();
-        Self { der: cert.der().clone(), issuer: Issuer::new(params, key) }
-    }
-
-    fn leaf(&self, names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf { crt: cert.pem(), key: key.serialize_pem(), der: cert.der().clone() }
-    }
-
-    fn client(&self, alpn: &[&[u8]], sni: bool) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.der.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut c = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        c.enable_sni = sni;
-        Arc::new(c)
-    }
-}
-
-fn indent(pem: &str) -> String {
-    pem.lines().map(|l| format!("    {l}\n")).collect()
-}
-
-fn tls_secret(name: &str, crt: &str, key: &str, default: bool) -> String {
-    let labels = if default { ", labels: {gatehouse.dev/default-certificate: \"true\"}" } else { "" };
-    format!(
-        "---\napiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}{labels}}}\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-        indent(crt),
-        indent(key)
-    )
-}
 
 fn secret_of(name: &str, leaf: &Leaf, default: bool) -> String {
     tls_secret(name, &leaf.crt, &leaf.key, default)

@@ -25,6 +25,8 @@ use hyper_util::{
 };
 use tokio::sync::Notify;
 
+pub mod certs;
+
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Waits up to this long for anything the tests wait on (config applied, a line written).
@@ -349,8 +351,24 @@ impl Gatehouse {
 
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        self.sigterm();
         self.child.wait().unwrap()
+    }
+
+    /// SIGTERM, without waiting for the process to exit.
+    pub fn sigterm(&self) {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+    }
+
+    /// The exit status, once the process has exited.
+    pub async fn exited(&mut self) -> ExitStatus {
+        for _ in 0..(PATIENCE.as_millis() / 50) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the gateway did not exit; logs:\n{}", self.logs());
     }
 
     pub async fn metric(&self, name_and_labels: &str) -> f64 {

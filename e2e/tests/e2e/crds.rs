@@ -9,8 +9,8 @@ use std::{
 
 use gatehouse_crds::{
     AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiTls, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration,
-    EndpointPlugins, FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, ServiceRef,
-    Upstream,
+    EndpointPlugins, FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, SecretRef,
+    ServiceRef, Upstream, UpstreamTls,
     manifest::{self, Resource},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -125,7 +125,7 @@ async fn the_standalone_examples_are_accepted_and_read_back_as_the_standalone_pa
                     let stored = api.get(&id.name).await.unwrap_or_else(|e| panic!("{file}: reading {id}: {e}"));
                     assert_eq!(stored.spec, local.spec, "{file}: {id}");
                 }
-                Resource::Key(_) | Resource::Certificate(_) => {}
+                Resource::Key(_) | Resource::Certificate(_) | Resource::CaCertificate(_) => {}
             }
         }
     }
@@ -151,6 +151,12 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
         upstream: Upstream {
             service: Some(ServiceRef { name: "httpbin".to_owned(), port: 8080 }),
             timeout: Some(Duration::from_millis(1500)),
+            tls: Some(UpstreamTls {
+                ca_secret_ref: Some(SecretRef { name: "httpbin-ca".to_owned() }),
+                server_name: Some("httpbin.internal".to_owned()),
+                insecure_skip_verify: false,
+                client_certificate_secret_ref: Some(SecretRef { name: "gateway-client".to_owned() }),
+            }),
             ..Upstream::default()
         },
         tls: Some(ApiTls { secret_name: "everything-cert".to_owned(), redirect_http: true }),
@@ -189,7 +195,8 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
     let targets = ApiDefinitionSpec {
         listen_path: "/t/".to_owned(),
         upstream: Upstream {
-            targets: vec!["http://10.0.0.1:80".to_owned(), "http://[::1]:8080/base".to_owned()],
+            targets: vec!["http://10.0.0.1:80".to_owned(), "https://[::1]:8443/base".to_owned()],
+            tls: Some(UpstreamTls { insecure_skip_verify: true, ..UpstreamTls::default() }),
             ..Upstream::default()
         },
         auth: Auth {
@@ -336,19 +343,32 @@ async fn invalid_api_definitions_are_refused_with_a_message_naming_the_problem()
             "exactly one of spec.upstream.url, spec.upstream.targets, spec.upstream.service must be set",
         ),
         invalid(
-            "an https upstream url",
-            api_with(json!({"upstream": {"url": "https://a:443"}})),
-            "spec.upstream.url: Invalid value: \"https://a:443\": upstream URLs must start with http://",
-        ),
-        invalid(
-            "a target that is not http",
+            "a target that is not http or https",
             api_with(json!({"upstream": {"targets": ["http://a:1", "ftp://b:2"]}})),
-            "spec.upstream.targets[1]: Invalid value: \"ftp://b:2\": upstream URLs must start with http://",
+            "spec.upstream.targets[1]: Invalid value: \"ftp://b:2\": upstream URLs must start with http:// or https://",
         ),
         invalid(
             "a target without a host",
-            api_with(json!({"upstream": {"targets": ["http://"]}})),
-            "upstream URLs must have the form http://host:port[/base]",
+            api_with(json!({"upstream": {"targets": ["https://"]}})),
+            "upstream URLs must have the form http[s]://host[:port][/base]",
+        ),
+        invalid(
+            "upstream tls that skips verification and names a CA",
+            api_with(
+                json!({"upstream": {"url": "https://a", "tls": {"insecureSkipVerify": true, "caSecretRef": {"name": "ca"}}}}),
+            ),
+            "spec.upstream.tls: caSecretRef has no effect with insecureSkipVerify",
+        ),
+        invalid(
+            "an upstream CA Secret name that is not a name",
+            api_with(json!({"upstream": {"url": "https://a", "tls": {"caSecretRef": {"name": "../ca"}}}})),
+            "spec.upstream.tls.caSecretRef.name: Invalid value: \"string\": must be the name of a Secret in the same namespace",
+        ),
+        undecodable(
+            "an unknown upstream tls field",
+            api_with(json!({"upstream": {"url": "https://a", "tls": {"verify": false}}})),
+            "strict decoding error: unknown field \"spec.upstream.tls.verify\"",
+            ".spec.upstream.tls.verify: field not declared in schema",
         ),
         invalid(
             "an upstream url with a query",
