@@ -29,7 +29,7 @@ fuzz_target!(|text: &str| {
                 let Resource::Plugin(again) = again else { panic!("{id} came back as another kind") };
                 assert_eq!(p.spec, again.spec, "{id}: spec changed across a write and a read");
             }
-            Resource::Key(_) | Resource::Certificate(_) => {}
+            Resource::Key(_) | Resource::Certificate(_) | Resource::CaCertificate(_) => {}
         }
     }
     // What the parser accepts, the snapshot compiler takes without panicking.
