@@ -37,7 +37,7 @@ fn runtime() -> &'static Runtime {
         let (snapshot, errors) = Snapshot::compile(1, parsed.resources.into_iter().map(|(_, r)| r));
         assert!(errors.is_empty(), "{errors:?}");
         let key_ids = KeyIdSecret::new(b"fuzz key id secret");
-        Runtime::build(&snapshot, &Metrics::new(), &Loader::new(std::env::temp_dir()), &key_ids, None)
+        Runtime::build(&snapshot, &Metrics::new(), &Loader::new(std::env::temp_dir()), &key_ids, &Default::default(), None)
     })
 }
 
