@@ -94,6 +94,9 @@ pub struct Outcome {
 pub const TLS_NOT_STREAMED: &str =
     "spec.tls: certificates reach dataplanes only over the TLS config stream, which this controller does not serve yet";
 
+/// Why an API whose `upstream.tls` names a Secret is not programmed, for the same reason.
+pub const UPSTREAM_TLS_NOT_STREAMED: &str = "spec.upstream.tls: the Secrets caSecretRef and clientCertificateSecretRef name reach dataplanes only over the TLS config stream, which this controller does not serve yet";
+
 pub fn id_of<K: ResourceExt>(o: &K) -> String {
     format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
 }
@@ -133,7 +136,17 @@ impl Resources {
             None => None,
         };
         let resolved = if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) };
-        let unprogrammable = api.spec.tls.is_some().then(|| TLS_NOT_STREAMED.to_owned());
+        let names_secrets = api
+            .spec
+            .upstream
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.ca_secret_ref.is_some() || t.client_certificate_secret_ref.is_some());
+        let unprogrammable = if api.spec.tls.is_some() {
+            Some(TLS_NOT_STREAMED.to_owned())
+        } else {
+            names_secrets.then(|| UPSTREAM_TLS_NOT_STREAMED.to_owned())
+        };
         match ApiEntry::compile(api, targets) {
             Ok(entry) => Some((Some(entry), Outcome { generation, accepted: Ok(()), resolved, unprogrammable })),
             Err(e) => {
@@ -320,6 +333,25 @@ mod tests {
         assert!(entry.is_some());
         assert_eq!(outcome.accepted, Ok(()));
         assert_eq!(outcome.unprogrammable.as_deref(), Some(TLS_NOT_STREAMED));
+    }
+
+    #[test]
+    fn an_api_whose_upstream_tls_names_secrets_is_unprogrammable_and_one_without_is_not() {
+        let mut r = with_service();
+        let api = r.apis.get_mut("shop/web").expect("known");
+        api.spec.upstream.tls = Some(gatehouse_crds::UpstreamTls {
+            server_name: Some("web.internal".into()),
+            ..gatehouse_crds::UpstreamTls::default()
+        });
+        let (_, outcome) = r.compile_api("shop/web").expect("known");
+        assert_eq!(outcome.unprogrammable, None, "system roots need no Secret");
+        let api = r.apis.get_mut("shop/web").expect("known");
+        if let Some(t) = api.spec.upstream.tls.as_mut() {
+            t.ca_secret_ref = Some(gatehouse_crds::SecretRef { name: "web-ca".into() });
+        }
+        let (entry, outcome) = r.compile_api("shop/web").expect("known");
+        assert!(entry.is_some());
+        assert_eq!(outcome.unprogrammable.as_deref(), Some(UPSTREAM_TLS_NOT_STREAMED));
     }
 
     #[test]

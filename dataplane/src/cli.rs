@@ -105,6 +105,10 @@ pub struct CounterArgs {
     /// this slow means it is down or overloaded.
     #[arg(long = "counters-timeout", value_name = "DURATION", default_value = "100ms", value_parser = parse_positive)]
     pub timeout: Duration,
+    /// PEM CA certificates a `rediss://` server's certificate must chain to, instead of the
+    /// system's (a Redis with a private CA).
+    #[arg(long = "counters-ca-file", env = "GATEHOUSE_COUNTERS_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl CounterArgs {
@@ -121,6 +125,7 @@ impl std::fmt::Debug for CounterArgs {
             .field("store", &store)
             .field("failure", &self.failure)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }

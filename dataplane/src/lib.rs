@@ -186,7 +186,14 @@ async fn counters(cli: &Cli, metrics: &Metrics) -> anyhow::Result<limits::Counte
         cli.key_id_secret_file.is_some(),
         "--counters redis needs --key-id-secret-file: every replica sharing the counters must name keys with the same secret"
     );
-    let counters = limits::Counters::redis(&c.url, c.timeout, c.failure, metrics.counter_store()).await?;
+    let ca = match &c.ca_file {
+        Some(path) => {
+            Some(std::fs::read_to_string(path).with_context(|| format!("--counters-ca-file {}", path.display()))?)
+        }
+        None => None,
+    };
+    let counters =
+        limits::Counters::redis(&c.url, c.timeout, c.failure, ca.as_deref(), metrics.counter_store()).await?;
     tracing::info!(failure = ?c.failure, timeout = ?c.timeout, "rate limits and quotas are counted in Redis, shared by every replica using it");
     Ok(counters)
 }

@@ -37,7 +37,7 @@ pub enum Decision {
     Unchecked,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("counter store: {0}")]
 pub struct StoreError(pub String);
 
@@ -183,9 +183,10 @@ impl Counters {
         url: &str,
         timeout: Duration,
         failure: FailurePolicy,
+        ca_pem: Option<&str>,
         metrics: CounterStoreMetrics,
     ) -> Result<Self, StoreError> {
-        let store = RedisStore::connect(url, timeout).await?;
+        let store = RedisStore::connect(url, timeout, ca_pem).await?;
         Ok(Self::Redis(Box::new(Shared {
             store,
             failure,

@@ -11,14 +11,16 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{certs, *};
 use http::StatusCode;
 
-/// A `redis-server` on a free loopback port, with no persistence, killed on drop.
+/// A `redis-server` on a free loopback port, with no persistence, killed on drop; with
+/// `tls`, it speaks only TLS there, with that certificate.
 struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    tls: bool,
 }
 
 impl Drop for Redis {
@@ -29,11 +31,25 @@ impl Drop for Redis {
 
 impl Redis {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// TLS only, presenting `leaf`; `ca` is what redis-cli trusts.
+    async fn start_tls(leaf: &certs::Leaf, ca: &certs::Ca) -> Self {
+        Self::start_with(Some((leaf, ca))).await
+    }
+
+    async fn start_with(tls: Option<(&certs::Leaf, &certs::Ca)>) -> Self {
         // The port is free when picked; another process could take it before Redis binds
         // it, so a start that fails is retried on another port.
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap() };
+            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap(), tls: tls.is_some() };
+            if let Some((leaf, ca)) = tls {
+                std::fs::write(r.dir.path().join("redis.crt"), &leaf.crt).unwrap();
+                std::fs::write(r.dir.path().join("redis.key"), &leaf.key).unwrap();
+                std::fs::write(r.dir.path().join("ca.crt"), &ca.pem).unwrap();
+            }
             if r.run().await {
                 return r;
             }
@@ -43,10 +59,22 @@ impl Redis {
 
     /// Starts the server on `self.port`; false if it exited (port taken).
     async fn run(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(self.dir.path());
+        if self.tls {
+            let file = |name: &str| self.dir.path().join(name);
+            cmd.args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(file("redis.crt"))
+                .arg("--tls-key-file")
+                .arg(file("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.crt"));
+        } else {
+            cmd.args(["--port", &port]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -67,11 +95,17 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(self.dir.path().join("ca.crt"));
+        }
+        let out = cmd.args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
@@ -383,4 +417,73 @@ async fn redis_counters_need_a_shared_key_id_secret_and_a_valid_url() {
     let err = run(&["--counters=redis://user:hunter2@[bad", &secret]);
     assert!(err.contains("--counters"), "{err}");
     assert!(!err.contains("hunter2"), "the password is printed: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_counts_across_replicas_and_a_wrong_ca_is_a_store_failure() {
+    let ca = certs::Ca::new();
+    let redis = Redis::start_tls(&ca.leaf(&["127.0.0.1"]), &ca).await;
+    let (dir, secret) = shared_secret();
+    let ca_file = dir.path().join("redis-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let wrong_file = dir.path().join("other-ca.pem");
+    std::fs::write(&wrong_file, &certs::Ca::new().pem).unwrap();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            api("keyed", "/keyed/", &up.url(), AUTH),
+            api("free", "/free/", &up.url(), ""),
+            key("alice", "alice-token", "rate: 5\nper: 1h\naccessRights: [keyed]"),
+        ]
+        .concat(),
+    );
+    let ca_arg = format!("--counters-ca-file={}", ca_file.display());
+    let args = redis_args(&redis.url(), &secret, &[&ca_arg]);
+    let a = start(&cfg, &args).await;
+    let b = start(&cfg, &args).await;
+    let mut allowed = 0;
+    for i in 0..12 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match status(gw, "/keyed/x", "alice-token").await {
+            StatusCode::OK => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(allowed, 5, "per-key rate 5/h across two replicas, over TLS");
+    assert!(redis.keys().iter().any(|k| k.starts_with("gatehouse:rate:default/key/")));
+
+    // A gateway that does not trust the server's certificate cannot count: the failure
+    // policy answers, and APIs without limits are untouched.
+    let wrong = format!("--counters-ca-file={}", wrong_file.display());
+    let c = start(&cfg, &redis_args(&redis.url(), &secret, &[&wrong, "--counters-failure=closed"])).await;
+    assert_eq!(status(&c, "/keyed/x", "alice-token").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(c.get("/free/x").await.status, StatusCode::OK);
+    assert!(c.metric("gatehouse_counter_store_errors_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_ca_file_without_a_tls_url_or_that_holds_no_certificate_is_refused_at_start() {
+    let (dir, secret) = shared_secret();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("a", "/a/", "http://127.0.0.1:1", ""));
+    for (url, why) in [
+        ("redis://127.0.0.1:1", "only a rediss:// URL (TLS) uses it"),
+        ("rediss://127.0.0.1:1", "holds no usable CA certificate"),
+    ] {
+        let out = Command::new(binary())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
+            .arg(cfg.path())
+            .args(redis_args(url, &secret, &[]))
+            .arg(format!("--counters-ca-file={}", junk.display()))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url}: started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--counters-ca-file") && err.contains(why), "{url}: {err}");
+    }
 }
