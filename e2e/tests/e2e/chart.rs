@@ -603,6 +603,7 @@ async fn chart_lints_and_its_schema_refuses_bad_values() {
         (&["counters.redis.url=http://redis:6379"], "/counters/redis/url"),
         (&["counters.failure=maybe"], "/counters/failure"),
         (&["counters.timeout=soon"], "/counters/timeout"),
+        (&["counters.redis.caConfigMap=Not_A_Name"], "/counters/redis/caConfigMap"),
     ];
     for (sets, wanted) in bad {
         let sets: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
@@ -750,6 +751,8 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
                 "dataplane.extraEnv[0].value=debug".into(),
                 "runAsUser=1000".into(),
                 "runAsGroup=1000".into(),
+                "counters.redis.existingSecret=gatehouse-redis".into(),
+                "counters.redis.caConfigMap=redis-ca".into(),
             ]
             .into_iter()
             .flat_map(|s| ["--set".to_owned(), s])
@@ -818,6 +821,19 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
                 mounts
                     .contains(r#""mountPath":"/opt/gatehouse/plugins/signed","name":"plugin-signed","readOnly":true"#),
                 "{mounts}"
+            );
+        }
+        if extra.contains(&"counters.redis.caConfigMap=redis-ca") {
+            let args = dp["containers"][0]["args"].to_string();
+            assert!(args.contains("--counters-ca-file=/etc/gatehouse/redis-ca/ca.crt"), "{what}: {args}");
+            assert!(
+                mounts.contains(r#""mountPath":"/etc/gatehouse/redis-ca","name":"redis-ca","readOnly":true"#),
+                "{mounts}"
+            );
+            let volumes = dp["volumes"].to_string();
+            assert!(
+                volumes.contains(r#""configMap":{"items":[{"key":"ca.crt","path":"ca.crt"}],"name":"redis-ca"}"#),
+                "{volumes}"
             );
         }
         if extra.contains(&EXAMPLE_VALUES) {
