@@ -152,14 +152,30 @@ pub struct UpstreamTls {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretRef {
-    #[schemars(
-        length(min = 1, max = 253),
-        extend("x-kubernetes-validations" = [{
-            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
-            "message": "must be the name of a Secret in the same namespace (lowercase letters, digits, '-' and '.')"
-        }])
-    )]
+    #[schemars(length(min = 1, max = 253), transform = secret_name_rule)]
     pub name: String,
+}
+
+/// The CEL rule of a Secret's name: a DNS subdomain. Its message starts with the field's
+/// name where a bare "must be" would not say which field (`secretName`).
+fn secret_name_rule_for(schema: &mut schemars::Schema, field: &str) {
+    let message =
+        format!("{field}must be the name of a Secret in the same namespace (lowercase letters, digits, '-' and '.')");
+    schema.insert(
+        "x-kubernetes-validations".to_owned(),
+        serde_json::json!([{
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+            "message": message
+        }]),
+    );
+}
+
+fn secret_name_rule(schema: &mut schemars::Schema) {
+    secret_name_rule_for(schema, "");
+}
+
+fn tls_secret_name_rule(schema: &mut schemars::Schema) {
+    secret_name_rule_for(schema, "secretName ");
 }
 
 /// A Service in the same namespace, and the port of it to forward to.
@@ -210,13 +226,7 @@ fn upstream_targets_rules(schema: &mut schemars::Schema) {
 pub struct ApiTls {
     /// A `kubernetes.io/tls` Secret in the same namespace (`tls.crt`: PEM chain, leaf
     /// first; `tls.key`: PEM private key) whose certificate covers every one of `hosts`.
-    #[schemars(
-        length(min = 1, max = 253),
-        extend("x-kubernetes-validations" = [{
-            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
-            "message": "secretName must be the name of a Secret in the same namespace (lowercase letters, digits, '-' and '.')"
-        }])
-    )]
+    #[schemars(length(min = 1, max = 253), transform = tls_secret_name_rule)]
     pub secret_name: String,
     /// Answer plain-HTTP requests for this API with 308 to the same URL over https.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -153,6 +153,25 @@ async fn status(gw: &Gatehouse, path: &str, token: &str) -> StatusCode {
     gw.get_with(path, &[("x-api-key", token)]).await.status
 }
 
+/// Sends `n` requests alternately to `a` and `b` (each alone would allow the whole limit
+/// again) and counts those let through; any answer but 200 or 429 fails the test.
+async fn allowed_alternately(a: &Gatehouse, b: &Gatehouse, n: usize, path: &str, token: Option<&str>) -> usize {
+    let mut allowed = 0;
+    for i in 0..n {
+        let gw = if i % 2 == 0 { a } else { b };
+        let headers: &[(&str, &str)] = match token {
+            Some(t) => &[("x-api-key", t)],
+            None => &[],
+        };
+        match gw.get_with(path, headers).await.status {
+            StatusCode::OK => allowed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("request {i} to {path}: {other}"),
+        }
+    }
+    allowed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dataplanes_sharing_redis_let_exactly_the_limit_through_whichever_gets_the_requests() {
     let redis = Redis::start().await;
@@ -174,27 +193,9 @@ async fn two_dataplanes_sharing_redis_let_exactly_the_limit_through_whichever_ge
     let a = start(&cfg, &args).await;
     let b = start(&cfg, &args).await;
 
-    // Alternating replicas: each alone would allow the whole limit again.
-    let mut allowed = 0;
-    for i in 0..12 {
-        let gw = if i % 2 == 0 { &a } else { &b };
-        match status(gw, "/keyed/x", "alice-token").await {
-            StatusCode::OK => allowed += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("request {i}: {other}"),
-        }
-    }
+    let allowed = allowed_alternately(&a, &b, 12, "/keyed/x", Some("alice-token")).await;
     assert_eq!(allowed, 5, "per-key rate 5/h across two replicas");
-
-    let mut allowed = 0;
-    for i in 0..12 {
-        let gw = if i % 2 == 0 { &a } else { &b };
-        match gw.get("/wide/x").await.status {
-            StatusCode::OK => allowed += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("request {i}: {other}"),
-        }
-    }
+    let allowed = allowed_alternately(&a, &b, 12, "/wide/x", None).await;
     assert_eq!(allowed, 7, "API-wide rate 7/h across two replicas");
 
     // Quota 4 per 3 s window, shared; the window renews on its own.
@@ -443,15 +444,7 @@ async fn rediss_with_a_private_ca_counts_across_replicas_and_a_wrong_ca_is_a_sto
     let args = redis_args(&redis.url(), &secret, &[&ca_arg]);
     let a = start(&cfg, &args).await;
     let b = start(&cfg, &args).await;
-    let mut allowed = 0;
-    for i in 0..12 {
-        let gw = if i % 2 == 0 { &a } else { &b };
-        match status(gw, "/keyed/x", "alice-token").await {
-            StatusCode::OK => allowed += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("request {i}: {other}"),
-        }
-    }
+    let allowed = allowed_alternately(&a, &b, 12, "/keyed/x", Some("alice-token")).await;
     assert_eq!(allowed, 5, "per-key rate 5/h across two replicas, over TLS");
     assert!(redis.keys().iter().any(|k| k.starts_with("gatehouse:rate:default/key/")));
 
