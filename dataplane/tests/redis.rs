@@ -21,6 +21,8 @@ struct Redis {
     port: u16,
     dir: tempfile::TempDir,
     tls: bool,
+    /// A Redis Cluster node (`--cluster-enabled`).
+    cluster: bool,
 }
 
 impl Drop for Redis {
@@ -40,11 +42,19 @@ impl Redis {
     }
 
     async fn start_with(tls: Option<(&certs::Leaf, &certs::Ca)>) -> Self {
+        Self::start_node(tls, false).await
+    }
+
+    async fn start_node(tls: Option<(&certs::Leaf, &certs::Ca)>, cluster: bool) -> Self {
         // The port is free when picked; another process could take it before Redis binds
-        // it, so a start that fails is retried on another port.
-        for _ in 0..5 {
+        // it, so a start that fails is retried on another port. A cluster node also binds
+        // its bus at port + 10000.
+        for _ in 0..20 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap(), tls: tls.is_some() };
+            if cluster && (port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()) {
+                continue;
+            }
+            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap(), tls: tls.is_some(), cluster };
             if let Some((leaf, ca)) = tls {
                 std::fs::write(r.dir.path().join("redis.crt"), &leaf.crt).unwrap();
                 std::fs::write(r.dir.path().join("redis.key"), &leaf.key).unwrap();
@@ -54,7 +64,7 @@ impl Redis {
                 return r;
             }
         }
-        panic!("redis-server did not start on any of 5 ports");
+        panic!("redis-server did not start on any of 20 ports");
     }
 
     /// Starts the server on `self.port`; false if it exited (port taken).
@@ -73,6 +83,9 @@ impl Redis {
                 .arg(file("ca.crt"));
         } else {
             cmd.args(["--port", &port]);
+        }
+        if self.cluster {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -125,6 +138,45 @@ impl Redis {
 
     fn keys(&self) -> Vec<String> {
         self.cli(&["--scan", "--pattern", "gatehouse:*"]).lines().map(str::to_owned).collect()
+    }
+}
+
+/// Three Redis Cluster masters on loopback, sharing the 16384 slots.
+struct Cluster {
+    nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(Redis::start_node(None, true).await);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !nodes.iter().all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok")) {
+            assert!(std::time::Instant::now() < deadline, "the cluster never became ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { nodes }
+    }
+
+    fn url(&self) -> String {
+        let first = self.nodes[0].port;
+        let others: Vec<String> = self.nodes[1..].iter().map(|n| format!("node=127.0.0.1:{}", n.port)).collect();
+        format!("redis-cluster://127.0.0.1:{first}?{}", others.join("&"))
+    }
+
+    /// Every gateway key, from every node.
+    fn keys(&self) -> Vec<String> {
+        self.nodes.iter().flat_map(Redis::keys).collect()
     }
 }
 
@@ -479,4 +531,54 @@ async fn a_ca_file_without_a_tls_url_or_that_holds_no_certificate_is_refused_at_
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--counters-ca-file") && err.contains(why), "{url}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_counts_exactly_across_replicas_with_keys_on_every_node() {
+    let cluster = Cluster::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    let names = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7"];
+    let mut docs = vec![
+        api("keyed", "/keyed/", &up.url(), AUTH),
+        api("wide", "/wide/", &up.url(), "  rateLimit: {rate: 9, per: 1h}\n"),
+    ];
+    for n in names {
+        docs.push(key(n, &format!("{n}-token"), "rate: 3\nper: 1h\naccessRights: [keyed]"));
+    }
+    cfg.write("apis.yaml", &docs.concat());
+    let args = redis_args(&cluster.url(), &secret, &[]);
+    let gws = std::sync::Arc::new([start(&cfg, &args).await, start(&cfg, &args).await]);
+
+    // All keys at once, from 32 clients across both replicas: batches mix hash slots.
+    let mut clients = Vec::new();
+    for c in 0..32usize {
+        let gws = gws.clone();
+        clients.push(tokio::spawn(async move {
+            let token = format!("k{}-token", c % 8);
+            let mut ok = 0;
+            for i in 0..2 {
+                match status(&gws[(c + i) % 2], "/keyed/x", &token).await {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::TOO_MANY_REQUESTS => {}
+                    other => panic!("client {c}: {other}"),
+                }
+            }
+            (c % 8, ok)
+        }));
+    }
+    let mut per_key = [0; 8];
+    for c in clients {
+        let (k, ok) = c.await.unwrap();
+        per_key[k] += ok;
+    }
+    assert_eq!(per_key, [3; 8], "rate 3/h for each key, 8 requests each, across two replicas");
+    let allowed = allowed_alternately(&gws[0], &gws[1], 14, "/wide/x", None).await;
+    assert_eq!(allowed, 9, "API-wide rate 9/h across two replicas");
+
+    let keys = cluster.keys();
+    assert_eq!(keys.iter().filter(|k| k.starts_with("gatehouse:rate:default/key/")).count(), 8, "{keys:?}");
+    let holding = cluster.nodes.iter().filter(|n| !n.keys().is_empty()).count();
+    assert!(holding >= 2, "counters spread over the cluster's nodes: {holding} of 3 hold some");
 }

@@ -303,7 +303,8 @@ async fn evalsha(client: &Client, script: &Script, batch: &[Check]) -> Result<Ve
     match first {
         Err(e) if e.details().starts_with("NOSCRIPT") => {
             let lua = script.lua().map(|s| s.to_string()).unwrap_or_default();
-            let _: () = client.script_load(lua).await.map_err(store_error)?;
+            // In a cluster, on every primary: the next batch may go to another.
+            let _: () = client.script_load_cluster(lua).await.map_err(store_error)?;
             client.evalsha(sha, keys, args).await.map_err(store_error)
         }
         other => other.map_err(store_error),
