@@ -118,6 +118,28 @@ pub struct Upstream {
     /// it, an `https://` upstream is verified against the system's roots for its URL's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// The HTTP version spoken to the upstream: `http1`, or `http2` (h2 negotiated by ALPN
+    /// over TLS, h2c with prior knowledge in plaintext), which gRPC services need.
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub protocol: UpstreamProtocol,
+}
+
+/// The HTTP version spoken to an upstream.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, with pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2: over TLS by ALPN (`h2`), in plaintext by prior knowledge (h2c). Trailers
+    /// and streaming both ways pass through, as gRPC needs.
+    Http2,
+}
+
+impl UpstreamProtocol {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// TLS to `https://` upstreams.

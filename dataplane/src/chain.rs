@@ -61,6 +61,8 @@ impl Gateway {
         let started = Instant::now();
         let rt = self.runtime();
         let mut ex = Exchange::default();
+        // A gRPC client reads the gateway's own refusals as gRPC statuses only.
+        let grpc = req.version() == http::Version::HTTP_2 && crate::reply::is_grpc(req.headers());
         let mut req = req.map(ProxyBody::Stream);
         // 1. Route, first half: the normalised path is the one every later step sees,
         // analytics included.
@@ -78,7 +80,7 @@ impl Gateway {
             Ok(resp) => resp,
             Err(e) => {
                 ex.error = Some(e);
-                let mut resp = e.into_response();
+                let mut resp = if grpc { e.into_grpc_response() } else { e.into_response() };
                 carry_headers(&ex.reply.headers, resp.headers_mut());
                 resp
             }
@@ -250,7 +252,8 @@ impl Gateway {
         seen: Option<(String, String, Option<u64>)>,
     ) -> Response<ProxyBody> {
         let took = started.elapsed();
-        let status = resp.status().as_u16();
+        // What the gateway decided: a refusal sent as a gRPC status still counts as such.
+        let status = ex.error.map_or(resp.status(), GatewayError::status).as_u16();
         let m = ex.api.as_ref().map_or(&self.metrics.unrouted, |a| &a.metrics);
         m.count(status);
         m.duration.observe(took.as_secs_f64());

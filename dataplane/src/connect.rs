@@ -68,24 +68,36 @@ impl Connector {
 
     /// The client `http://` targets share.
     pub fn plain(&self) -> UpstreamClient {
-        pool(TokioExecutor::new()).build(self.tcp())
+        pool(false).build(self.tcp())
     }
 
-    /// A client for one API's `https://` targets.
-    pub fn tls(&self, tls: &UpstreamTlsConfig) -> TlsClient {
+    /// A client for one API's `http://` targets spoken to in HTTP/2 (h2c, prior knowledge).
+    pub fn h2c(&self) -> UpstreamClient {
+        pool(true).build(self.tcp())
+    }
+
+    /// A client for one API's `https://` targets; with `http2`, h2 is the only protocol
+    /// offered by ALPN.
+    pub fn tls(&self, tls: &UpstreamTlsConfig, http2: bool) -> TlsClient {
         let builder =
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(ClientConfig::clone(&tls.config)).https_only();
         let builder = match &tls.server_name {
             Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
             None => builder,
         };
-        pool(TokioExecutor::new()).build(builder.enable_http1().wrap_connector(self.tcp()))
+        let connector = if http2 {
+            builder.enable_http2().wrap_connector(self.tcp())
+        } else {
+            builder.enable_http1().wrap_connector(self.tcp())
+        };
+        pool(http2).build(connector)
     }
 }
 
-fn pool(exec: TokioExecutor) -> hyper_util::client::legacy::Builder {
-    let mut b = Client::builder(exec);
-    b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(1024);
+/// Pooled keep-alive connections; with `http2`, one multiplexed connection per target.
+fn pool(http2: bool) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(1024).http2_only(http2);
     b
 }
 

@@ -19,7 +19,7 @@ use gatehouse_plugin_host::{HookApi, HookSession, NewSession, SessionView};
 use http::uri::Authority;
 
 use crate::{
-    connect::{Connector, TlsClient, TlsInputs},
+    connect::{Connector, TlsClient, TlsInputs, UpstreamClient},
     key_id::KeyIdSecret,
     metrics::{ApiMetrics, Metrics},
     middleware::PluginChain,
@@ -45,6 +45,9 @@ pub struct Api {
     pub spec_json: String,
     /// The client of its `https://` targets, and what it was made from.
     pub tls: Option<(TlsClient, TlsInputs)>,
+    /// `upstream.protocol: http2`: the h2c client of its `http://` targets.
+    pub h2c: Option<UpstreamClient>,
+    pub http2: bool,
 }
 
 pub struct Target {
@@ -99,10 +102,12 @@ impl Api {
         if targets.is_empty() {
             return Err("spec.upstream: no targets".to_owned());
         }
+        let http2 = entry.spec.upstream.protocol == gatehouse_crds::UpstreamProtocol::Http2;
         let tls = match tls {
-            Some(inputs) => Some((connector.tls(&inputs.config(&id)?), inputs)),
+            Some(inputs) => Some((connector.tls(&inputs.config(&id)?, http2), inputs)),
             None => None,
         };
+        let h2c = (http2 && targets.iter().any(|t| !t.https)).then(|| connector.h2c());
         Ok(Self {
             display_name: Arc::from(entry.display_name()),
             targets,
@@ -115,6 +120,8 @@ impl Api {
             plugins,
             notes,
             tls,
+            h2c,
+            http2,
             entry: entry.clone(),
             id,
         })

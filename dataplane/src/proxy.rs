@@ -103,11 +103,18 @@ pub async fn forward(
         }
     };
     let uri = upstream_uri(api, target, req.uri())?;
-    // A WebSocket: the client's half of the upgrade, and where to leave the tunnel.
+    // A WebSocket: the client's half of the upgrade, and where to leave the tunnel. Over
+    // HTTP/2 to the upstream there is no Upgrade: the request goes as a plain one.
     let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
-        Some(to) if tunnel::is_websocket(req.version(), req.headers()) => Some((to, hyper::upgrade::on(&mut req))),
+        Some(to) if !api.http2 && tunnel::is_websocket(req.version(), req.headers()) => {
+            Some((to, hyper::upgrade::on(&mut req)))
+        }
         _ => None,
     };
+    // gRPC needs `te: trailers` to reach an HTTP/2 upstream; it is the one TE value HTTP/2
+    // allows, and hop-by-hop otherwise.
+    let te_trailers =
+        api.http2 && req.headers().get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let host_header = req.headers_mut().remove(header::HOST);
     // The host the request was routed by: the request-target's authority (absolute form,
     // HTTP/2 `:authority`) wins over Host, as in chain step 1.
@@ -117,11 +124,14 @@ pub async fn forward(
         .and_then(|a| HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or("")).ok())
         .or(host_header);
     *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
+    *req.version_mut() = if api.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if upgrade.is_some() {
         tunnel::set_upgrade_headers(headers);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     append_forwarded_for(headers, peer);
     // Always set, never passed on: what a client sends here is its own claim.
@@ -131,8 +141,9 @@ pub async fn forward(
     }
 
     let started = std::time::Instant::now();
-    let sent = match (&api.tls, target.https) {
-        (Some((tls, _)), true) => tls.request(req),
+    let sent = match (target.https, &api.tls, &api.h2c) {
+        (true, Some((tls, _)), _) => tls.request(req),
+        (false, _, Some(h2c)) => h2c.request(req),
         _ => client.request(req),
     };
     let resp = match tokio::time::timeout(timeout, sent).await {

@@ -160,6 +160,85 @@ impl GatewayError {
     }
 }
 
+impl GatewayError {
+    /// The gRPC status a gRPC client gets instead (`grpc-status`), after the gRPC spec's
+    /// HTTP-to-gRPC mapping where the error is an HTTP status, and by meaning elsewhere.
+    pub fn grpc_code(self) -> u8 {
+        use GatewayError::*;
+        const INVALID_ARGUMENT: u8 = 3;
+        const DEADLINE_EXCEEDED: u8 = 4;
+        const PERMISSION_DENIED: u8 = 7;
+        const RESOURCE_EXHAUSTED: u8 = 8;
+        const UNIMPLEMENTED: u8 = 12;
+        const INTERNAL: u8 = 13;
+        const UNAVAILABLE: u8 = 14;
+        const UNAUTHENTICATED: u8 = 16;
+        match self {
+            NoRoute => UNIMPLEMENTED,
+            MissingKey | UnknownKey => UNAUTHENTICATED,
+            AccessDenied | KeyExpired => PERMISSION_DENIED,
+            RateLimited { .. } | ApiRateLimited { .. } | QuotaExceeded { .. } | BodyTooLarge => RESOURCE_EXHAUSTED,
+            UpstreamUnreachable | UpstreamTls | UpstreamBusy | StoreUnavailable | BodyBudgetExhausted => UNAVAILABLE,
+            UpstreamTimeout | UpstreamConnectTimeout => DEADLINE_EXCEEDED,
+            PluginFailure => INTERNAL,
+            BadBody | BadPath(_) => INVALID_ARGUMENT,
+            PluginRefused(s) => match s.as_u16() {
+                401 => UNAUTHENTICATED,
+                403 => PERMISSION_DENIED,
+                404 => UNIMPLEMENTED,
+                429 | 502 | 503 | 504 => UNAVAILABLE,
+                400 => INTERNAL,
+                _ => 2, // UNKNOWN
+            },
+        }
+    }
+
+    /// A trailers-only gRPC answer: HTTP 200, `grpc-status` and `grpc-message` (the same
+    /// words as the JSON message) in the headers, no body.
+    pub fn into_grpc_response(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::empty());
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(u16::from(self.grpc_code())));
+        // The messages are printable ASCII without '%': valid as they are (no
+        // percent-encoding needed), except a path error's, which may quote the path.
+        if let Ok(m) = HeaderValue::try_from(grpc_message(&self.to_string())) {
+            h.insert("grpc-message", m);
+        }
+        if let GatewayError::RateLimited { retry_after }
+        | GatewayError::ApiRateLimited { retry_after }
+        | GatewayError::QuotaExceeded { retry_after } = self
+        {
+            let secs = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Percent-encodes what the gRPC spec says `grpc-message` may not hold as is.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is gRPC (`content-type: application/grpc`, `+proto`, ...).
+pub fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
 pub fn json(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::from(body));
     *resp.status_mut() = status;
@@ -200,6 +279,26 @@ mod tests {
         ] {
             let v: serde_json::Value = serde_json::from_str(e.body()).expect("json");
             assert_eq!(v["error"], e.to_string());
+            let g = e.into_grpc_response();
+            assert_eq!(g.status(), StatusCode::OK, "{e}: gRPC refusals are trailers-only 200s");
+            assert_eq!(g.headers()["grpc-status"], e.grpc_code().to_string().as_str());
+            assert_ne!(e.grpc_code(), 0, "{e}: never OK");
         }
+    }
+
+    #[test]
+    fn grpc_requests_are_told_by_their_content_type() {
+        let h = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            h
+        };
+        assert!(is_grpc(&h("application/grpc")));
+        assert!(is_grpc(&h("application/grpc+proto")));
+        assert!(is_grpc(&h("Application/GRPC;charset=utf-8")));
+        assert!(!is_grpc(&h("application/grpc-web")));
+        assert!(!is_grpc(&h("application/json")));
+        assert!(!is_grpc(&http::HeaderMap::new()));
+        assert_eq!(grpc_message("bad request path: \"/%2e\" \u{7f}"), "bad request path: \"/%252e\" %7F");
     }
 }

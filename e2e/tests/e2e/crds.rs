@@ -10,7 +10,7 @@ use std::{
 use gatehouse_crds::{
     AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiTls, Auth, AuthToken, AuthType, ConfigMapKeyRef, Duration,
     EndpointPlugins, FailurePolicy, HttpMethod, Middleware, Plugin, PluginRef, PluginSpec, RateLimit, SecretRef,
-    ServiceRef, Upstream, UpstreamTls,
+    ServiceRef, Upstream, UpstreamProtocol, UpstreamTls,
     manifest::{self, Resource},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -197,6 +197,7 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
         upstream: Upstream {
             targets: vec!["http://10.0.0.1:80".to_owned(), "https://[::1]:8443/base".to_owned()],
             tls: Some(UpstreamTls { insecure_skip_verify: true, ..UpstreamTls::default() }),
+            protocol: UpstreamProtocol::Http2,
             ..Upstream::default()
         },
         auth: Auth {
@@ -362,7 +363,12 @@ async fn invalid_api_definitions_are_refused_with_a_message_naming_the_problem()
         invalid(
             "an upstream CA Secret name that is not a name",
             api_with(json!({"upstream": {"url": "https://a", "tls": {"caSecretRef": {"name": "../ca"}}}})),
-            "spec.upstream.tls.caSecretRef.name: Invalid value: \"string\": must be the name of a Secret in the same namespace",
+            "spec.upstream.tls.caSecretRef.name: Invalid value: \"../ca\": must be the name of a Secret in the same namespace",
+        ),
+        invalid(
+            "an upstream protocol that is not http1 or http2",
+            api_with(json!({"upstream": {"url": "http://a:1", "protocol": "http3"}})),
+            "spec.upstream.protocol: Unsupported value: \"http3\": supported values: \"http1\", \"http2\"",
         ),
         undecodable(
             "an unknown upstream tls field",
