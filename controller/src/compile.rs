@@ -339,10 +339,14 @@ mod tests {
     fn an_api_whose_upstream_tls_names_secrets_is_unprogrammable_and_one_without_is_not() {
         let mut r = with_service();
         let api = r.apis.get_mut("shop/web").expect("known");
-        api.spec.upstream.tls = Some(gatehouse_crds::UpstreamTls {
-            server_name: Some("web.internal".into()),
-            ..gatehouse_crds::UpstreamTls::default()
-        });
+        api.spec.upstream = gatehouse_crds::Upstream {
+            url: Some("https://web.internal".into()),
+            tls: Some(gatehouse_crds::UpstreamTls {
+                server_name: Some("web.internal".into()),
+                ..gatehouse_crds::UpstreamTls::default()
+            }),
+            ..gatehouse_crds::Upstream::default()
+        };
         let (_, outcome) = r.compile_api("shop/web").expect("known");
         assert_eq!(outcome.unprogrammable, None, "system roots need no Secret");
         let api = r.apis.get_mut("shop/web").expect("known");

@@ -91,10 +91,17 @@ pub(crate) fn free_form(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// Where requests go: exactly one of `url`, `targets`, `service`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.url) ? 1 : 0) + (has(self.targets) && size(self.targets) > 0 ? 1 : 0) + (has(self.service) ? 1 : 0) == 1",
-    "message": "exactly one of spec.upstream.url, spec.upstream.targets, spec.upstream.service must be set"
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.url) ? 1 : 0) + (has(self.targets) && size(self.targets) > 0 ? 1 : 0) + (has(self.service) ? 1 : 0) == 1",
+        "message": "exactly one of spec.upstream.url, spec.upstream.targets, spec.upstream.service must be set"
+    },
+    {
+        "rule": "!has(self.tls) || (has(self.url) && self.url.startsWith('https://')) || (has(self.targets) && size(self.targets) > 0 && self.targets.all(t, t.startsWith('https://')))",
+        "message": "spec.upstream.tls applies to https:// upstreams only: every url and target must start with https://",
+        "fieldPath": ".tls"
+    }
+]))]
 pub struct Upstream {
     /// A single upstream base URL, `http[s]://host[:port][/base]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -524,6 +531,13 @@ impl ApiDefinitionSpec {
             err("spec.upstream.timeout", "must be greater than zero".to_owned());
         }
         if let Some(tls) = &u.tls {
+            let https = |t: &String| t.starts_with("https://");
+            if u.service.is_some() || !u.url.iter().chain(&u.targets).all(https) {
+                err(
+                    "spec.upstream.tls",
+                    "applies to https:// upstreams only: every url and target must start with https://".to_owned(),
+                );
+            }
             if tls.insecure_skip_verify && tls.ca_secret_ref.is_some() {
                 err("spec.upstream.tls", "caSecretRef has no effect with insecureSkipVerify".to_owned());
             }

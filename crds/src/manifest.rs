@@ -417,6 +417,11 @@ stringData: {password: x}
         );
         let e = one_error(&api("{url: 'https://a', tls: {serverName: 'not a name'}}"));
         assert_eq!(e.field, "spec.upstream.tls.serverName");
+        for plain in ["{url: 'http://a:1', tls: {serverName: a}}", "{service: {name: s, port: 443}, tls: {}}"] {
+            let e = one_error(&api(plain));
+            assert_eq!(e.field, "spec.upstream.tls", "{plain}");
+            assert!(e.reason.starts_with("applies to https:// upstreams only"), "{e}");
+        }
         let p = parse("apis.yaml", &api("{url: 'http://a:1', protocol: http2}"));
         let Resource::Api(a) = &p.resources[0].1 else { panic!("not an API: {:?}", p.rejected) };
         assert_eq!(a.spec.upstream.protocol, crate::UpstreamProtocol::Http2);

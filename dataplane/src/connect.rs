@@ -57,23 +57,24 @@ impl Connector {
         Self { connect_timeout }
     }
 
-    fn tcp(&self) -> GuardedConnector {
+    /// `under_tls`: the TLS connector hands `https://` URIs down, and alone decides the
+    /// scheme; a plain client refuses them rather than send cleartext to port 443.
+    fn tcp(&self, under_tls: bool) -> GuardedConnector {
         let mut connector = HttpConnector::new_with_resolver(GuardedResolver::default());
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(self.connect_timeout));
-        // The TLS connector hands `https://` URIs down; it alone decides the scheme.
-        connector.enforce_http(false);
+        connector.enforce_http(!under_tls);
         GuardedConnector::new(connector)
     }
 
     /// The client `http://` targets share.
     pub fn plain(&self) -> UpstreamClient {
-        pool(false).build(self.tcp())
+        pool(false).build(self.tcp(false))
     }
 
     /// A client for one API's `http://` targets spoken to in HTTP/2 (h2c, prior knowledge).
     pub fn h2c(&self) -> UpstreamClient {
-        pool(true).build(self.tcp())
+        pool(true).build(self.tcp(false))
     }
 
     /// A client for one API's `https://` targets; with `http2`, h2 is the only protocol
@@ -86,9 +87,9 @@ impl Connector {
             None => builder,
         };
         let connector = if http2 {
-            builder.enable_http2().wrap_connector(self.tcp())
+            builder.enable_http2().wrap_connector(self.tcp(true))
         } else {
-            builder.enable_http1().wrap_connector(self.tcp())
+            builder.enable_http1().wrap_connector(self.tcp(true))
         };
         pool(http2).build(connector)
     }
@@ -124,6 +125,13 @@ impl TlsInputs {
         let Some(spec) = entry.spec.upstream.tls.clone().or_else(|| https.then(UpstreamTls::default)) else {
             return Ok(None);
         };
+        // Validation refuses `tls` beside an `http://` url or target; a Service's endpoints
+        // are `http://`: never let such a target go out in the clear as if it were TLS.
+        if let Some(plain) = entry.targets.iter().find(|t| !t.starts_with("https://"))
+            && entry.spec.upstream.tls.is_some()
+        {
+            return Err(format!("spec.upstream.tls: applies to https:// upstreams only, and {plain:?} is not one"));
+        }
         let ns = &entry.namespace;
         let ca = match &spec.ca_secret_ref {
             None => None,
@@ -211,21 +219,21 @@ impl TlsInputs {
 /// The system's trusted roots, read once (rustls-native-certs: the OS store, or
 /// `SSL_CERT_FILE`/`SSL_CERT_DIR`).
 fn system_roots() -> Result<Arc<RootCertStore>, String> {
-    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why = found.errors.first().map(|e| format!(": {e}")).unwrap_or_default();
-                return Err(format!(
-                    "spec.upstream.tls: no system CA certificates to verify https upstreams against{why}; name a caSecretRef"
-                ));
-            }
-            Ok(Arc::new(roots))
-        })
-        .clone()
+    // Only a store that was found is kept: one installed later is read by the next build.
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots.clone());
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found.errors.first().map(|e| format!(": {e}")).unwrap_or_default();
+        return Err(format!(
+            "spec.upstream.tls: no system CA certificates to verify https upstreams against{why}; name a caSecretRef"
+        ));
+    }
+    Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
 }
 
 /// `insecureSkipVerify`: any certificate is taken, but the handshake's signatures are still

@@ -106,8 +106,9 @@ pub async fn forward(
     // A WebSocket: the client's half of the upgrade, and where to leave the tunnel. Over
     // HTTP/2 to the upstream there is no Upgrade: the request goes as a plain one.
     let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
-        Some(to) if !api.http2 && tunnel::is_websocket(req.version(), req.headers()) => {
-            Some((to, hyper::upgrade::on(&mut req)))
+        Some(to) if !api.http2 && tunnel::is_websocket(req.method(), req.version(), req.headers()) => {
+            let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+            Some((to, hyper::upgrade::on(&mut req), key))
         }
         _ => None,
     };
@@ -164,11 +165,15 @@ pub async fn forward(
     };
     let took = started.elapsed();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some((to, client)) = upgrade else {
-            // Only an upgrade the client asked for, and the gateway passed on, may happen.
+        // Only the upgrade the client asked for, and the gateway passed on, may happen.
+        let Some((to, client, key)) = upgrade else {
             tracing::warn!(api = %api.id, "upstream switched protocols on a request that did not ask to");
             return Err(GatewayError::UpstreamUnreachable);
         };
+        if !tunnel::completes_handshake(key.as_ref(), resp.headers()) {
+            tracing::warn!(api = %api.id, "upstream answered 101 without completing the WebSocket handshake");
+            return Err(GatewayError::UpstreamUnreachable);
+        }
         let mut resp = resp;
         let upstream = hyper::upgrade::on(&mut resp);
         strip_hop_by_hop(resp.headers_mut());
@@ -235,11 +240,17 @@ fn upstream_uri(api: &Api, target: &Target, incoming: &Uri) -> Result<Uri, Gatew
 
 /// Headers meant for one hop only (RFC 9110 7.6.1), and any the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.remove(header::CONNECTION)
-        && let Ok(names) = conn.to_str()
-    {
-        for name in names.split(',') {
-            h.remove(name.trim());
+    // Every `Connection` field, not only the first: a name in a second one is as
+    // hop-by-hop as one in the first. One field (the usual case) costs no allocation.
+    let mut fields = h.get_all(header::CONNECTION).iter();
+    let first = fields.next().cloned();
+    let more: Vec<HeaderValue> = fields.cloned().collect();
+    if let Some(first) = first {
+        h.remove(header::CONNECTION);
+        for v in std::iter::once(&first).chain(&more) {
+            for name in v.to_str().unwrap_or("").split(',') {
+                h.remove(name.trim());
+            }
         }
     }
     for name in [
@@ -293,12 +304,14 @@ mod tests {
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("connection", "close, x-secret"),
+            ("connection", "x-second"),
             ("x-secret", "1"),
+            ("x-second", "1"),
             ("keep-alive", "5"),
             ("te", "trailers"),
             ("x-kept", "1"),
         ] {
-            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);

@@ -20,9 +20,11 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderMap, HeaderValue, Version, header};
+use base64::Engine;
+use http::{HeaderMap, HeaderValue, Method, Version, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::slots::Slot;
@@ -135,13 +137,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<'_, S> {
     }
 }
 
-/// Whether a request asks for a WebSocket (RFC 6455 4.1): HTTP/1.1, `Upgrade: websocket`
-/// and `Connection: upgrade`. Other upgrades (`h2c`, ...) are not passed on: their
-/// `Upgrade` header is dropped like any hop-by-hop header.
-pub fn is_websocket(version: Version, h: &HeaderMap) -> bool {
-    version == Version::HTTP_11
+/// Whether a request asks for a WebSocket (RFC 6455 4.1): an HTTP/1.1 `GET` with
+/// `Upgrade: websocket`, `Connection: upgrade`, a `Sec-WebSocket-Key` of 16 bytes in base64
+/// and `Sec-WebSocket-Version: 13`. Other upgrades (`h2c`, ...), and WebSocket requests that
+/// miss any of these, are not passed on as upgrades: their `Upgrade` header is dropped like
+/// any hop-by-hop header.
+pub fn is_websocket(method: &Method, version: Version, h: &HeaderMap) -> bool {
+    method == Method::GET
+        && version == Version::HTTP_11
         && has_token(h, &header::UPGRADE, "websocket")
         && has_token(h, &header::CONNECTION, "upgrade")
+        && h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && h.get(header::SEC_WEBSOCKET_KEY).is_some_and(|k| {
+            base64::engine::general_purpose::STANDARD.decode(k.as_bytes()).is_ok_and(|b| b.len() == 16)
+        })
+}
+
+/// Whether an upstream's `101` completes the WebSocket handshake `request` began: its own
+/// `Upgrade: websocket`, and the `Sec-WebSocket-Accept` that only a WebSocket server
+/// computes from the request's key (RFC 6455 4.2.2). Anything else joined byte for byte
+/// would hand the client a raw connection to the upstream's HTTP server, past every check
+/// of the chain.
+pub fn completes_handshake(request_key: Option<&HeaderValue>, response: &HeaderMap) -> bool {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let Some(key) = request_key else { return false };
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(GUID);
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    has_token(response, &header::UPGRADE, "websocket")
+        && response.get(header::SEC_WEBSOCKET_ACCEPT).is_some_and(|a| a.as_bytes() == accept.as_bytes())
 }
 
 fn has_token(h: &HeaderMap, name: &header::HeaderName, token: &str) -> bool {
@@ -171,15 +196,48 @@ mod tests {
         h
     }
 
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn ws(extra: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = headers(&[("sec-websocket-key", KEY), ("sec-websocket-version", "13")]);
+        for (k, v) in extra {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
     #[test]
-    fn websocket_requests_need_both_headers_and_http_1_1() {
-        let ws = headers(&[("upgrade", "WebSocket"), ("connection", "keep-alive, Upgrade")]);
-        assert!(is_websocket(Version::HTTP_11, &ws));
-        assert!(!is_websocket(Version::HTTP_10, &ws));
-        assert!(!is_websocket(Version::HTTP_2, &ws));
-        assert!(!is_websocket(Version::HTTP_11, &headers(&[("upgrade", "websocket")])));
-        assert!(!is_websocket(Version::HTTP_11, &headers(&[("upgrade", "h2c"), ("connection", "upgrade")])));
-        let split = headers(&[("upgrade", "websocket"), ("connection", "keep-alive"), ("connection", "upgrade")]);
-        assert!(is_websocket(Version::HTTP_11, &split));
+    fn websocket_requests_need_a_get_the_headers_a_key_and_http_1_1() {
+        let full = ws(&[("upgrade", "WebSocket"), ("connection", "keep-alive, Upgrade")]);
+        assert!(is_websocket(&Method::GET, Version::HTTP_11, &full));
+        assert!(!is_websocket(&Method::POST, Version::HTTP_11, &full));
+        assert!(!is_websocket(&Method::GET, Version::HTTP_10, &full));
+        assert!(!is_websocket(&Method::GET, Version::HTTP_2, &full));
+        assert!(!is_websocket(&Method::GET, Version::HTTP_11, &ws(&[("upgrade", "websocket")])));
+        assert!(!is_websocket(&Method::GET, Version::HTTP_11, &ws(&[("upgrade", "h2c"), ("connection", "upgrade")])));
+        let split = ws(&[("upgrade", "websocket"), ("connection", "keep-alive"), ("connection", "upgrade")]);
+        assert!(is_websocket(&Method::GET, Version::HTTP_11, &split));
+        let no_key = headers(&[("upgrade", "websocket"), ("connection", "upgrade"), ("sec-websocket-version", "13")]);
+        assert!(!is_websocket(&Method::GET, Version::HTTP_11, &no_key));
+        let short_key = headers(&[
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "c2hvcnQ="),
+        ]);
+        assert!(!is_websocket(&Method::GET, Version::HTTP_11, &short_key));
+    }
+
+    #[test]
+    fn only_a_101_with_the_accept_for_the_key_completes_the_handshake() {
+        // RFC 6455 1.3's example.
+        let key = HeaderValue::from_static(KEY);
+        let good = headers(&[("upgrade", "websocket"), ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")]);
+        assert!(completes_handshake(Some(&key), &good));
+        let wrong = headers(&[("upgrade", "websocket"), ("sec-websocket-accept", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")]);
+        assert!(!completes_handshake(Some(&key), &wrong));
+        let other = headers(&[("upgrade", "h2c"), ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")]);
+        assert!(!completes_handshake(Some(&key), &other));
+        assert!(!completes_handshake(None, &good));
     }
 }

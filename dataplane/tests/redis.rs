@@ -426,6 +426,26 @@ async fn with_redis_down_limited_requests_pass_by_default_and_limits_return_with
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_redis_is_down_serves_and_counts_once_redis_comes_up() {
+    let mut redis = Redis::start().await;
+    redis.stop();
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = limited_and_free(&up);
+    let gw = start(&cfg, &redis_args(&redis.url(), &secret, &[])).await;
+    gw.wait_for_log_containing("serving anyway").await;
+    assert_eq!(status(&gw, "/limited/x", "k-token").await, StatusCode::OK, "fail open");
+    assert_eq!(gw.get("/free/x").await.status, StatusCode::OK);
+
+    // The first connection failed; the client keeps trying, and limits hold once it is up.
+    assert!(redis.run().await, "start redis-server on its port");
+    gw.wait_until("limits to be enforced", async || {
+        status(&gw, "/limited/x", "k-token").await == StatusCode::TOO_MANY_REQUESTS
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_policy_closed_refuses_limited_requests_while_redis_is_down_and_other_apis_keep_serving() {
     let mut redis = Redis::start().await;
     let (_s, secret) = shared_secret();

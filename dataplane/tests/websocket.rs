@@ -210,6 +210,42 @@ async fn on_sigterm_open_tunnels_keep_working_for_the_drain_then_close() {
     assert!(gw.exited().await.success());
 }
 
+/// An upstream that answers every request with a `101` whose `Sec-WebSocket-Accept` is
+/// wrong, then would serve plain HTTP on the same connection: what a raw pipe to it would
+/// let a client reach past the chain.
+async fn fake_101_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let Ok(n) = tcp.read(&mut buf).await else { return };
+                if n == 0 {
+                    return;
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n")
+                    .await;
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nsecrets").await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_101_that_does_not_complete_the_handshake_is_a_502_not_a_pipe() {
+    let (fake, _task) = fake_101_upstream().await;
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("fake", "/fake/", &format!("http://{fake}"), ""));
+    let gw = Gatehouse::start(cfg.path(), &[]).await;
+    assert_eq!(refused_with(connect(&gw, "/fake/", &[]).await), StatusCode::BAD_GATEWAY);
+    gw.wait_for_log_containing("without completing the WebSocket handshake").await;
+}
+
 #[tokio::test]
 async fn an_upstream_that_does_not_upgrade_answers_as_usual_and_other_upgrades_are_not_passed_on() {
     let plain = Upstream::start("plain").await;

@@ -163,7 +163,9 @@ impl RedisStore {
         }
         let connections = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
         let pool = Builder::from_config(config)
-            .with_config(|c| c.fail_fast = true)
+            // Keep reconnecting when the first connection fails too (a Redis that is down at
+            // start-up); checks do not wait for it: `run` fails them while not connected.
+            .with_config(|c| c.fail_fast = false)
             .with_performance_config(|p| p.default_command_timeout = timeout)
             .with_connection_config(|c| {
                 c.connection_timeout = timeout.max(Duration::from_secs(1));
@@ -174,10 +176,15 @@ impl RedisStore {
             .build_pool(connections)
             .map_err(|e| StoreError(format!("--counters: {}", e.details())))?;
         drop(pool.connect_pool());
-        if tokio::time::timeout(STARTUP_WAIT, pool.wait_for_connect()).await.is_err() {
-            tracing::warn!(
+        match tokio::time::timeout(STARTUP_WAIT, pool.wait_for_connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                error = %e.details(),
+                "the counter store cannot be reached; serving anyway, with the failure policy applying until it can"
+            ),
+            Err(_) => tracing::warn!(
                 "the counter store did not answer within {STARTUP_WAIT:?}; serving anyway, with the failure policy applying until it does"
-            );
+            ),
         }
         let clustered = pool.next().client_config().server.is_clustered();
         let (queue, checks) = mpsc::unbounded_channel();

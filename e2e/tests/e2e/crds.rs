@@ -151,12 +151,6 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
         upstream: Upstream {
             service: Some(ServiceRef { name: "httpbin".to_owned(), port: 8080 }),
             timeout: Some(Duration::from_millis(1500)),
-            tls: Some(UpstreamTls {
-                ca_secret_ref: Some(SecretRef { name: "httpbin-ca".to_owned() }),
-                server_name: Some("httpbin.internal".to_owned()),
-                insecure_skip_verify: false,
-                client_certificate_secret_ref: Some(SecretRef { name: "gateway-client".to_owned() }),
-            }),
             ..Upstream::default()
         },
         tls: Some(ApiTls { secret_name: "everything-cert".to_owned(), redirect_http: true }),
@@ -195,8 +189,13 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
     let targets = ApiDefinitionSpec {
         listen_path: "/t/".to_owned(),
         upstream: Upstream {
-            targets: vec!["http://10.0.0.1:80".to_owned(), "https://[::1]:8443/base".to_owned()],
-            tls: Some(UpstreamTls { insecure_skip_verify: true, ..UpstreamTls::default() }),
+            targets: vec!["https://10.0.0.1".to_owned(), "https://[::1]:8443/base".to_owned()],
+            tls: Some(UpstreamTls {
+                ca_secret_ref: Some(SecretRef { name: "httpbin-ca".to_owned() }),
+                server_name: Some("httpbin.internal".to_owned()),
+                insecure_skip_verify: false,
+                client_certificate_secret_ref: Some(SecretRef { name: "gateway-client".to_owned() }),
+            }),
             protocol: UpstreamProtocol::Http2,
             ..Upstream::default()
         },
@@ -364,6 +363,16 @@ async fn invalid_api_definitions_are_refused_with_a_message_naming_the_problem()
             "an upstream CA Secret name that is not a name",
             api_with(json!({"upstream": {"url": "https://a", "tls": {"caSecretRef": {"name": "../ca"}}}})),
             "spec.upstream.tls.caSecretRef.name: Invalid value: \"../ca\": must be the name of a Secret in the same namespace",
+        ),
+        invalid(
+            "upstream tls for a plain http target",
+            api_with(json!({"upstream": {"targets": ["https://a", "http://b"], "tls": {"serverName": "a"}}})),
+            "spec.upstream.tls applies to https:// upstreams only: every url and target must start with https://",
+        ),
+        invalid(
+            "upstream tls for a Service",
+            api_with(json!({"upstream": {"service": {"name": "s", "port": 443}, "tls": {"serverName": "s"}}})),
+            "spec.upstream.tls applies to https:// upstreams only: every url and target must start with https://",
         ),
         invalid(
             "an upstream protocol that is not http1 or http2",
