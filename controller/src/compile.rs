@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use gatehouse_crds::{
-    ApiDefinition, Plugin, ResourceError, ServiceRef,
+    ApiDefinition, CaSecret, DEFAULT_CERTIFICATE_LABEL, Plugin, ResourceError, ServiceRef, TlsSecret, ca_from_secret,
+    has_ca, is_tls_secret,
     manifest::key_from_secret,
     snapshot::{ApiEntry, KeyEntry, PluginEntry},
+    tls_from_secret,
 };
 use k8s_openapi::api::{
     core::v1::{Secret, Service},
@@ -24,6 +26,90 @@ pub struct Resources {
     pub keys: BTreeMap<String, KeyObject>,
     pub services: BTreeMap<String, Service>,
     pub slices: BTreeMap<String, EndpointSlice>,
+    /// `kubernetes.io/tls` Secrets as [`SecretObject`]s.
+    pub secrets: BTreeMap<String, SecretObject>,
+    /// Opaque Secrets, as [`SecretObject`]s: their `ca.crt` if they have one. Apart from
+    /// `secrets` because each store follows one watch.
+    pub ca_bundles: BTreeMap<String, SecretObject>,
+    /// Some when the config stream runs over TLS, the only way certificates may travel.
+    pub secret_scope: Option<SecretScope>,
+}
+
+/// Which Secrets reach dataplanes, when the stream is secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretScope {
+    /// Where a Secret labelled as the default certificate counts: the controller's own
+    /// namespace, so that no tenant can take over what clients without SNI are served.
+    pub default_namespace: String,
+}
+
+/// What the controller keeps of a Secret that may be a certificate or a CA bundle: only the
+/// parts a dataplane may need. Other Secrets' data is dropped as they arrive.
+#[derive(Debug, Clone)]
+pub struct SecretObject {
+    /// Name, namespace, uid and resourceVersion only.
+    pub meta: ObjectMeta,
+    /// A `kubernetes.io/tls` Secret: its certificate, or why it is not one.
+    pub certificate: Option<Result<TlsSecret, ResourceError>>,
+    /// Its `ca.crt`, from a Secret of any type.
+    pub ca: Option<CaSecret>,
+}
+
+impl SecretObject {
+    pub fn from_secret(s: &Secret) -> Self {
+        let certificate = is_tls_secret(s).then(|| tls_from_secret(s));
+        let ca = match &certificate {
+            Some(Ok(t)) => t.ca_certificate_pem.clone().map(|pem| CaSecret {
+                namespace: t.namespace.clone(),
+                name: t.name.clone(),
+                ca_certificate_pem: pem,
+            }),
+            _ if has_ca(s) => ca_from_secret(s).ok(),
+            _ => None,
+        };
+        Self { meta: small_meta(&s.metadata), certificate, ca }
+    }
+}
+
+/// How a Secret is used by the APIs of its namespace.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SecretUse {
+    /// `spec.tls.secretName`, `upstream.tls.clientCertificateSecretRef`, or the default
+    /// certificate: the private key is needed.
+    certificate: bool,
+    /// `upstream.tls.caSecretRef`: only `ca.crt` is.
+    ca: bool,
+}
+
+/// What a Secret contributes to the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEntries {
+    /// Err: a certificate that is used but broken (its last good version keeps serving).
+    pub certificate: Result<Option<TlsSecret>, ResourceError>,
+    pub ca: Option<CaSecret>,
+}
+
+fn small_meta(m: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone(),
+        labels: m.labels.as_ref().map(|l| {
+            l.iter().filter(|(k, _)| *k == DEFAULT_CERTIFICATE_LABEL).map(|(k, v)| (k.clone(), v.clone())).collect()
+        }),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The Secrets (`namespace/name`) an ApiDefinition names.
+pub fn secrets_of(api: &ApiDefinition) -> Vec<String> {
+    let ns = api.namespace().unwrap_or_default();
+    let mut names: Vec<&str> = api.spec.tls.iter().map(|t| t.secret_name.as_str()).collect();
+    if let Some(t) = &api.spec.upstream.tls {
+        names.extend(t.ca_secret_ref.iter().chain(&t.client_certificate_secret_ref).map(|r| r.name.as_str()));
+    }
+    names.into_iter().map(|n| format!("{ns}/{n}")).collect()
 }
 
 /// What the controller keeps of a key Secret: its identity and the compiled entry (the
@@ -39,43 +125,42 @@ pub struct KeyObject {
 
 impl KeyObject {
     pub fn from_secret(s: &Secret) -> Self {
-        let m = &s.metadata;
-        let meta = ObjectMeta {
-            name: m.name.clone(),
-            namespace: m.namespace.clone(),
-            uid: m.uid.clone(),
-            resource_version: m.resource_version.clone(),
-            ..ObjectMeta::default()
-        };
+        let meta = ObjectMeta { labels: None, ..small_meta(&s.metadata) };
         Self { meta, compiled: key_from_secret(s).map(KeyEntry::from) }
     }
 }
 
 /// Kind, group and version are those of a Secret: events and ids read the same as for
 /// any other watched object.
-impl kube::Resource for KeyObject {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
+macro_rules! secret_resource {
+    ($t:ty) => {
+        impl kube::Resource for $t {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
 
-    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
-        Secret::kind(dt)
-    }
-    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
-        Secret::group(dt)
-    }
-    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
-        Secret::version(dt)
-    }
-    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
-        Secret::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.meta
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.meta
-    }
+            fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+                Secret::kind(dt)
+            }
+            fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+                Secret::group(dt)
+            }
+            fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+                Secret::version(dt)
+            }
+            fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+                Secret::plural(dt)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.meta
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.meta
+            }
+        }
+    };
 }
+secret_resource!(KeyObject);
+secret_resource!(SecretObject);
 
 /// What compiling a resource found, for its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,13 +174,12 @@ pub struct Outcome {
     pub unprogrammable: Option<String>,
 }
 
-/// Why an API with `spec.tls` is not programmed: its certificate's private key may not
-/// travel over the plaintext config stream, so dataplanes never receive it.
-pub const TLS_NOT_STREAMED: &str =
-    "spec.tls: certificates reach dataplanes only over the TLS config stream, which this controller does not serve yet";
+/// Why an API with `spec.tls` is not programmed by a controller without TLS: a private key
+/// may not travel over a plaintext config stream, so dataplanes never receive it.
+pub const TLS_NOT_STREAMED: &str = "spec.tls: certificates reach dataplanes only over a TLS config stream, and this controller's is plaintext (start it with --tls-cert-file and --tls-key-file)";
 
 /// Why an API whose `upstream.tls` names a Secret is not programmed, for the same reason.
-pub const UPSTREAM_TLS_NOT_STREAMED: &str = "spec.upstream.tls: the Secrets caSecretRef and clientCertificateSecretRef name reach dataplanes only over the TLS config stream, which this controller does not serve yet";
+pub const UPSTREAM_TLS_NOT_STREAMED: &str = "spec.upstream.tls: the Secrets caSecretRef and clientCertificateSecretRef name reach dataplanes only over a TLS config stream, and this controller's is plaintext (start it with --tls-cert-file and --tls-key-file)";
 
 pub fn id_of<K: ResourceExt>(o: &K) -> String {
     format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
@@ -142,10 +226,10 @@ impl Resources {
             .tls
             .as_ref()
             .is_some_and(|t| t.ca_secret_ref.is_some() || t.client_certificate_secret_ref.is_some());
-        let unprogrammable = if api.spec.tls.is_some() {
-            Some(TLS_NOT_STREAMED.to_owned())
-        } else {
-            names_secrets.then(|| UPSTREAM_TLS_NOT_STREAMED.to_owned())
+        let unprogrammable = match (&self.secret_scope, api.spec.tls.is_some()) {
+            (Some(_), _) => None,
+            (None, true) => Some(TLS_NOT_STREAMED.to_owned()),
+            (None, false) => names_secrets.then(|| UPSTREAM_TLS_NOT_STREAMED.to_owned()),
         };
         match ApiEntry::compile(api, targets) {
             Ok(entry) => Some((Some(entry), Outcome { generation, accepted: Ok(()), resolved, unprogrammable })),
@@ -169,6 +253,40 @@ impl Resources {
 
     pub fn compile_key(&self, id: &str) -> Option<Result<KeyEntry, ResourceError>> {
         self.keys.get(id).map(|k| k.compiled.clone())
+    }
+
+    /// What a Secret puts in the snapshot: its certificate only where an API of its
+    /// namespace needs the key (or it is the default certificate), its `ca.crt` alone where
+    /// APIs only trust it; nothing for Secrets no API names, and nothing at all unless the
+    /// stream is secured.
+    pub fn compile_secret(&self, id: &str) -> SecretEntries {
+        let nothing = SecretEntries { certificate: Ok(None), ca: None };
+        let found = self.secrets.get(id).or_else(|| self.ca_bundles.get(id));
+        let (Some(scope), Some(s)) = (&self.secret_scope, found) else { return nothing };
+        let mut used = self.secret_use(id);
+        let labelled = s.meta.labels.as_ref().and_then(|l| l.get(DEFAULT_CERTIFICATE_LABEL)).map(String::as_str);
+        if labelled == Some("true") && s.meta.namespace.as_deref() == Some(scope.default_namespace.as_str()) {
+            used.certificate = true;
+        }
+        let certificate = match (&s.certificate, used.certificate) {
+            (Some(c), true) => c.clone().map(Some),
+            _ => Ok(None),
+        };
+        // A certificate sent whole carries its ca.crt already.
+        let ca = if used.ca && !matches!(certificate, Ok(Some(_))) { s.ca.clone() } else { None };
+        SecretEntries { certificate, ca }
+    }
+
+    fn secret_use(&self, id: &str) -> SecretUse {
+        let Some((ns, name)) = id.split_once('/') else { return SecretUse::default() };
+        let mut used = SecretUse::default();
+        for a in self.apis.values().filter(|a| a.namespace().as_deref() == Some(ns)) {
+            let upstream = a.spec.upstream.tls.as_ref();
+            used.certificate |= a.spec.tls.as_ref().is_some_and(|t| t.secret_name == name)
+                || upstream.and_then(|t| t.client_certificate_secret_ref.as_ref()).is_some_and(|r| r.name == name);
+            used.ca |= upstream.and_then(|t| t.ca_secret_ref.as_ref()).is_some_and(|r| r.name == name);
+        }
+        used
     }
 
     /// `http://address:port` for each ready endpoint of the Service port `svc.port`.
@@ -280,6 +398,73 @@ mod tests {
         }));
         r.slices.insert("shop/web-abc".into(), slice);
         r
+    }
+
+    fn secret(ns: &str, name: &str, ty: &str, data: serde_json::Value, default: bool) -> SecretObject {
+        let labels =
+            if default { serde_json::json!({DEFAULT_CERTIFICATE_LABEL: "true"}) } else { serde_json::json!({}) };
+        SecretObject::from_secret(&obj(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "labels": labels}, "type": ty, "stringData": data
+        })))
+    }
+
+    #[test]
+    fn only_secrets_an_api_of_their_namespace_names_are_sent_and_only_over_tls() {
+        let mut r = with_service();
+        let pair = serde_json::json!({"tls.crt": "CERT", "tls.key": "KEY", "ca.crt": "CA"});
+        for (ns, name) in [("shop", "web-cert"), ("shop", "unused"), ("other", "web-cert"), ("shop", "client")] {
+            r.secrets.insert(format!("{ns}/{name}"), secret(ns, name, "kubernetes.io/tls", pair.clone(), false));
+        }
+        let opaque = |extra| secret("shop", "bundle", "Opaque", extra, false);
+        r.ca_bundles.insert("shop/bundle".into(), opaque(serde_json::json!({"ca.crt": "CA", "password": "p"})));
+        let api = r.apis.get_mut("shop/web").expect("known");
+        api.spec.hosts = vec!["web.example".into()];
+        api.spec.tls = Some(gatehouse_crds::ApiTls { secret_name: "web-cert".into(), redirect_http: false });
+        api.spec.upstream = gatehouse_crds::Upstream {
+            url: Some("https://web.internal".into()),
+            tls: Some(gatehouse_crds::UpstreamTls {
+                ca_secret_ref: Some(gatehouse_crds::SecretRef { name: "bundle".into() }),
+                client_certificate_secret_ref: Some(gatehouse_crds::SecretRef { name: "client".into() }),
+                ..gatehouse_crds::UpstreamTls::default()
+            }),
+            ..gatehouse_crds::Upstream::default()
+        };
+        let api = r.apis.get("shop/web").expect("known").clone();
+        assert_eq!(secrets_of(&api), ["shop/web-cert", "shop/bundle", "shop/client"]);
+
+        // Plaintext: nothing, and the API says why.
+        assert_eq!(r.compile_secret("shop/web-cert"), SecretEntries { certificate: Ok(None), ca: None });
+        let outcome = r.compile_api("shop/web").expect("known").1;
+        assert_eq!(outcome.accepted, Ok(()));
+        assert_eq!(outcome.unprogrammable.as_deref(), Some(TLS_NOT_STREAMED));
+
+        r.secret_scope = Some(SecretScope { default_namespace: "gatehouse".into() });
+        assert_eq!(r.compile_api("shop/web").expect("known").1.unprogrammable, None);
+        let sent = |r: &Resources, id: &str| r.compile_secret(id).certificate.expect("usable").map(|c| c.id());
+        assert_eq!(sent(&r, "shop/web-cert").as_deref(), Some("shop/web-cert"));
+        assert_eq!(sent(&r, "shop/client").as_deref(), Some("shop/client"));
+        assert_eq!(sent(&r, "shop/unused"), None, "no API names it");
+        assert_eq!(sent(&r, "other/web-cert"), None, "an API names Secrets of its own namespace only");
+        // A CA bundle travels as its ca.crt alone: the Secret's other data stays behind.
+        let bundle = r.compile_secret("shop/bundle");
+        assert_eq!(bundle.certificate, Ok(None));
+        let ca = bundle.ca.expect("sent");
+        assert_eq!((ca.id(), ca.ca_certificate_pem.as_str()), ("shop/bundle".to_owned(), "CA"));
+        assert!(!format!("{:?}", r.ca_bundles["shop/bundle"]).contains("password"));
+
+        // The default certificate counts only in the controller's own namespace.
+        r.secrets.insert("shop/fallback".into(), secret("shop", "fallback", "kubernetes.io/tls", pair.clone(), true));
+        r.secrets.insert("gatehouse/fallback".into(), secret("gatehouse", "fallback", "kubernetes.io/tls", pair, true));
+        assert_eq!(sent(&r, "shop/fallback"), None, "a tenant cannot supply the default certificate");
+        assert_eq!(sent(&r, "gatehouse/fallback").as_deref(), Some("gatehouse/fallback"));
+
+        // A certificate an API needs but that is broken is an error: its last good version stays.
+        r.secrets.insert(
+            "shop/web-cert".into(),
+            secret("shop", "web-cert", "kubernetes.io/tls", serde_json::json!({"tls.crt": "CERT"}), false),
+        );
+        let e = r.compile_secret("shop/web-cert").certificate.expect_err("broken");
+        assert_eq!(e.to_string(), "Secret shop/web-cert: data.tls.key: is required in a kubernetes.io/tls Secret");
     }
 
     #[test]

@@ -42,7 +42,10 @@ impl Hub {
         delta.apis.retain(|id, e| changed(e, snap.apis.get(id)));
         delta.plugins.retain(|id, e| changed(e, snap.plugins.get(id)));
         delta.keys.retain(|id, e| changed(e, snap.keys.get(id)));
-        if delta.apis.is_empty() && delta.plugins.is_empty() && delta.keys.is_empty() {
+        delta.certificates.retain(|id, e| changed(e, snap.certificates.get(id)));
+        delta.ca_certificates.retain(|id, e| changed(e, snap.ca_certificates.get(id)));
+        let nothing = [delta.apis.is_empty(), delta.plugins.is_empty(), delta.keys.is_empty()];
+        if nothing.into_iter().all(|n| n) && delta.certificates.is_empty() && delta.ca_certificates.is_empty() {
             return None;
         }
         delta.base = snap.version;

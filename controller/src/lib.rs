@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod watch;
 
 #[derive(Debug, thiserror::Error)]

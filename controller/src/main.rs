@@ -2,19 +2,21 @@
 //! the status writer, side by side.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
 use gatehouse_controller::{
     acks::Acks,
     auth::Authenticator,
+    compile::SecretScope,
     hub::Hub,
     leader::{Elector, Leadership},
     metrics::Metrics,
-    server::{self, ConfigServer},
+    server::{self, ConfigServer, Forwarding},
     status::StatusWriter,
-    watch::{self, State},
+    tls::{self, ServingCertificate},
+    watch::{self, State, lock},
 };
 use tokio::{net::TcpListener, sync::watch as channel};
 
@@ -52,6 +54,18 @@ struct Cli {
     /// `host:port` other replicas reach this one at, to forward acks to the leader.
     #[arg(long, env = "GATEHOUSE_ADVERTISE_ADDRESS")]
     advertise_address: Option<String>,
+    /// PEM certificate to serve the config stream with over TLS (with `--tls-key-file`);
+    /// read again when the file changes. Without it the stream is plaintext, and
+    /// certificates (`spec.tls`, Secrets `spec.upstream.tls` names) never reach dataplanes.
+    #[arg(long, value_name = "PATH", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file`.
+    #[arg(long, value_name = "PATH", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA the serving certificate chains to: acks forwarded to the leader check its
+    /// certificate against it (and against the first DNS name of our own).
+    #[arg(long, value_name = "PATH", requires = "tls_cert_file")]
+    tls_ca_file: Option<PathBuf>,
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
 }
@@ -77,8 +91,36 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, %identity, %address, "gatehouse controller starting");
 
+    let serving = match (&cli.tls_cert_file, &cli.tls_key_file) {
+        (Some(c), Some(k)) => Some(ServingCertificate::load(c, k).context("--tls-cert-file/--tls-key-file")?),
+        _ => None,
+    };
+    let acceptor = match &serving {
+        Some(s) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(s.clone())?)),
+        None => {
+            tracing::warn!(
+                "the config stream is plaintext: certificates are not sent to dataplanes; give --tls-cert-file and --tls-key-file"
+            );
+            None
+        }
+    };
+    let forwarding = match (&serving, &cli.tls_ca_file) {
+        (None, _) => Forwarding::plain(),
+        (Some(s), ca) => {
+            let names = s.dns_names();
+            let name = names.first().context("--tls-cert-file: the certificate has no DNS name")?;
+            let ca = ca
+                .as_deref()
+                .context("--tls-ca-file is required with --tls-cert-file, to forward acks to the leader")?;
+            Forwarding::Tls(tls::forward_client(ca, name)?)
+        }
+    };
+
     let metrics = Arc::new(Metrics::new());
     let state = State::default();
+    if serving.is_some() {
+        lock(&state).resources.secret_scope = Some(SecretScope { default_namespace: cli.lease_namespace.clone() });
+    }
     let hub = Arc::new(Hub::new());
     let acks = Arc::new(Acks::default());
     let (lead_tx, lead_rx) = channel::channel(Leadership::default());
@@ -91,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let (forward, queue) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(server::forwarder(queue));
+    tokio::spawn(server::forwarder(queue, forwarding));
     let config = Arc::new(ConfigServer {
         hub,
         acks,
@@ -101,9 +143,9 @@ async fn main() -> anyhow::Result<()> {
         address: address.clone(),
         forward,
     });
-    tokio::spawn(server::serve(listener, move |req, _| config.clone().handle(req)));
+    tokio::spawn(server::serve(listener, acceptor, move |req, _| config.clone().handle(req)));
     let (st, m) = (state.clone(), metrics.clone());
-    tokio::spawn(server::serve(admin, move |req, _| {
+    tokio::spawn(server::serve(admin, None, move |req, _| {
         let r = server::admin(&st, &m, &req);
         async move { r }
     }));

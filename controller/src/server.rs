@@ -27,7 +27,7 @@ use crate::{
     hub::Hub,
     leader::Leadership,
     metrics::Metrics,
-    watch::{Kind, State, lock},
+    watch::{State, lock},
 };
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -52,18 +52,43 @@ pub struct ConfigServer {
 /// An ack on its way to the leader: its address, the dataplane's Authorization, the body.
 pub type Forward = (String, Option<String>, Bytes);
 
+/// How acks reach the leader: over TLS when the config stream is served over TLS.
+pub enum Forwarding {
+    Plain(HttpClient<HttpConnector, Full<Bytes>>),
+    Tls(crate::tls::ForwardClient),
+}
+
+impl Forwarding {
+    pub fn plain() -> Self {
+        Forwarding::Plain(HttpClient::builder(TokioExecutor::new()).build_http())
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            Forwarding::Plain(c) => c.request(req).await,
+            Forwarding::Tls(c) => c.request(req).await,
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Forwarding::Plain(_) => "http",
+            Forwarding::Tls(_) => "https",
+        }
+    }
+}
+
 /// Forwards acks one at a time, in order; drops them when the leader is unreachable (the
 /// dataplanes' next full ack repairs it).
-pub async fn forwarder(mut rx: mpsc::Receiver<Forward>) {
-    let client: HttpClient<HttpConnector, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
+pub async fn forwarder(mut rx: mpsc::Receiver<Forward>, client: Forwarding) {
     while let Some((addr, auth, body)) = rx.recv().await {
-        let mut req =
-            Request::post(format!("http://{addr}{ACK_PATH}")).header(header::CONTENT_TYPE, "application/json");
+        let mut req = Request::post(format!("{}://{addr}{ACK_PATH}", client.scheme()))
+            .header(header::CONTENT_TYPE, "application/json");
         if let Some(a) = auth {
             req = req.header(header::AUTHORIZATION, a);
         }
         let Ok(req) = req.body(Full::new(body)) else { continue };
-        match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+        match tokio::time::timeout(Duration::from_secs(5), client.send(req)).await {
             Ok(Ok(r)) if r.status().is_success() => {}
             Ok(Ok(r)) => tracing::warn!(status = %r.status(), %addr, "the leader refused a forwarded ack"),
             Ok(Err(e)) => tracing::debug!(error = %e, %addr, "forwarding an ack to the leader"),
@@ -184,9 +209,11 @@ pub fn admin(state: &State, metrics: &Metrics, req: &Request<Incoming>) -> Respo
         }
         "/healthz" => json(StatusCode::OK, "").map(|_| Full::new(Bytes::from_static(br#"{"status":"ok"}"#)).boxed()),
         "/readyz" => {
-            let synced = lock(state).synced.len();
-            let all = [Kind::Api, Kind::Plugin, Kind::Key, Kind::Service, Kind::Slice].len();
-            if synced == all {
+            let (synced, all) = {
+                let s = lock(state);
+                (s.synced.len(), s.watched)
+            };
+            if synced == all && all > 0 {
                 json(StatusCode::OK, "").map(|_| Full::new(Bytes::from_static(br#"{"status":"ready"}"#)).boxed())
             } else {
                 json(StatusCode::SERVICE_UNAVAILABLE, &format!("initial lists: {synced}/{all} kinds done"))
@@ -196,8 +223,12 @@ pub fn admin(state: &State, metrics: &Metrics, req: &Request<Incoming>) -> Respo
     }
 }
 
-/// Serves HTTP/1.1 and HTTP/2 on `listener` until the process ends.
-pub async fn serve<H, F>(listener: TcpListener, handler: H)
+/// A TLS handshake that takes longer is given up: a client that stalls it holds a task.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 and HTTP/2 on `listener` (over TLS when `tls` is given) until the process
+/// ends.
+pub async fn serve<H, F>(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, handler: H)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
@@ -214,12 +245,27 @@ where
         };
         let handler = handler.clone();
         let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let fut = handler(req, peer);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            let served = match tls {
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => builder.serve_connection(TokioIo::new(stream), svc).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -293,7 +293,7 @@ mod tests {
         let (_, ok, reason, message) = &w.conditions[2];
         assert_eq!((*ok, *reason), (false, "Unsupported"));
         assert!(
-            message.starts_with("spec.tls: certificates reach dataplanes only over the TLS config stream"),
+            message.starts_with("spec.tls: certificates reach dataplanes only over a TLS config stream"),
             "{message}"
         );
     }

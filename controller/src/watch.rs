@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures::{StreamExt, stream::BoxStream};
-use gatehouse_crds::{ApiDefinition, KEY_LABEL, Plugin, protocol::Delta, snapshot::Conflict};
+use gatehouse_crds::{ApiDefinition, KEY_LABEL, Plugin, TLS_SECRET_TYPE, protocol::Delta, snapshot::Conflict};
 use k8s_openapi::api::{
     core::v1::{Secret, Service},
     discovery::v1::EndpointSlice,
@@ -24,7 +24,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 
 use crate::{
-    compile::{KeyObject, Outcome, Resources, id_of},
+    compile::{KeyObject, Outcome, Resources, SecretObject, id_of, secrets_of},
     hub::Hub,
     metrics::Metrics,
 };
@@ -36,6 +36,10 @@ pub enum Kind {
     Key,
     Service,
     Slice,
+    /// `kubernetes.io/tls` Secrets, watched only when the stream is secured.
+    Certificate,
+    /// Opaque Secrets, for those with a `ca.crt`; likewise.
+    CaBundle,
 }
 
 impl Kind {
@@ -46,6 +50,7 @@ impl Kind {
             Kind::Key => "Secret",
             Kind::Service => "Service",
             Kind::Slice => "EndpointSlice",
+            Kind::Certificate | Kind::CaBundle => "Secret",
         }
     }
 }
@@ -59,10 +64,15 @@ pub struct Shared {
     pub plugin_outcomes: BTreeMap<String, Outcome>,
     /// Key Secrets that cannot be used, and why (the last good version keeps serving).
     pub key_errors: BTreeMap<String, String>,
+    /// Certificates an API needs that cannot be used, and why (the last good version keeps
+    /// serving).
+    pub secret_errors: BTreeMap<String, String>,
     /// ApiDefinitions not served because an older one holds their route.
     pub conflicts: BTreeMap<String, Conflict>,
     /// Kinds whose initial list is complete.
     pub synced: BTreeSet<Kind>,
+    /// Kinds watched: the controller is ready when all of them are synced.
+    pub watched: usize,
 }
 
 pub type State = Arc<Mutex<Shared>>;
@@ -79,6 +89,8 @@ enum Change {
     Key(watcher::Event<KeyObject>),
     Service(watcher::Event<Service>),
     Slice(watcher::Event<EndpointSlice>),
+    Certificate(watcher::Event<SecretObject>),
+    CaBundle(watcher::Event<SecretObject>),
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -111,6 +123,7 @@ where
 /// Runs until the process ends; watch errors are retried with backoff. `namespaces` empty:
 /// every namespace.
 pub async fn run(client: Client, namespaces: Vec<String>, state: State, hub: Arc<Hub>, metrics: Arc<Metrics>) {
+    let secured = lock(&state).resources.secret_scope.is_some();
     let scopes: Vec<Option<&str>> =
         if namespaces.is_empty() { vec![None] } else { namespaces.iter().map(|n| Some(n.as_str())).collect() };
     let default = watcher::Config::default;
@@ -128,7 +141,19 @@ pub async fn run(client: Client, namespaces: Vec<String>, state: State, hub: Arc
             stream(api::<Service>(&client, ns), scope, default(), Change::Service),
             stream(api::<EndpointSlice>(&client, ns), scope, default(), Change::Slice),
         ]);
+        if secured {
+            // Like keys, each Secret is cut down as it arrives: Opaque ones to their ca.crt,
+            // so other applications' secrets never stay in memory.
+            let tls = default().fields(&format!("type={TLS_SECRET_TYPE}"));
+            streams.push(stream(api::<Secret>(&client, ns), scope, tls, |e| {
+                Change::Certificate(map_event(e, SecretObject::from_secret))
+            }));
+            streams.push(stream(api::<Secret>(&client, ns), scope, default().fields("type=Opaque"), |e| {
+                Change::CaBundle(map_event(e, SecretObject::from_secret))
+            }));
+        }
     }
+    lock(&state).watched = if secured { 7 } else { 5 };
     let mut changes = futures::stream::select_all(streams);
     let scopes = scopes.len();
     let mut compiler = Compiler { state, hub, metrics, listing: Listing::new(), listed: BTreeMap::new(), scopes };
@@ -174,6 +199,8 @@ struct Affected {
     keys: BTreeSet<String>,
     /// Services (`namespace/name`) whose APIs must be compiled again.
     services: BTreeSet<String>,
+    /// Secrets whose certificate or CA entries must be compiled again.
+    secrets: BTreeSet<String>,
 }
 
 /// Keyed by kind and watched namespace ("" for all).
@@ -188,7 +215,20 @@ impl Compiler {
             let mut w =
                 Watched { listing: &mut self.listing, listed: &mut self.listed, scopes: self.scopes, synced, scope };
             match change {
-                Change::Api(e) => (Kind::Api, w.event(Kind::Api, e, &mut r.apis, |_, id| Affected::api(id))),
+                Change::Api(e) => (
+                    Kind::Api,
+                    w.event(Kind::Api, e, &mut r.apis, |a, id| {
+                        let mut affected = Affected::api(id);
+                        affected.secrets.extend(a.map(secrets_of).unwrap_or_default());
+                        affected
+                    }),
+                ),
+                Change::Certificate(e) => {
+                    (Kind::Certificate, w.event(Kind::Certificate, e, &mut r.secrets, |_, id| Affected::secret(id)))
+                }
+                Change::CaBundle(e) => {
+                    (Kind::CaBundle, w.event(Kind::CaBundle, e, &mut r.ca_bundles, |_, id| Affected::secret(id)))
+                }
                 Change::Plugin(e) => {
                     (Kind::Plugin, w.event(Kind::Plugin, e, &mut r.plugins, |_, id| Affected::plugin(id)))
                 }
@@ -278,6 +318,20 @@ impl Compiler {
                     shared.key_errors.insert(id.clone(), e.to_string());
                 }
             }
+        }
+        for id in &a.secrets {
+            let entries = shared.resources.compile_secret(id);
+            match entries.certificate {
+                Ok(c) => {
+                    shared.secret_errors.remove(id);
+                    delta.certificates.insert(id.clone(), c);
+                }
+                Err(e) => {
+                    tracing::warn!(secret = %id, error = %e, "certificate not usable; its last good version keeps serving");
+                    shared.secret_errors.insert(id.clone(), e.to_string());
+                }
+            }
+            delta.ca_certificates.insert(id.clone(), entries.ca);
         }
         delta
     }
@@ -373,7 +427,11 @@ impl Affected {
     fn service(id: &str) -> Self {
         Self { services: BTreeSet::from([id.to_owned()]), ..Default::default() }
     }
+    fn secret(id: &str) -> Self {
+        Self { secrets: BTreeSet::from([id.to_owned()]), ..Default::default() }
+    }
     fn extend(&mut self, other: Affected) {
+        self.secrets.extend(other.secrets);
         self.apis.extend(other.apis);
         self.plugins.extend(other.plugins);
         self.keys.extend(other.keys);

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{ApiEntry, CertificateEntry, KeyEntry, PluginEntry, Snapshot};
+use crate::{
+    CaSecret,
+    snapshot::{ApiEntry, CertificateEntry, KeyEntry, PluginEntry, Snapshot},
+};
 
 pub const STREAM_PATH: &str = "/v1/stream";
 pub const ACK_PATH: &str = "/v1/ack";
@@ -44,6 +47,10 @@ pub struct Delta {
     /// Certificates (private keys included): only ever on a stream that runs over TLS.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub certificates: BTreeMap<String, Option<CertificateEntry>>,
+    /// CA bundles (`ca.crt` of Secrets an upstream's `tls.caSecretRef` names): like
+    /// certificates, only ever on a stream that runs over TLS.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ca_certificates: BTreeMap<String, Option<CaSecret>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -76,6 +83,7 @@ impl Snapshot {
         apply_map(&mut self.plugins, &d.plugins);
         apply_map(&mut self.keys, &d.keys);
         apply_map(&mut self.certificates, &d.certificates);
+        apply_map(&mut self.ca_certificates, &d.ca_certificates);
         self.version = d.version;
         Ok(())
     }

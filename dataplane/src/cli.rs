@@ -30,9 +30,19 @@ pub struct Cli {
     /// Plugin and key Secret manifests. Watched: changes are applied without a restart.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Kubernetes mode: the controller's config stream, e.g. `http://gatehouse-controller:9443`.
+    /// Kubernetes mode: the controller's config stream, e.g.
+    /// `https://gatehouse-controller.gatehouse.svc:9443`. Certificates reach the dataplane
+    /// only over `https://`; over `http://` they are refused.
     #[arg(long, value_name = "URL")]
     pub controller: Option<String>,
+    /// PEM CA the controller's certificate must chain to (read again on every connection);
+    /// without it, the system's roots. A controller that cannot be verified gets no
+    /// connection: no config is taken from it.
+    #[arg(long, value_name = "PATH", requires = "controller")]
+    pub controller_ca_file: Option<PathBuf>,
+    /// The name the controller's certificate must carry, when it is not the URL's host.
+    #[arg(long, value_name = "NAME", requires = "controller")]
+    pub controller_server_name: Option<String>,
     /// The projected ServiceAccount token presented to the controller (re-read on every
     /// connection, so rotation just works).
     #[arg(long, value_name = "PATH", default_value = "/var/run/secrets/gatehouse/token")]

@@ -218,7 +218,7 @@ impl TlsInputs {
 
 /// The system's trusted roots, read once (rustls-native-certs: the OS store, or
 /// `SSL_CERT_FILE`/`SSL_CERT_DIR`).
-fn system_roots() -> Result<Arc<RootCertStore>, String> {
+pub(crate) fn system_roots() -> Result<Arc<RootCertStore>, String> {
     // Only a store that was found is kept: one installed later is read by the next build.
     static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
     if let Some(roots) = ROOTS.get() {

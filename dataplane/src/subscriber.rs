@@ -18,9 +18,14 @@ use gatehouse_crds::{
 };
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
+};
+use rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, ServerName, pem::PemObject},
 };
 
 use crate::{cli::Cli, gateway::Gateway};
@@ -41,17 +46,23 @@ enum Acked {
 }
 
 /// Applies one message to the snapshot; what to acknowledge once it is served.
-fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage) -> anyhow::Result<Option<Acked>> {
+/// `secured`: the stream runs over TLS, the only way certificates may come.
+fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage, secured: bool) -> anyhow::Result<Option<Acked>> {
     match msg {
         StreamMessage::Ping => Ok(None),
         StreamMessage::Snapshot { mut snapshot } => {
-            refuse_certificates(&mut snapshot.certificates);
-            refuse_certificates(&mut snapshot.ca_certificates);
+            if !secured {
+                refuse_certificates(&mut snapshot.certificates);
+                refuse_certificates(&mut snapshot.ca_certificates);
+            }
             *current = Some(Arc::new(snapshot));
             Ok(Some(Acked::All))
         }
         StreamMessage::Delta(mut d) => {
-            refuse_certificates(&mut d.certificates);
+            if !secured {
+                refuse_certificates(&mut d.certificates);
+                refuse_certificates(&mut d.ca_certificates);
+            }
             let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
             // Out of order means a lost message: reconnect for the whole state. The config
             // thread has let go of the last one applied, so this changes it in place.
@@ -100,34 +111,96 @@ impl Acked {
     }
 }
 
+type StreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 pub struct Subscriber {
     base: String,
+    /// `https://`: the controller is verified, and certificates are taken from it.
+    secured: bool,
+    ca_file: Option<PathBuf>,
+    server_name: Option<ServerName<'static>>,
     token_file: PathBuf,
     state_file: PathBuf,
     node: String,
-    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Subscriber {
     pub fn new(url: &str, cli: &Cli) -> anyhow::Result<Self> {
         let base = url.trim_end_matches('/').to_owned();
         let uri: http::Uri = base.parse().with_context(|| format!("--controller {url}"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            bail!("--controller {url}: expected http://host:port");
+        let secured = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => bail!("--controller {url}: expected https://host:port (or http://)"),
+        };
+        if uri.authority().is_none() {
+            bail!("--controller {url}: expected https://host:port (or http://)");
         }
+        if !secured && (cli.controller_ca_file.is_some() || cli.controller_server_name.is_some()) {
+            bail!("--controller {url}: --controller-ca-file and --controller-server-name need an https:// controller");
+        }
+        if !secured {
+            tracing::warn!(controller = %url, "the config stream is plaintext: certificates from it are refused");
+        }
+        let server_name = cli
+            .controller_server_name
+            .as_deref()
+            .map(|n| ServerName::try_from(n.to_owned()).with_context(|| format!("--controller-server-name {n}")))
+            .transpose()?;
         std::fs::create_dir_all(&cli.state_dir).with_context(|| format!("--state-dir {}", cli.state_dir.display()))?;
         let node = cli.node_name.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| format!("dataplane-{}", std::process::id()))
         });
-        Ok(Self {
+        let me = Self {
             base,
+            secured,
+            ca_file: cli.controller_ca_file.clone(),
+            server_name,
             token_file: cli.token_file.clone(),
             state_file: cli.state_dir.join("snapshot.json"),
             node,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        })
+        };
+        me.client()?;
+        Ok(me)
+    }
+
+    /// A client for one session: the CA file is read again each time, so a rotated CA is
+    /// picked up on the next connection.
+    fn client(&self) -> anyhow::Result<StreamClient> {
+        let roots = match (&self.ca_file, self.secured) {
+            (_, false) => RootCertStore::empty(),
+            (Some(path), true) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .with_context(|| format!("--controller-ca-file {}: not PEM certificates", path.display()))?;
+                let mut roots = RootCertStore::empty();
+                if roots.add_parsable_certificates(certs).0 == 0 {
+                    bail!("--controller-ca-file {}: no CA certificate", path.display());
+                }
+                roots
+            }
+            (None, true) => {
+                let roots = crate::connect::system_roots().map_err(|_| {
+                    anyhow::anyhow!(
+                        "no system CA certificates to verify the controller against; give --controller-ca-file"
+                    )
+                })?;
+                RootCertStore::clone(&roots)
+            }
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_or_http();
+        let builder = match &self.server_name {
+            Some(n) => builder.with_server_name_resolver(FixedServerNameResolver::new(n.clone())),
+            None => builder,
+        };
+        Ok(Client::builder(TokioExecutor::new()).build(builder.enable_http1().build()))
     }
 
     pub async fn run(self, gw: Arc<Gateway>) {
@@ -191,10 +264,11 @@ impl Subscriber {
 
     async fn session(&self, gw: &Gateway) -> anyhow::Result<()> {
         let token = self.token()?;
+        let client = self.client()?;
         let req = Request::get(format!("{}{STREAM_PATH}", self.base))
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::new()))?;
-        let resp = self.client.request(req).await.context("connecting to the controller")?;
+        let resp = client.request(req).await.context("connecting to the controller")?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -219,7 +293,7 @@ impl Subscriber {
                     };
                     let Some(data) = frame.data_ref() else { continue };
                     buf.extend_from_slice(data);
-                    if let Err(e) = self.on_lines(gw, &mut buf, &mut current, &mut dirty, &token).await {
+                    if let Err(e) = self.on_lines(gw, &client, &mut buf, &mut current, &mut dirty, &token).await {
                         break Err(e);
                     }
                 }
@@ -246,7 +320,7 @@ impl Subscriber {
                         } else {
                             Acked::Nothing
                         };
-                        self.ack(gw, current.as_deref(), &token, &acked).await;
+                        self.ack(gw, &client, current.as_deref(), &token, &acked).await;
                     }
                 }
             }
@@ -262,6 +336,7 @@ impl Subscriber {
     async fn on_lines(
         &self,
         gw: &Gateway,
+        client: &StreamClient,
         buf: &mut BytesMut,
         current: &mut Option<Arc<Snapshot>>,
         dirty: &mut bool,
@@ -271,7 +346,7 @@ impl Subscriber {
         while let Some(end) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(end + 1);
             let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
-            if let Some(a) = on_message(current, msg)? {
+            if let Some(a) = on_message(current, msg, self.secured)? {
                 acked = Some(match acked.take() {
                     None => a,
                     Some(prev) => prev.merge(a),
@@ -282,13 +357,13 @@ impl Subscriber {
         gw.apply(snapshot.clone()).await.context("building the runtime")?;
         tracing::debug!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
         *dirty = true;
-        self.ack(gw, Some(snapshot), token, &acked).await;
+        self.ack(gw, client, Some(snapshot), token, &acked).await;
         Ok(())
     }
 
     /// Acknowledges what `acked` names: everything after a snapshot, the changed resources
     /// after a delta, nothing but liveness in a heartbeat. Acks stay as small as the change.
-    async fn ack(&self, gw: &Gateway, current: Option<&Snapshot>, token: &str, acked: &Acked) {
+    async fn ack(&self, gw: &Gateway, client: &StreamClient, current: Option<&Snapshot>, token: &str, acked: &Acked) {
         let Some(snapshot) = current else { return };
         let rt = gw.runtime();
         let wanted = |id: &String, changed: fn(&Acked) -> Option<&BTreeSet<String>>| match acked {
@@ -324,7 +399,7 @@ impl Subscriber {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)));
         let Ok(req) = req else { return };
-        match self.client.request(req).await {
+        match client.request(req).await {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => tracing::warn!(status = %r.status(), "the controller refused an ack"),
             Err(e) => tracing::debug!(error = %e, "sending an ack"),
@@ -361,7 +436,7 @@ mod tests {
     }
 
     #[test]
-    fn certificates_from_the_plaintext_stream_are_never_applied() {
+    fn certificates_from_the_plaintext_stream_are_never_applied_and_from_a_secured_one_are() {
         let cert = gatehouse_crds::TlsSecret {
             namespace: "ns".into(),
             name: "c".into(),
@@ -370,16 +445,22 @@ mod tests {
             private_key_pem: gatehouse_crds::PrivateKeyPem::new("KEY".into()),
             ca_certificate_pem: None,
         };
-        let mut snapshot = Snapshot { version: 1, ..Default::default() };
-        snapshot.certificates.insert("ns/c".into(), cert.clone());
-        let mut current = None;
-        on_message(&mut current, StreamMessage::Snapshot { snapshot }).expect("applies");
-        assert!(current.as_ref().expect("applied").certificates.is_empty());
-        let mut d = gatehouse_crds::protocol::Delta { version: 2, base: 1, ..Default::default() };
-        d.certificates.insert("ns/c".into(), Some(cert));
-        on_message(&mut current, StreamMessage::Delta(d)).expect("applies");
-        let s = current.expect("applied");
-        assert_eq!(s.version, 2);
-        assert!(s.certificates.is_empty());
+        let ca =
+            gatehouse_crds::CaSecret { namespace: "ns".into(), name: "ca".into(), ca_certificate_pem: "CA".into() };
+        for secured in [false, true] {
+            let mut snapshot = Snapshot { version: 1, ..Default::default() };
+            snapshot.certificates.insert("ns/c".into(), cert.clone());
+            let mut current = None;
+            on_message(&mut current, StreamMessage::Snapshot { snapshot }, secured).expect("applies");
+            assert_eq!(current.as_ref().expect("applied").certificates.len(), usize::from(secured));
+            let mut d = gatehouse_crds::protocol::Delta { version: 2, base: 1, ..Default::default() };
+            d.certificates.insert("ns/c2".into(), Some(cert.clone()));
+            d.ca_certificates.insert("ns/ca".into(), Some(ca.clone()));
+            on_message(&mut current, StreamMessage::Delta(d), secured).expect("applies");
+            let s = current.expect("applied");
+            assert_eq!(s.version, 2);
+            assert_eq!(s.certificates.len(), 2 * usize::from(secured), "secured: {secured}");
+            assert_eq!(s.ca_certificates.len(), usize::from(secured), "secured: {secured}");
+        }
     }
 }

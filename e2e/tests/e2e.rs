@@ -12,3 +12,5 @@ mod controller;
 mod crds;
 #[path = "e2e/procs.rs"]
 mod procs;
+#[path = "e2e/stream_tls.rs"]
+mod stream_tls;

@@ -147,3 +147,13 @@ topologySpreadConstraints:
 priorityClassName: {{ . }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the config stream's certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "gatehouse.controller.tlsSecretName" -}}
+{{- .Values.controller.tls.existingSecret | default (printf "%s-tls" (include "gatehouse.controller.fullname" .)) }}
+{{- end }}
+
+{{/* The DNS name dataplanes reach the controller by; first in its certificate. */}}
+{{- define "gatehouse.controller.host" -}}
+{{- printf "%s.%s.svc" (include "gatehouse.controller.fullname" .) .Release.Namespace }}
+{{- end }}

@@ -361,7 +361,14 @@ fn free_port() -> u16 {
 
 /// A controller replica as the chart's Deployment runs it; `kubeconfig` authenticates as its
 /// ServiceAccount.
-fn start_controller(deployment: &Deployment, index: usize, ns: &str, dir: &Path, kubeconfig: &Path) -> Proc {
+fn start_controller(
+    c: &Cluster,
+    deployment: &Deployment,
+    index: usize,
+    ns: &str,
+    dir: &Path,
+    kubeconfig: &Path,
+) -> Proc {
     let pod = Pod::new(deployment, index, ns, dir);
     let config = pod.port("config");
     let local = free_port();
@@ -370,6 +377,7 @@ fn start_controller(deployment: &Deployment, index: usize, ns: &str, dir: &Path,
     for (flag, value) in pod.args(&env) {
         let value = match flag.as_str() {
             "--listen" | "--admin-listen" => loopback(&value, config, local),
+            "--tls-cert-file" | "--tls-key-file" | "--tls-ca-file" => pod.secret_file(c, &value).display().to_string(),
             _ => value,
         };
         args.push(if value.is_empty() { flag } else { format!("{flag}={value}") });
@@ -399,13 +407,19 @@ fn start_dataplane(
     let mut args = Vec::new();
     for (flag, value) in pod.args(&env) {
         let value = match flag.as_str() {
-            "--listen" | "--admin-listen" => loopback(&value, 0, 0),
+            "--listen" | "--admin-listen" | "--tls-listen" => loopback(&value, 0, 0),
             "--controller" => {
-                // The chart points at the controller Service; here, at one local replica.
-                let svc = format!("http://{}.{ns}.svc:", controller_service(deployment));
-                assert!(value.starts_with(&svc), "--controller={value}: expected {svc}<port>");
-                format!("http://{}", controller.addr)
+                // The chart points at the controller Service; here, at one local replica,
+                // still checked by the Service's name.
+                let host = format!("{}.{ns}.svc", controller_service(deployment));
+                assert!(
+                    value.starts_with(&format!("https://{host}:")),
+                    "--controller={value}: expected https://{host}:<port>"
+                );
+                args.push(format!("--controller-server-name={host}"));
+                format!("https://{}", controller.addr)
             }
+            "--controller-ca-file" => pod.secret_file(c, &value).display().to_string(),
             "--token-file" => pod.token(c, &value).display().to_string(),
             "--key-id-secret-file" => pod.secret_file(c, &value).display().to_string(),
             "--state-dir" | "--plugin-dir" => pod.writable(&value).display().to_string(),
@@ -423,7 +437,7 @@ fn controller_service(dataplane: &Deployment) -> String {
         .and_then(|c| c.args.as_ref())
         .and_then(|a| a.iter().find_map(|a| a.strip_prefix("--controller=")))
         .unwrap_or_else(|| panic!("the dataplane has no --controller"));
-    let host = url.trim_start_matches("http://").split(':').next().unwrap_or_default();
+    let host = url.trim_start_matches("https://").split(':').next().unwrap_or_default();
     host.split('.').next().unwrap_or_default().to_owned()
 }
 
@@ -604,6 +618,16 @@ async fn chart_lints_and_its_schema_refuses_bad_values() {
         (&["counters.failure=maybe"], "/counters/failure"),
         (&["counters.timeout=soon"], "/counters/timeout"),
         (&["counters.redis.caConfigMap=Not_A_Name"], "/counters/redis/caConfigMap"),
+        (&["controller.tls.certManager.enabled=true"], "/controller/tls/certManager/issuerRef/name"),
+        (&["controller.tls.certManager.issuerRef.kind=Vault"], "/controller/tls/certManager/issuerRef/kind"),
+        (
+            &[
+                "controller.tls.existingSecret=mine",
+                "controller.tls.certManager.enabled=true",
+                "controller.tls.certManager.issuerRef.name=ca",
+            ],
+            "/controller/tls",
+        ),
     ];
     for (sets, wanted) in bad {
         let sets: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
@@ -621,7 +645,22 @@ async fn chart_lints_and_its_schema_refuses_bad_values() {
     let rendered = rendered.err().unwrap_or_else(|| panic!("helm template accepted {sets:?}"));
     assert!(rendered.contains("must be less than terminationGracePeriodSeconds"), "{rendered}");
     // Without values, helm template and install accept the chart on a server this recent.
-    template(&c, "default", &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    let plain = template(&c, "default", &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(plain.contains("type: kubernetes.io/tls") && !plain.contains("kind: Certificate"), "{plain}");
+    // The config stream's certificate from cert-manager, or from a Secret of the user's.
+    let issued =
+        ["--set", "controller.tls.certManager.enabled=true", "--set", "controller.tls.certManager.issuerRef.name=ca"];
+    let issued = template(&c, "default", &issued).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        issued.contains("kind: Certificate") && issued.contains("secretName: gatehouse-controller-tls"),
+        "{issued}"
+    );
+    assert!(issued.contains("- gatehouse-controller.default.svc\n"), "the Service name comes first: {issued}");
+    assert!(!issued.contains("type: kubernetes.io/tls"), "cert-manager writes the Secret: {issued}");
+    let own = template(&c, "default", &["--set", "controller.tls.existingSecret=my-tls"]).await;
+    let own = own.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!own.contains("type: kubernetes.io/tls") && !own.contains("kind: Certificate"), "{own}");
+    assert!(own.contains("secretName: my-tls"), "{own}");
 
     // docs/kubernetes.md documents every value.
     let values: Value = serde_saphyr::from_str(&read(&repo_root().join(CHART).join("values.yaml")))
@@ -814,6 +853,23 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
             ctl_args.contains(&format!("--allowed-service-account={ns}:gatehouse-dataplane")),
             "{what}: {ctl_args}"
         );
+        // The config stream is TLS; dataplanes get the CA and nothing else of its Secret.
+        let ca = dp["volumes"].as_array().into_iter().flatten().find(|v| v["name"] == "controller-ca");
+        let ca = ca.unwrap_or_else(|| panic!("{what}: no controller-ca volume"));
+        assert_eq!(ca["secret"]["secretName"], "gatehouse-controller-tls", "{what}: {ca}");
+        assert_eq!(ca["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]), "{what}: {ca}");
+        let dp_args = dp["containers"][0]["args"].to_string();
+        assert!(
+            dp_args.contains(&format!("--controller=https://gatehouse-controller.{ns}.svc:9443")),
+            "{what}: {dp_args}"
+        );
+        assert!(ctl_args.contains("--tls-cert-file=/etc/gatehouse/tls/tls.crt"), "{what}: {ctl_args}");
+        let tls = objects.iter().find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == "gatehouse-controller-tls");
+        let tls = tls.unwrap_or_else(|| panic!("{what}: no generated gatehouse-controller-tls Secret"));
+        assert_eq!(tls["type"], "kubernetes.io/tls", "{what}");
+        for k in ["tls.crt", "tls.key", "ca.crt"] {
+            assert!(tls["data"][k].as_str().is_some_and(|v| !v.is_empty()), "{what}: the TLS Secret has no {k}");
+        }
         let mounts = dp["containers"][0]["volumeMounts"].to_string();
         if extra.contains(&"plugins.volumes[0].subPath=v3") {
             assert!(mounts.contains(r#""mountPath":"/opt/gatehouse/plugins/shared","name":"plugin-shared","readOnly":true,"subPath":"v3""#), "{mounts}");
@@ -916,7 +972,7 @@ async fn chart_user_journey_install_configure_upgrade_uninstall() {
     assert_eq!(mount_configmaps(&c.client, &ns, &dp_dep, &mount).await, 3, "three plugin volumes");
     let pods = dir.path().join("pods");
     let controllers: Vec<Proc> =
-        (0..replicas(&ctl_dep)).map(|i| start_controller(&ctl_dep, i, &ns, &pods, &sa_kubeconfig)).collect();
+        (0..replicas(&ctl_dep)).map(|i| start_controller(&c, &ctl_dep, i, &ns, &pods, &sa_kubeconfig)).collect();
     // Each dataplane on another controller replica, as the Service would spread them: acks
     // reach the leader through the follower.
     let dataplanes: Vec<Proc> = (0..replicas(&dp_dep))
@@ -970,6 +1026,27 @@ async fn chart_user_journey_install_configure_upgrade_uninstall() {
             "response plugin"
         );
         assert_eq!(headers.get("x-response-added").and_then(|v| v.to_str().ok()), Some("resp-added"));
+    }
+
+    // A certificate Secret an ApiDefinition names travels the chart's TLS config stream and
+    // is served on every dataplane's TLS port.
+    step("HTTPS with a certificate Secret");
+    let site = crate::stream_tls::Ca::new("chart site CA");
+    let leaf = site.leaf(&["secure.example"]);
+    let secure = format!(
+        "{}---\napiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: secure}}\nspec:\n  listenPath: /secure/\n  hosts: [secure.example]\n  tls: {{secretName: secure-cert}}\n  upstream: {{service: {{name: httpbin, port: 80}}}}\n",
+        crate::stream_tls::tls_secret("secure-cert", &leaf)
+    );
+    must(kubectl(&c, &["-n", &ns, "apply", "-f", "-"], Some(secure.as_bytes())));
+    wait_condition::<ApiDefinition>(&c.client, &ns, "secure", "Programmed", "2/2 dataplanes serve generation 1", 1)
+        .await;
+    for dp in &dataplanes {
+        let tls = dp.tls.unwrap_or_else(|| panic!("{}: no TLS listener", dp.addr));
+        let (status, shown) = crate::stream_tls::https_get(tls, "secure.example", &site.pem, "/secure/get")
+            .await
+            .unwrap_or_else(|e| panic!("{tls}: {e}"));
+        assert_eq!(status, "HTTP/1.1 200 OK", "{tls}");
+        assert_eq!(shown, crate::stream_tls::der(&leaf.0), "{tls}: the Secret's certificate");
     }
 
     // A new version of a plugin: the ConfigMap is replaced (docs/kubernetes.md), the kubelet

@@ -52,6 +52,11 @@ async fn env(prefix: &str) -> Env {
     Env { c, ns, dir, token }
 }
 
+/// `kubectl -n ns args…` (stdin given), its stdout; panics when it fails.
+pub fn kubectl_in(c: &Cluster, ns: &str, args: &[&str], stdin: Option<&str>) -> String {
+    kubectl(c, ns, args, stdin)
+}
+
 fn kubectl(c: &Cluster, ns: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = std::process::Command::new(&c.kubectl)
         .arg("--kubeconfig")
@@ -90,6 +95,11 @@ where
         + std::fmt::Debug,
 {
     crate::procs::condition::<K>(&e.c.client, &e.ns, name, ty).await
+}
+
+/// The controller's reason for an API with `spec.tls` when its stream is plaintext.
+fn gatehouse_controller_tls_not_streamed() -> &'static str {
+    "spec.tls: certificates reach dataplanes only over a TLS config stream, and this controller's is plaintext (start it with --tls-cert-file and --tls-key-file)"
 }
 
 async fn serves(dp: &Proc, path: &str, want: &str) -> Result<(), String> {
@@ -215,11 +225,7 @@ async fn an_api_with_tls_is_not_programmed_and_says_why_while_its_plain_routes_a
     eventually("the fine API to be served", || serves(&dp, "/fine/x", "upstream t /x")).await;
     eventually("Programmed=False, Unsupported, with the reason", || async {
         match condition::<ApiDefinition>(&e, "secure", "Programmed").await? {
-            (s, r, m, _)
-                if s == "False"
-                    && r == "Unsupported"
-                    && m == "spec.tls: certificates reach dataplanes only over the TLS config stream, which this controller does not serve yet" =>
-            {
+            (s, r, m, _) if s == "False" && r == "Unsupported" && m == gatehouse_controller_tls_not_streamed() => {
                 Ok(())
             }
             other => Err(format!("{other:?}")),

@@ -57,6 +57,8 @@ pub struct Proc {
     /// The listen and admin addresses it logged at start.
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The TLS listen address, for a dataplane given `--tls-listen`.
+    pub tls: Option<SocketAddr>,
 }
 
 impl Drop for Proc {
@@ -86,16 +88,16 @@ impl Proc {
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                     let addr = |k: &str| v["fields"][k].as_str().and_then(|s| s.parse::<SocketAddr>().ok());
                     if let (Some(a), Some(b)) = (addr("listen"), addr("admin")) {
-                        let _ = tx.send((a, b));
+                        let _ = tx.send((a, b, addr("tls_listen")));
                     }
                 }
                 l.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        let Ok((addr, admin)) = rx.recv_timeout(PATIENCE) else {
+        let Ok((addr, admin, tls)) = rx.recv_timeout(PATIENCE) else {
             panic!("{bin} did not start; logs:\n{}", logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n"));
         };
-        Self { child, logs, addr, admin }
+        Self { child, logs, addr, admin, tls }
     }
 
     /// Resident memory, from /proc (0 if unreadable).
@@ -134,8 +136,13 @@ pub fn controller(kubeconfig: &Path, ns: &str, identity: &str) -> Proc {
 /// A controller watching several namespaces; its Lease and dataplane ServiceAccount are in
 /// the first.
 pub fn controller_of(kubeconfig: &Path, namespaces: &[&str], identity: &str) -> Proc {
+    controller_with(kubeconfig, namespaces, identity, &[])
+}
+
+/// `controller_of` with more flags.
+pub fn controller_with(kubeconfig: &Path, namespaces: &[&str], identity: &str, extra: &[String]) -> Proc {
     let home = namespaces.first().copied().unwrap_or("default");
-    let args = [
+    let mut args = [
         "--listen=127.0.0.1:0",
         "--admin-listen=127.0.0.1:0",
         "--log-format=json",
@@ -144,22 +151,30 @@ pub fn controller_of(kubeconfig: &Path, namespaces: &[&str], identity: &str) -> 
         &format!("--identity={identity}"),
         &format!("--allowed-service-account={home}:dataplane"),
     ]
-    .map(str::to_owned);
+    .map(str::to_owned)
+    .to_vec();
+    args.extend_from_slice(extra);
     Proc::start("gatehouse-controller", &args, &[("KUBECONFIG", kubeconfig)], "gatehouse controller starting")
 }
 
 /// A dataplane subscribed to `controller`, with its own state and plugin directories.
 pub fn dataplane(controller: SocketAddr, token: &Path, state: &Path, node: &str) -> Proc {
-    let args = [
+    dataplane_with(&format!("http://{controller}"), token, state, node, &[])
+}
+
+/// A dataplane subscribed to the controller at `url`, with more flags.
+pub fn dataplane_with(url: &str, token: &Path, state: &Path, node: &str, extra: &[String]) -> Proc {
+    let mut args = vec![
         "--listen=127.0.0.1:0".to_owned(),
         "--admin-listen=127.0.0.1:0".to_owned(),
         "--log-format=json".to_owned(),
-        format!("--controller=http://{controller}"),
+        format!("--controller={url}"),
         format!("--token-file={}", token.display()),
         format!("--state-dir={}", state.join("state").display()),
         format!("--plugin-dir={}", state.join("plugins").display()),
         format!("--node-name={node}"),
     ];
+    args.extend_from_slice(extra);
     Proc::start("gatehouse-dataplane", &args, &[], "gatehouse dataplane starting")
 }
 
