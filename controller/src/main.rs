@@ -137,7 +137,12 @@ async fn main() -> anyhow::Result<()> {
     let config = Arc::new(ConfigServer {
         hub,
         acks,
-        auth: Authenticator::new(client.clone(), cli.token_audience.clone(), &cli.allowed),
+        auth: Authenticator::new(
+            client.clone(),
+            cli.token_audience.clone(),
+            &cli.allowed,
+            metrics.token_reviews.clone(),
+        ),
         metrics: metrics.clone(),
         leadership: lead_rx,
         address: address.clone(),

@@ -19,6 +19,8 @@ pub struct Metrics {
     /// Status writes, by result.
     pub status_writes: IntCounterVec,
     pub refused_clients: IntCounter,
+    /// TokenReviews sent to the API server (cached verdicts and rate-limited tokens are not).
+    pub token_reviews: IntCounter,
     pub leader: IntGauge,
 }
 
@@ -50,6 +52,11 @@ impl Metrics {
             "Config clients refused by authentication",
         ));
         must(registry.register(Box::new(refused_clients.clone())));
+        let token_reviews = must(IntCounter::new(
+            "gatehouse_controller_token_reviews_total",
+            "TokenReviews sent to the API server for tokens not seen in the last minute",
+        ));
+        must(registry.register(Box::new(token_reviews.clone())));
         let push_seconds = must(Histogram::with_opts(
             HistogramOpts::new("gatehouse_controller_push_seconds", "From a watch event to its delta on the streams")
                 .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
@@ -70,6 +77,7 @@ impl Metrics {
             delta_bytes,
             status_writes,
             refused_clients,
+            token_reviews,
             leader: gauge("gatehouse_controller_leader", "1 while this replica holds the lease and writes status"),
             registry,
         }

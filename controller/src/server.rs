@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     acks::Acks,
-    auth::Authenticator,
+    auth::{Authenticator, Identity},
     hub::Hub,
     leader::Leadership,
     metrics::Metrics,
@@ -34,7 +34,8 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// Sent on an idle stream, so both ends notice a dead connection.
 const PING_EVERY: Duration = Duration::from_secs(10);
-const MAX_ACK: usize = 64 * 1024 * 1024;
+/// An ack of 10,000 APIs is under 1 MiB; a bigger one is refused unread.
+const MAX_ACK: usize = 8 * 1024 * 1024;
 
 pub struct ConfigServer {
     pub hub: Arc<Hub>,
@@ -127,8 +128,8 @@ impl ConfigServer {
         if route.1 != STREAM_PATH && route.1 != ACK_PATH {
             return json(StatusCode::NOT_FOUND, "not found");
         }
-        let user = match self.auth.check(auth.as_deref()).await {
-            Ok(u) => u,
+        let identity = match self.auth.check(auth.as_deref()).await {
+            Ok(i) => i,
             Err(e) => {
                 self.metrics.refused_clients.inc();
                 tracing::warn!(reason = %e, "config client refused");
@@ -136,8 +137,8 @@ impl ConfigServer {
             }
         };
         match route {
-            (Method::GET, p) if p == STREAM_PATH => self.stream(&user),
-            (Method::POST, p) if p == ACK_PATH => self.ack(req, auth).await,
+            (Method::GET, p) if p == STREAM_PATH => self.stream(&identity.user),
+            (Method::POST, p) if p == ACK_PATH => self.ack(req, auth, &identity).await,
             _ => json(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         }
     }
@@ -177,7 +178,7 @@ impl ConfigServer {
         r
     }
 
-    async fn ack(&self, req: Request<Incoming>, auth: Option<String>) -> Response<Body> {
+    async fn ack(&self, req: Request<Incoming>, auth: Option<String>, identity: &Identity) -> Response<Body> {
         let body = match Limited::new(req.into_body(), MAX_ACK).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return json(StatusCode::BAD_REQUEST, "ack body unreadable or too large"),
@@ -186,6 +187,11 @@ impl ConfigServer {
             Ok(a) => a,
             Err(e) => return json(StatusCode::BAD_REQUEST, &format!("not an ack: {e}")),
         };
+        if let Err(e) = identity.may_ack_for(&ack.node) {
+            self.metrics.refused_clients.inc();
+            tracing::warn!(reason = %e, user = %identity.user, "ack refused");
+            return json(e.status(), &e.to_string());
+        }
         self.acks.record(ack);
         let leader = self.leadership.borrow().clone();
         if let Some(addr) = leader.leader_address.filter(|a| !leader.is_leader && *a != self.address) {

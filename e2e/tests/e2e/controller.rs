@@ -21,7 +21,7 @@ use kube::{
 
 use crate::{
     cluster::{Cluster, cluster, fresh_namespace, install_crds},
-    procs::{Proc, controller, controller_of, dataplane, eventually, get, upstream},
+    procs::{Proc, controller, controller_of, dataplane, eventually, get, send, upstream},
 };
 
 struct Env {
@@ -400,6 +400,81 @@ async fn clients_without_a_valid_token_get_nothing() {
     let ready = get(&format!("http://{}/readyz", dp.admin), &[]).await;
     assert_eq!(ready.map(|r| r.0), Ok(StatusCode::SERVICE_UNAVAILABLE));
     assert!(ctl.metric("gatehouse_controller_refused_clients_total").await >= 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_token_acks_only_for_its_pod_and_made_up_tokens_cost_few_reviews() {
+    let e = env("ackid").await;
+    let ctl = controller(&e.c.kubeconfig, &e.ns, "ctl-1");
+    // The Pod a projected token would be bound to (no kubelet runs it here).
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: dp-pod-1}\nspec:\n  serviceAccountName: dataplane\n  containers: [{name: dataplane, image: gatehouse-dataplane}]\n";
+    apply(&e, pod);
+    let uid = kubectl(&e.c, &e.ns, &["get", "pod", "dp-pod-1", "-o", "jsonpath={.metadata.uid}"], None);
+    let bound = ["--bound-object-kind", "Pod", "--bound-object-name", "dp-pod-1", "--bound-object-uid", uid.trim()];
+    let token = kubectl(
+        &e.c,
+        &e.ns,
+        &[&["create", "token", "dataplane", "--audience", "gatehouse"][..], &bound].concat(),
+        None,
+    );
+    let auth = format!("Bearer {}", token.trim());
+    let ack_url = format!("http://{}/v1/ack", ctl.addr);
+    let ack = |node: &str| format!(r#"{{"node":"{node}","version":1,"apis":{{}},"plugins":{{}}}}"#);
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let (status, _, body) =
+        send(http::Method::POST, &ack_url, &headers, &ack("dp-pod-2")).await.unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("an ack for node dp-pod-2 refused: the token is pod dp-pod-1's"), "{body}");
+    let (status, _, body) =
+        send(http::Method::POST, &ack_url, &headers, &ack("dp-pod-1")).await.unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    eventually("the refusal in the controller's log", || async {
+        if ctl.logs().contains("an ack for node dp-pod-2 refused") { Ok(()) } else { Err("not yet".into()) }
+    })
+    .await;
+
+    // One made-up token, replayed: one review, then its cached refusal.
+    let stream = format!("http://{}/v1/stream", ctl.addr);
+    let before = ctl.metric("gatehouse_controller_token_reviews_total").await;
+    let fake = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtYWRlLXVwIn0.c2lnbmF0dXJl";
+    for _ in 0..30 {
+        let r = get(&stream, &[("authorization", fake)]).await.unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(r.0, StatusCode::UNAUTHORIZED, "{}", r.1);
+    }
+    assert_eq!(ctl.metric("gatehouse_controller_token_reviews_total").await - before, 1.0);
+    // Malformed ones are never reviewed.
+    for bad in ["Bearer not-a-token", "Bearer a.b", "Basic dXNlcjpwYXNz"] {
+        let r = get(&stream, &[("authorization", bad)]).await.unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(r.0, StatusCode::UNAUTHORIZED, "{bad}: {}", r.1);
+    }
+    assert_eq!(ctl.metric("gatehouse_controller_token_reviews_total").await - before, 1.0);
+
+    // A flood of distinct made-up tokens: the reviews are capped by the rate limit (20 a
+    // second, a burst of 20), the rest refused with 429 before the API server hears of them.
+    let started = std::time::Instant::now();
+    let before = ctl.metric("gatehouse_controller_token_reviews_total").await;
+    let mut throttled = 0u32;
+    for i in 0..200 {
+        let token = format!("Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ{i}In0.c2lnbmF0dXJl");
+        let (status, body) = get(&stream, &[("authorization", &token)]).await.unwrap_or_else(|err| panic!("{err}"));
+        match status {
+            StatusCode::TOO_MANY_REQUESTS => throttled += 1,
+            StatusCode::UNAUTHORIZED => {}
+            other => panic!("{other}: {body}"),
+        }
+    }
+    let reviewed = ctl.metric("gatehouse_controller_token_reviews_total").await - before;
+    let allowed = 20.0 + 20.0 * started.elapsed().as_secs_f64().ceil();
+    assert!(reviewed <= allowed, "{reviewed} reviews in {:?}", started.elapsed());
+    assert_eq!(f64::from(throttled), 200.0 - reviewed, "every token not reviewed was answered 429");
+    // The real dataplane token still works: its verdict is cached, or the limiter refills.
+    eventually("the bound token to be accepted again", || async {
+        match send(http::Method::POST, &ack_url, &headers, &ack("dp-pod-1")).await {
+            Ok((StatusCode::NO_CONTENT, ..)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,12 +185,22 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, Str
 
 /// GET with headers: the status, the response headers and the body.
 pub async fn fetch(url: &str, headers: &[(&str, &str)]) -> Result<(StatusCode, http::HeaderMap, String), String> {
+    send(http::Method::GET, url, headers, "").await
+}
+
+/// A request with a body: the status, headers and body, or the connection error.
+pub async fn send(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(StatusCode, http::HeaderMap, String), String> {
     let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::get(url);
+    let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
         .map_err(|_| "timed out".to_owned())?
