@@ -4,25 +4,31 @@
 //! may ack for.
 //!
 //! Every verdict, refusals included, is cached by the token's hash, and reviews of tokens
-//! not seen before are rate limited: a flood of made-up tokens costs the API server at most
-//! [`REVIEWS_PER_SECOND`], and one replayed token costs it nothing.
+//! not seen before are rate limited per client address: a flood of made-up tokens costs the
+//! API server at most [`REVIEWS_PER_SECOND`] per address, one replayed token costs it
+//! nothing, and a token accepted before is reviewed again without waiting for the limit, so
+//! a flood cannot lock out dataplanes already known.
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     num::NonZeroU32,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use sha2::{Digest, Sha256};
 
 /// A review holds this long: tokens are re-checked on reconnects and acks after it.
 const CACHE_FOR: Duration = Duration::from_secs(60);
-/// Reviews of new tokens per second, with a burst of as many: a fleet of dataplanes
-/// reconnecting at once gets through in seconds; a flood is turned away without a review.
+/// How long an accepted token is remembered as accepted, to review it again past the limit.
+const KNOWN_FOR: Duration = Duration::from_secs(3600);
+/// Reviews of new tokens per second and client address, with a burst of as many: a fleet
+/// of dataplanes reconnecting at once gets through in seconds; a flood is turned away
+/// without a review.
 pub const REVIEWS_PER_SECOND: u32 = 20;
 /// No ServiceAccount token is this long (they are a few KiB at most).
 const MAX_TOKEN: usize = 16 * 1024;
@@ -36,7 +42,7 @@ pub struct Authenticator {
     allowed: Vec<String>,
     /// Verdicts by the token's SHA-256, with when they were reached.
     cache: Mutex<HashMap<[u8; 32], Verdict>>,
-    reviews: DefaultDirectRateLimiter,
+    reviews: DefaultKeyedRateLimiter<IpAddr>,
     reviewed: prometheus::IntCounter,
 }
 
@@ -108,13 +114,13 @@ impl Authenticator {
             audience,
             allowed,
             cache: Mutex::new(HashMap::new()),
-            reviews: RateLimiter::direct(Quota::per_second(rate)),
+            reviews: RateLimiter::keyed(Quota::per_second(rate)),
             reviewed,
         }
     }
 
-    /// The dataplane behind an `Authorization` header, or why not.
-    pub async fn check(&self, authorization: Option<&str>) -> Result<Identity, Refusal> {
+    /// The dataplane behind an `Authorization` header sent from `peer`, or why not.
+    pub async fn check(&self, authorization: Option<&str>, peer: IpAddr) -> Result<Identity, Refusal> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
@@ -124,21 +130,23 @@ impl Authenticator {
             return Err(Refusal::Malformed);
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((at, verdict)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest)
-            && at.elapsed() < CACHE_FOR
-        {
-            return verdict.clone();
-        }
-        if self.reviews.check().is_err() {
+        let known = match self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
+            Some((at, verdict)) if at.elapsed() < CACHE_FOR => return verdict.clone(),
+            Some((_, verdict)) => verdict.is_ok(),
+            None => false,
+        };
+        if !known && self.reviews.check_key(&peer).is_err() {
             return Err(Refusal::TooManyReviews);
         }
         self.reviewed.inc();
         let verdict = self.review(token).await;
         if !matches!(verdict, Err(Refusal::ReviewFailed(_))) {
-            // The rate limit bounds how many entries a minute can add.
+            // The rate limit bounds how many refusals a minute can add; accepted tokens are
+            // the dataplanes' own, a few per pod and hour.
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+            cache.retain(|_, (at, v)| at.elapsed() < if v.is_ok() { KNOWN_FOR } else { CACHE_FOR });
             cache.insert(digest, (Instant::now(), verdict.clone()));
+            self.reviews.retain_recent();
         }
         verdict
     }

@@ -148,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         address: address.clone(),
         forward,
     });
-    tokio::spawn(server::serve(listener, acceptor, move |req, _| config.clone().handle(req)));
+    tokio::spawn(server::serve(listener, acceptor, move |req, peer| config.clone().handle(req, peer)));
     let (st, m) = (state.clone(), metrics.clone());
     tokio::spawn(server::serve(admin, None, move |req, _| {
         let r = server::admin(&st, &m, &req);

@@ -122,13 +122,13 @@ fn json(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 impl ConfigServer {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let route = (req.method().clone(), req.uri().path().to_owned());
         if route.1 != STREAM_PATH && route.1 != ACK_PATH {
             return json(StatusCode::NOT_FOUND, "not found");
         }
-        let identity = match self.auth.check(auth.as_deref()).await {
+        let identity = match self.auth.check(auth.as_deref(), peer.ip()).await {
             Ok(i) => i,
             Err(e) => {
                 self.metrics.refused_clients.inc();

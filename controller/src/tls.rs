@@ -48,6 +48,8 @@ pub struct ServingCertificate {
 }
 
 struct Loaded {
+    /// The files' versions last read, served or refused: a refused pair is not read again
+    /// on every handshake, only once the files change.
     stamps: (Stamp, Stamp),
     key: Arc<CertifiedKey>,
     dns_names: Vec<String>,

@@ -380,7 +380,9 @@ impl Watched<'_> {
             }
             watcher::Event::InitApply(o) => {
                 let id = id_of(&o);
-                let a = affects(Some(&o), &id);
+                // A re-list after a lost watch: what the stored version named may be gone.
+                let mut a = affects(store.get(&id), &id);
+                a.extend(affects(Some(&o), &id));
                 if let Some((seen, pending)) = self.listing.get_mut(&listing_key) {
                     seen.insert(id.clone());
                     pending.extend(a);

@@ -156,12 +156,16 @@ fn route_keys(e: &ApiEntry) -> BTreeSet<(Option<String>, &str)> {
 ///
 /// The controller (for status) and the dataplane (for serving) both call this on the same
 /// entries, so they agree on every winner. Inactive APIs claim nothing.
+/// Who wins what two APIs both claim (a route, a host's certificate): the older, then the
+/// first by `namespace/name`. A newer API, from any namespace, never takes over.
+pub fn oldest_first(a: &ApiEntry, b: &ApiEntry) -> std::cmp::Ordering {
+    let age = |e: &ApiEntry| (e.creation_timestamp.is_none(), e.creation_timestamp);
+    age(a).cmp(&age(b)).then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+}
+
 pub fn route_conflicts<'a>(apis: impl IntoIterator<Item = &'a ApiEntry>) -> BTreeMap<String, Conflict> {
     let mut claimants: Vec<&ApiEntry> = apis.into_iter().filter(|e| e.spec.active).collect();
-    claimants.sort_by(|a, b| {
-        let age = |e: &ApiEntry| (e.creation_timestamp.is_none(), e.creation_timestamp);
-        age(a).cmp(&age(b)).then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
-    });
+    claimants.sort_by(|a, b| oldest_first(a, b));
     let mut owners: BTreeMap<(Option<String>, &str), &ApiEntry> = BTreeMap::new();
     let mut conflicts = BTreeMap::new();
     for e in claimants {

@@ -239,17 +239,32 @@ impl Subscriber {
 
     fn load(&self) -> anyhow::Result<Option<Snapshot>> {
         match std::fs::read(&self.state_file) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+            Ok(bytes) => {
+                let mut s: Snapshot = serde_json::from_slice(&bytes)?;
+                if !self.secured {
+                    // Saved from a TLS stream, now read for a plaintext one: not applied.
+                    refuse_certificates(&mut s.certificates);
+                    refuse_certificates(&mut s.ca_certificates);
+                }
+                Ok(Some(s))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
+    /// The file may hold private keys (certificates from a TLS stream): only this user may
+    /// read it.
     fn save(&self, s: &Snapshot) {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
         let tmp = self.state_file.with_extension("json.tmp");
+        let _ = std::fs::remove_file(&tmp);
         let result = serde_json::to_vec(s)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|bytes| {
+                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+                f.write_all(&bytes)
+            })
             .and_then(|()| std::fs::rename(&tmp, &self.state_file));
         if let Err(e) = result {
             tracing::warn!(error = %e, file = %self.state_file.display(), "cannot save the config to disk");

@@ -196,10 +196,12 @@ pub fn build<'a>(snapshot: &Snapshot, apis: impl IntoIterator<Item = &'a ApiEntr
         }
     }
 
-    // Hosts, in API order (namespace/name): a host claimed with two certificates keeps
-    // the first.
+    // Hosts, oldest API first (as routes): a host claimed with two certificates keeps the
+    // older API's, so a newer API in another namespace cannot take a host's certificate.
     let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut owner: HashMap<String, (String, String)> = HashMap::new();
+    let mut apis: Vec<&ApiEntry> = apis.into_iter().collect();
+    apis.sort_by(|a, b| gatehouse_crds::snapshot::oldest_first(a, b));
     for api in apis {
         let Some(tls) = &api.spec.tls else { continue };
         let api_id = api.id();
@@ -412,5 +414,24 @@ mod tests {
         assert_eq!(built.api_problems["default/m"], "spec.tls.secretName: Secret default/missing not found");
         assert!(built.table.lookup(Some("a.example")).is_some());
         assert!(built.table.lookup(Some("b.example")).is_none(), "no default, nothing served before");
+    }
+
+    #[test]
+    fn a_host_claimed_with_two_certificates_keeps_the_older_apis_whatever_the_names() {
+        let (victim, intruder) = (cert(&["shop.example"]), cert(&["shop.example"]));
+        let mut older = api("zz-shop", &["shop.example"], "victim");
+        older.creation_timestamp = Some(jiff::Timestamp::from_second(1_000).expect("time"));
+        let mut newer = api("aa-intruder", &["shop.example"], "intruder");
+        newer.creation_timestamp = Some(jiff::Timestamp::from_second(2_000).expect("time"));
+        let snap = snapshot(vec![entry("victim", &victim, false), entry("intruder", &intruder, false)]);
+        // Listed first by name, the newer API still does not get the host.
+        let built = build(&snap, &[newer, older], &CertTable::default());
+        let t = &built.table;
+        assert!(same(t.lookup(Some("shop.example")), &t.parsed["default/victim"].key.clone()));
+        assert_eq!(
+            built.api_problems["default/aa-intruder"],
+            "spec.tls.secretName: host shop.example is served with default/victim, the certificate of default/zz-shop"
+        );
+        assert!(!built.api_problems.contains_key("default/zz-shop"));
     }
 }
