@@ -153,7 +153,8 @@ pub async fn run(client: Client, namespaces: Vec<String>, state: State, hub: Arc
             }));
         }
     }
-    lock(&state).watched = if secured { 7 } else { 5 };
+    // Every namespace has the same watches, one per kind.
+    lock(&state).watched = streams.len() / scopes.len().max(1);
     let mut changes = futures::stream::select_all(streams);
     let scopes = scopes.len();
     let mut compiler = Compiler { state, hub, metrics, listing: Listing::new(), listed: BTreeMap::new(), scopes };

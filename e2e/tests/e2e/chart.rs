@@ -864,6 +864,11 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
             "{what}: {dp_args}"
         );
         assert!(ctl_args.contains("--tls-cert-file=/etc/gatehouse/tls/tls.crt"), "{what}: {ctl_args}");
+        let svc = objects.iter().find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "gatehouse-dataplane");
+        let ports = svc.map(|s| s["spec"]["ports"].clone()).unwrap_or_default();
+        let https = ports.as_array().into_iter().flatten().find(|p| p["name"] == "https");
+        assert_eq!(https.map(|p| &p["port"]), Some(&json!(443)), "{what}: the dataplane Service: {ports}");
+        assert!(dp_args.contains("--tls-listen=0.0.0.0:8443"), "{what}: {dp_args}");
         let tls = objects.iter().find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == "gatehouse-controller-tls");
         let tls = tls.unwrap_or_else(|| panic!("{what}: no generated gatehouse-controller-tls Secret"));
         assert_eq!(tls["type"], "kubernetes.io/tls", "{what}");

@@ -53,11 +53,7 @@ async fn env(prefix: &str) -> Env {
 }
 
 /// `kubectl -n ns args…` (stdin given), its stdout; panics when it fails.
-pub fn kubectl_in(c: &Cluster, ns: &str, args: &[&str], stdin: Option<&str>) -> String {
-    kubectl(c, ns, args, stdin)
-}
-
-fn kubectl(c: &Cluster, ns: &str, args: &[&str], stdin: Option<&str>) -> String {
+pub fn kubectl(c: &Cluster, ns: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = std::process::Command::new(&c.kubectl)
         .arg("--kubeconfig")
         .arg(&c.kubeconfig)

@@ -104,7 +104,7 @@ async fn over_a_tls_stream_named_certificates_are_served_and_rotated_and_an_unve
     let c = cluster().await;
     install_crds(&c.client).await;
     let ns = fresh_namespace(&c.client, "tls-stream").await;
-    let kubectl = |args: &[&str], stdin: Option<&str>| crate::controller::kubectl_in(&c, &ns, args, stdin);
+    let kubectl = |args: &[&str], stdin: Option<&str>| crate::controller::kubectl(&c, &ns, args, stdin);
     kubectl(&["create", "serviceaccount", "dataplane"], None);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let token = dir.path().join("token");
