@@ -109,6 +109,7 @@ pub fn secrets_of(api: &ApiDefinition) -> Vec<String> {
     if let Some(t) = &api.spec.upstream.tls {
         names.extend(t.ca_secret_ref.iter().chain(&t.client_certificate_secret_ref).map(|r| r.name.as_str()));
     }
+    names.extend(api.spec.auth.mtls.iter().map(|m| m.ca_secret_ref.name.as_str()));
     names.into_iter().map(|n| format!("{ns}/{n}")).collect()
 }
 
@@ -178,6 +179,9 @@ pub struct Outcome {
 /// may not travel over a plaintext config stream, so dataplanes never receive it.
 pub const TLS_NOT_STREAMED: &str = "spec.tls: certificates reach dataplanes only over a TLS config stream, and this controller's is plaintext (start it with --tls-cert-file and --tls-key-file)";
 
+/// Why an API with client-certificate auth is not programmed, for the same reason.
+pub const MTLS_NOT_STREAMED: &str = "spec.auth.mtls: the CA caSecretRef names reaches dataplanes only over a TLS config stream, and this controller's is plaintext (start it with --tls-cert-file and --tls-key-file)";
+
 /// Why an API whose `upstream.tls` names a Secret is not programmed, for the same reason.
 pub const UPSTREAM_TLS_NOT_STREAMED: &str = "spec.upstream.tls: the Secrets caSecretRef and clientCertificateSecretRef name reach dataplanes only over a TLS config stream, and this controller's is plaintext (start it with --tls-cert-file and --tls-key-file)";
 
@@ -229,6 +233,7 @@ impl Resources {
         let unprogrammable = match (&self.secret_scope, api.spec.tls.is_some()) {
             (Some(_), _) => None,
             (None, true) => Some(TLS_NOT_STREAMED.to_owned()),
+            (None, false) if api.spec.auth.mtls.is_some() => Some(MTLS_NOT_STREAMED.to_owned()),
             (None, false) => names_secrets.then(|| UPSTREAM_TLS_NOT_STREAMED.to_owned()),
         };
         match ApiEntry::compile(api, targets) {
@@ -284,7 +289,8 @@ impl Resources {
             let upstream = a.spec.upstream.tls.as_ref();
             used.certificate |= a.spec.tls.as_ref().is_some_and(|t| t.secret_name == name)
                 || upstream.and_then(|t| t.client_certificate_secret_ref.as_ref()).is_some_and(|r| r.name == name);
-            used.ca |= upstream.and_then(|t| t.ca_secret_ref.as_ref()).is_some_and(|r| r.name == name);
+            used.ca |= upstream.and_then(|t| t.ca_secret_ref.as_ref()).is_some_and(|r| r.name == name)
+                || a.spec.auth.mtls.as_ref().is_some_and(|m| m.ca_secret_ref.name == name);
         }
         used
     }
@@ -541,6 +547,30 @@ mod tests {
         let (entry, outcome) = r.compile_api("shop/web").expect("known");
         assert!(entry.is_some());
         assert_eq!(outcome.unprogrammable.as_deref(), Some(UPSTREAM_TLS_NOT_STREAMED));
+    }
+
+    #[test]
+    fn an_mtls_apis_client_ca_travels_as_its_ca_crt_and_only_over_tls() {
+        let mut r = with_service();
+        let data = serde_json::json!({"ca.crt": "CLIENT-CA", "ca.key": "never sent"});
+        r.ca_bundles.insert("shop/clients".into(), secret("shop", "clients", "Opaque", data.clone(), false));
+        r.ca_bundles.insert("other/clients".into(), secret("other", "clients", "Opaque", data, false));
+        let api = r.apis.get_mut("shop/web").expect("known");
+        api.spec.hosts = vec!["web.example".into()];
+        api.spec.auth.kind = gatehouse_crds::AuthType::Mtls;
+        api.spec.auth.mtls =
+            Some(gatehouse_crds::MtlsAuth { ca_secret_ref: gatehouse_crds::SecretRef { name: "clients".into() } });
+        let api = r.apis.get("shop/web").expect("known").clone();
+        assert_eq!(secrets_of(&api), ["shop/clients"]);
+        assert_eq!(r.compile_api("shop/web").expect("known").1.unprogrammable.as_deref(), Some(MTLS_NOT_STREAMED));
+        assert_eq!(r.compile_secret("shop/clients").ca, None, "nothing over plaintext");
+
+        r.secret_scope = Some(SecretScope { default_namespace: "gatehouse".into() });
+        assert_eq!(r.compile_api("shop/web").expect("known").1.unprogrammable, None);
+        let ca = r.compile_secret("shop/clients").ca.expect("sent");
+        assert_eq!(ca.ca_certificate_pem, "CLIENT-CA");
+        assert_eq!(r.compile_secret("other/clients").ca, None, "another namespace's Secret of the same name");
+        assert!(!format!("{:?}", r.ca_bundles["shop/clients"]).contains("never sent"));
     }
 
     #[test]

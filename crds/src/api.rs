@@ -38,6 +38,12 @@ use crate::{Duration, ResourceError, endpoint::EndpointPlugins};
         "reason": "FieldValueForbidden"
     },
     {
+        "rule": "!(has(self.auth) && has(self.auth.type) && self.auth.type == 'mtls') || (has(self.hosts) && size(self.hosts) > 0)",
+        "message": "spec.auth.type mtls requires spec.hosts: the client certificate is asked for by the host a client names (SNI)",
+        "fieldPath": ".hosts",
+        "reason": "FieldValueRequired"
+    },
+    {
         "rule": "!has(self.tls) || (has(self.hosts) && size(self.hosts) > 0)",
         "message": "spec.tls requires spec.hosts: the certificate is chosen by the host a client names (SNI)",
         "fieldPath": ".tls",
@@ -265,16 +271,45 @@ pub struct ApiTls {
 /// How callers authenticate.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!has(self.type) || self.type != 'authToken' || !has(self.authToken) || !has(self.authToken.header) || self.authToken.header != '' || (has(self.authToken.query) && self.authToken.query != '') || (has(self.authToken.cookie) && self.authToken.cookie != '')",
-    "message": "spec.auth.authToken needs at least one of header, query, cookie when spec.auth.type is authToken",
-    "fieldPath": ".authToken"
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.type) || self.type != 'authToken' || !has(self.authToken) || !has(self.authToken.header) || self.authToken.header != '' || (has(self.authToken.query) && self.authToken.query != '') || (has(self.authToken.cookie) && self.authToken.cookie != '')",
+        "message": "spec.auth.authToken needs at least one of header, query, cookie when spec.auth.type is authToken",
+        "fieldPath": ".authToken"
+    },
+    {
+        "rule": "!has(self.type) || self.type != 'mtls' || has(self.mtls)",
+        "message": "spec.auth.mtls is required when spec.auth.type is mtls",
+        "fieldPath": ".mtls",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.mtls) || (has(self.type) && self.type == 'mtls')",
+        "message": "spec.auth.mtls is only used when spec.auth.type is mtls",
+        "fieldPath": ".mtls",
+        "reason": "FieldValueForbidden"
+    }
+]))]
 pub struct Auth {
     #[serde(rename = "type", default)]
     pub kind: AuthType,
     #[serde(default)]
     pub auth_token: AuthToken,
+    /// Client certificates, when `type` is `mtls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsAuth>,
+}
+
+/// Client-certificate authentication: over `--tls-listen`, clients naming one of the API's
+/// `hosts` are asked for a certificate, and a request is let in only with one that chains
+/// to this CA. The session is the certificate's: its subject is the session id (and the
+/// `key_alias` of analytics records).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsAuth {
+    /// A Secret in the same namespace whose `ca.crt` holds the CA certificates (PEM) client
+    /// certificates must chain to.
+    pub ca_secret_ref: SecretRef,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
@@ -287,6 +322,8 @@ pub enum AuthType {
     AuthToken,
     /// The `middleware.authCheck` plugin hook decides and may create the session.
     Plugin,
+    /// A client certificate signed by `mtls.caSecretRef`'s CA, presented over TLS.
+    Mtls,
 }
 
 /// Where the client's key is looked for, in this order; an empty name is not looked at.
@@ -568,10 +605,27 @@ impl ApiDefinitionSpec {
             (AuthType::Plugin, None) => {
                 err("spec.middleware.authCheck", "is required when spec.auth.type is plugin".to_owned())
             }
-            (AuthType::Keyless | AuthType::AuthToken, Some(_)) => {
+            (AuthType::Keyless | AuthType::AuthToken | AuthType::Mtls, Some(_)) => {
                 err("spec.middleware.authCheck", "is only used when spec.auth.type is plugin".to_owned())
             }
             _ => {}
+        }
+        match (self.auth.kind, &self.auth.mtls) {
+            (AuthType::Mtls, None) => err("spec.auth.mtls", "is required when spec.auth.type is mtls".to_owned()),
+            (AuthType::Mtls, Some(m)) => {
+                if self.hosts.is_empty() {
+                    err(
+                        "spec.hosts",
+                        "spec.auth.type mtls requires spec.hosts: the client certificate is asked for by the host a client names (SNI)"
+                            .to_owned(),
+                    );
+                }
+                if m.ca_secret_ref.name.is_empty() {
+                    err("spec.auth.mtls.caSecretRef.name", "must name a Secret in the same namespace".to_owned());
+                }
+            }
+            (_, Some(_)) => err("spec.auth.mtls", "is only used when spec.auth.type is mtls".to_owned()),
+            (_, None) => {}
         }
         let t = &self.auth.auth_token;
         if self.auth.kind == AuthType::AuthToken && t.header.is_empty() && t.query.is_empty() && t.cookie.is_empty() {

@@ -19,7 +19,7 @@ mod tls;
 
 pub use api::{
     AnalyticsPluginRef, ApiDefinition, ApiDefinitionSpec, ApiDefinitionStatus, ApiTls, Auth, AuthToken, AuthType,
-    Middleware, PluginRef, RateLimit, SecretRef, ServiceRef, Upstream, UpstreamProtocol, UpstreamTls,
+    Middleware, MtlsAuth, PluginRef, RateLimit, SecretRef, ServiceRef, Upstream, UpstreamProtocol, UpstreamTls,
 };
 pub use duration::Duration;
 pub use endpoint::{EndpointPlugins, EndpointSegment, HttpMethod, parse_endpoint_path};

@@ -292,6 +292,27 @@ stringData: {password: x}
     }
 
     #[test]
+    fn mtls_auth_needs_its_ca_and_hosts_and_only_with_its_type() {
+        let head = "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a}\nspec:\n  listenPath: /a/\n  upstream: {url: 'http://127.0.0.1:1'}\n";
+        let e = one_error(&format!("{head}  hosts: [a.example]\n  auth: {{type: mtls}}\n"));
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("spec.auth.mtls", "is required when spec.auth.type is mtls")
+        );
+        let e = one_error(&format!("{head}  auth: {{type: mtls, mtls: {{caSecretRef: {{name: clients}}}}}}\n"));
+        assert_eq!(e.field, "spec.hosts");
+        assert!(e.reason.contains("requires spec.hosts"), "{e:?}");
+        let e =
+            one_error(&format!("{head}  hosts: [a.example]\n  auth: {{mtls: {{caSecretRef: {{name: clients}}}}}}\n"));
+        assert_eq!(e.field, "spec.auth.mtls");
+        let ok = parse(
+            "apis.yaml",
+            &format!("{head}  hosts: [a.example]\n  auth: {{type: mtls, mtls: {{caSecretRef: {{name: clients}}}}}}\n"),
+        );
+        assert!(ok.rejected.is_empty(), "{:?}", ok.rejected);
+    }
+
+    #[test]
     fn unknown_field_names_file_resource_and_field() {
         let e = one_error(
             "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {name: a}\nspec:\n  listenPath: /a/\n  upstream: {url: 'http://127.0.0.1:1', tmeout: 1s}\n",

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod body;
 pub mod chain;
 mod cli;
+pub mod client_auth;
 pub mod config_thread;
 pub mod connect;
 pub mod egress;
@@ -134,9 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     let mut servers = Vec::new();
-    for (listener, tls) in
-        [(plain, None), (secure, Some(tokio_rustls::TlsAcceptor::from(tls::server_config(gw.certificates.clone())?)))]
-    {
+    for (listener, tls) in [(plain, None), (secure, Some(tls::Acceptor::new(gw.certificates.clone())?))] {
         let Some(listener) = listener else { continue };
         servers.push(tokio::spawn(server::serve(
             listener,

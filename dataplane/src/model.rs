@@ -180,6 +180,27 @@ impl Session {
         }
     }
 
+    /// The session of a client certificate on the mtls API `api_name`: no limits of its
+    /// own (a `postKeyAuth` hook may set some), its counters keyed by the certificate.
+    pub fn from_client_certificate(
+        namespace: &str,
+        api_name: &str,
+        subject: &Arc<str>,
+        sha256: &str,
+        meta_data: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        let counter = format!("{namespace}/certificate/{sha256}");
+        Self {
+            alias: subject.clone(),
+            hash: Arc::from(""),
+            key_id: None,
+            namespace: namespace.to_owned(),
+            session: KeySession { access_rights: vec![api_name.to_owned()], meta_data, ..KeySession::default() },
+            rate_key: Arc::from(format!("rate:{counter}")),
+            quota_key: Arc::from(format!("quota:{counter}")),
+        }
+    }
+
     /// Keys grant APIs by name, in their own namespace only.
     pub fn may_access(&self, api: &Api) -> bool {
         self.namespace == api.entry.namespace && self.session.access_rights.contains(&api.entry.name)

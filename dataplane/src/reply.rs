@@ -54,6 +54,16 @@ pub enum GatewayError {
     /// which, in rustls's words).
     #[error("upstream TLS handshake failed")]
     UpstreamTls,
+    /// An `mtls` API and no client certificate: plain HTTP, or none presented.
+    #[error("client certificate required")]
+    ClientCertRequired,
+    /// A client certificate that does not chain to the API's CA (or the API has none yet).
+    #[error("client certificate not trusted for this API")]
+    ClientCertUntrusted,
+    /// A TLS connection on which no client certificate was asked for (its SNI named another
+    /// host) carried a request for an `mtls` API: the client should connect again.
+    #[error("misdirected request: connect with this API's host as the TLS server name")]
+    Misdirected,
 }
 
 fn refused_text(status: StatusCode) -> &'static str {
@@ -75,8 +85,9 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
-            MissingKey | UnknownKey => StatusCode::UNAUTHORIZED,
-            AccessDenied | KeyExpired => StatusCode::FORBIDDEN,
+            MissingKey | UnknownKey | ClientCertRequired => StatusCode::UNAUTHORIZED,
+            AccessDenied | KeyExpired | ClientCertUntrusted => StatusCode::FORBIDDEN,
+            Misdirected => StatusCode::MISDIRECTED_REQUEST,
             RateLimited { .. } | ApiRateLimited { .. } | QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             UpstreamUnreachable | UpstreamTls => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -115,6 +126,9 @@ impl GatewayError {
             UpstreamBusy => "upstream_busy",
             BodyBudgetExhausted => "body_budget",
             UpstreamTls => "upstream_tls",
+            ClientCertRequired => "client_cert_missing",
+            ClientCertUntrusted => "client_cert_untrusted",
+            Misdirected => "misdirected",
         }
     }
 
@@ -143,6 +157,9 @@ impl GatewayError {
             UpstreamBusy => r#"{"error":"upstream connection limit reached"}"#,
             BodyBudgetExhausted => r#"{"error":"gateway busy: too many request bodies held for plugins"}"#,
             UpstreamTls => r#"{"error":"upstream TLS handshake failed"}"#,
+            ClientCertRequired => r#"{"error":"client certificate required"}"#,
+            ClientCertUntrusted => r#"{"error":"client certificate not trusted for this API"}"#,
+            Misdirected => r#"{"error":"misdirected request: connect with this API's host as the TLS server name"}"#,
         }
     }
 
@@ -175,8 +192,9 @@ impl GatewayError {
         const UNAUTHENTICATED: u8 = 16;
         match self {
             NoRoute => UNIMPLEMENTED,
-            MissingKey | UnknownKey => UNAUTHENTICATED,
-            AccessDenied | KeyExpired => PERMISSION_DENIED,
+            MissingKey | UnknownKey | ClientCertRequired => UNAUTHENTICATED,
+            AccessDenied | KeyExpired | ClientCertUntrusted => PERMISSION_DENIED,
+            Misdirected => UNAVAILABLE,
             RateLimited { .. } | ApiRateLimited { .. } | QuotaExceeded { .. } | BodyTooLarge => RESOURCE_EXHAUSTED,
             UpstreamUnreachable | UpstreamTls | UpstreamBusy | StoreUnavailable | BodyBudgetExhausted => UNAVAILABLE,
             UpstreamTimeout | UpstreamConnectTimeout => DEADLINE_EXCEEDED,

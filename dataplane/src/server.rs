@@ -39,11 +39,12 @@ use tokio::{
     task::JoinSet,
     time::{Instant, Sleep},
 };
-use tokio_rustls::TlsAcceptor;
 
 use crate::{
     body::ProxyBody,
     cli::Limits,
+    client_auth::ClientCert,
+    tls::Acceptor,
     tunnel::{ConnState, UpgradeSlot},
 };
 
@@ -51,11 +52,12 @@ use crate::{
 const HYPER_MAX_HEADERS: u32 = 100;
 
 /// How a request's connection came in, for the handler.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
     /// Over TLS (`--tls-listen`).
     pub tls: bool,
+    pub client_cert: ClientCert,
 }
 
 /// Serves `listener` with `handler` until `stop` turns true, then drains connections for
@@ -69,7 +71,7 @@ pub async fn serve<H, F>(
     mut stop: watch::Receiver<bool>,
     limits: Limits,
     open: Option<IntGauge>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptor>,
 ) where
     H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -112,10 +114,14 @@ pub async fn serve<H, F>(
                 g.inc();
             }
             match tls {
-                None => serve_one(&builder, watcher, stream, timing, handler, Conn { peer, tls: false }).await,
+                None => {
+                    let conn = Conn { peer, tls: false, client_cert: ClientCert::NotAsked };
+                    serve_one(&builder, watcher, stream, timing, handler, conn).await
+                }
                 Some(acceptor) => match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        serve_one(&builder, watcher, stream, timing, handler, Conn { peer, tls: true }).await
+                    Ok(Ok((stream, client_cert))) => {
+                        serve_one(&builder, watcher, stream, timing, handler, Conn { peer, tls: true, client_cert })
+                            .await
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
@@ -162,6 +168,7 @@ async fn serve_one<S, H, F>(
     H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    let peer = conn.peer;
     let (io, busy) = Watched::new(stream, timing);
     let state = busy.clone();
     let svc = service_fn(move |mut req: Request<Incoming>| {
@@ -175,7 +182,7 @@ async fn serve_one<S, H, F>(
                 req.extensions_mut().insert(UpgradeSlot(b.clone()));
             }
         }
-        let fut = handler(req, conn);
+        let fut = handler(req, conn.clone());
         async move {
             let resp = fut.await;
             drop(in_flight);
@@ -184,7 +191,7 @@ async fn serve_one<S, H, F>(
     });
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
     if let Err(e) = watcher.watch(c).await {
-        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
     // hyper handed an upgraded connection back: join it to its upstream here, holding
     // the connection's slot. `state` counts as a request in flight for `Watched`, whose
@@ -192,7 +199,7 @@ async fn serve_one<S, H, F>(
     if let Some(state) = state.upgrade()
         && let Some(tunnel) = state.take()
     {
-        tunnel.run(timing.idle, conn.peer).await;
+        tunnel.run(timing.idle, peer).await;
     }
 }
 

@@ -33,6 +33,8 @@ use rustls::{
 };
 use serde::Serialize;
 
+use crate::client_auth::{self, ClientAuthTable, ClientCert};
+
 /// The certificates served, by the name a client sends.
 #[derive(Default)]
 pub struct CertTable {
@@ -45,6 +47,8 @@ pub struct CertTable {
     default: Option<Arc<CertifiedKey>>,
     /// Every usable certificate by Secret id (kept over bad versions), for the next build.
     parsed: HashMap<String, Arc<Parsed>>,
+    /// The hosts of `mtls` APIs and their CAs.
+    pub client_auth: ClientAuthTable,
 }
 
 /// One usable certificate and the Secret content it was parsed from.
@@ -91,6 +95,10 @@ impl Resolver {
     pub fn store(&self, table: Arc<CertTable>) {
         self.table.store(table);
     }
+
+    pub fn table(&self) -> arc_swap::Guard<Arc<CertTable>> {
+        self.table.load()
+    }
 }
 
 impl ResolvesServerCert for Resolver {
@@ -107,8 +115,49 @@ pub fn server_config(resolver: Arc<Resolver>) -> Result<Arc<ServerConfig>, rustl
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn();
     Ok(Arc::new(config))
+}
+
+/// Accepts `--tls-listen` connections. The ClientHello picks the config: a host of `mtls`
+/// APIs asks for a client certificate, every other name is served without asking.
+#[derive(Clone)]
+pub struct Acceptor {
+    resolver: Arc<Resolver>,
+    plain: Arc<ServerConfig>,
+}
+
+impl Acceptor {
+    pub fn new(resolver: Arc<Resolver>) -> Result<Self, rustls::Error> {
+        Ok(Self { plain: server_config(resolver.clone())?, resolver })
+    }
+
+    /// The handshake, and the client certificate it brought when one was asked for.
+    pub async fn accept<IO>(&self, io: IO) -> std::io::Result<(tokio_rustls::server::TlsStream<IO>, ClientCert)>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let host = {
+            let table = self.resolver.table();
+            let auth = &table.client_auth;
+            if auth.is_empty() { None } else { auth.host(start.client_hello().server_name()).cloned() }
+        };
+        let Some(host) = host else {
+            return Ok((start.into_stream(self.plain.clone()).await?, ClientCert::NotAsked));
+        };
+        let stream = start.into_stream(host.config()).await?;
+        let chain = stream.get_ref().1.peer_certificates().map(|c| c.iter().map(|d| d.clone().into_owned()).collect());
+        let cert = match chain.and_then(|c| host.identify(c)) {
+            Some(id) => ClientCert::Present(Arc::new(id)),
+            None => ClientCert::Absent,
+        };
+        Ok((stream, cert))
+    }
+}
+
+pub fn alpn() -> Vec<Vec<u8>> {
+    vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
 /// A certificate's line on `/config`: never any key material.
@@ -202,7 +251,7 @@ pub fn build<'a>(snapshot: &Snapshot, apis: impl IntoIterator<Item = &'a ApiEntr
     let mut owner: HashMap<String, (String, String)> = HashMap::new();
     let mut apis: Vec<&ApiEntry> = apis.into_iter().collect();
     apis.sort_by(|a, b| gatehouse_crds::snapshot::oldest_first(a, b));
-    for api in apis {
+    for &api in &apis {
         let Some(tls) = &api.spec.tls else { continue };
         let api_id = api.id();
         let secret = format!("{}/{}", api.namespace, tls.secret_name);
@@ -257,6 +306,13 @@ pub fn build<'a>(snapshot: &Snapshot, apis: impl IntoIterator<Item = &'a ApiEntr
             }
         }
     }
+    table.client_auth = client_auth::build(
+        snapshot,
+        &apis,
+        &prev.client_auth,
+        |host| table.lookup(Some(host)).cloned(),
+        |api, why| problems.entry(api.to_owned()).or_default().push(why),
+    );
     let api_problems = problems.into_iter().map(|(id, p)| (id, p.join("; "))).collect();
     Built { table: Arc::new(table), certificates: reports, api_problems }
 }

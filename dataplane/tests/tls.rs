@@ -470,3 +470,183 @@ async fn a_client_stalling_in_the_handshake_is_cut_by_the_header_read_timeout_an
     gw.wait_until("their slots to be given back", async || gw.metric("gatehouse_client_connections").await == 0.0)
         .await;
 }
+
+// ---------------------------------------------------------------- client certificates
+
+/// An API on `host` that admits clients with a certificate of the CA in Secret `clients`.
+fn mtls_api(name: &str, upstream: &str, host: &str, clients: &str, extra: &str) -> String {
+    api(
+        name,
+        &format!("/{name}/"),
+        upstream,
+        &format!(
+            "  hosts: [{host}]\n  tls: {{secretName: {host}}}\n  auth: {{type: mtls, mtls: {{caSecretRef: {{name: {clients}}}}}}}\n{extra}"
+        ),
+    )
+}
+
+fn refusal(a: &Answer) -> String {
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_else(|_| panic!("not JSON: {}", a.body));
+    v["error"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_api_admits_certificates_of_its_own_ca_only_and_other_hosts_ask_for_none() {
+    let up = Upstream::start("up").await;
+    let (ca, clients, strangers) = (Ca::new(), Ca::new(), Ca::new());
+    let (alice, mallory) = (clients.client_leaf("alice"), strangers.client_leaf("mallory"));
+    let p = plugins();
+    let analytics = tempfile::NamedTempFile::new().unwrap();
+    let cfg = ConfigDir::new();
+    cfg.write("plugins.yaml", &plugin("hit-counter", &p.rust("hit-counter"), ""));
+    cfg.write(
+        "apis.yaml",
+        &[
+            mtls_api("m", &up.url(), "m.test", "clients", ""),
+            mtls_api(
+                "hits",
+                &up.url(),
+                "m.test",
+                "clients",
+                "  middleware: {post: [{plugin: hit-counter, symbol: MyProcessRequest}]}\n",
+            ),
+            mtls_api("other", &up.url(), "other.test", "strangers", ""),
+            tls_api("open", &up.url(), "open.test", "open.test", false),
+        ]
+        .concat(),
+    );
+    cfg.write(
+        "secrets.yaml",
+        &[
+            secret_of("m.test", &ca.leaf(&["m.test"]), false),
+            secret_of("other.test", &ca.leaf(&["other.test"]), false),
+            secret_of("open.test", &ca.leaf(&["open.test"]), false),
+            ca_secret("clients", &clients.pem),
+            ca_secret("strangers", &strangers.pem),
+        ]
+        .concat(),
+    );
+    let (gw, tls) = start(&cfg, &[&format!("--analytics=file:{}", analytics.path().display())]).await;
+    let config = gw.config().await;
+    for id in ["default/m", "default/hits", "default/other", "default/open"] {
+        assert_eq!(api_state(&config, id), "serving", "{config}");
+    }
+
+    // Alice's certificate is of the clients CA: admitted, as herself.
+    let mut as_alice =
+        H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &alice), "m.test").await.unwrap()).await;
+    let r = as_alice.get("m.test", "/m/x", &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let hits = as_alice.get("m.test", "/hits/x", &[]).await;
+    let hits: serde_json::Value = serde_json::from_str(&hits.body).unwrap();
+    assert_eq!(hits["session"]["id"], "CN=alice", "a plugin reads the subject as the session id: {hits}");
+    let meta = &hits["session"]["meta_data"];
+    assert_eq!(meta["tls_client_subject"], "CN=alice", "{hits}");
+    assert!(meta["tls_client_issuer"].as_str().unwrap().starts_with("CN=Gatehouse test CA"), "{hits}");
+    assert_eq!(meta["tls_client_sha256"].as_str().unwrap().len(), 64, "{hits}");
+    // The same connection, another host: each request is checked against its own API's CA.
+    let r = as_alice.get("other.test", "/other/x", &[]).await;
+    assert_eq!(
+        (r.status, refusal(&r).as_str()),
+        (StatusCode::FORBIDDEN, "client certificate not trusted for this API")
+    );
+    assert_eq!(as_alice.get("open.test", "/open/x", &[]).await.status, StatusCode::OK);
+
+    // Mallory's certificate is of another CA: the handshake passes, the request is refused.
+    let mut as_mallory =
+        H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &mallory), "m.test").await.unwrap()).await;
+    let r = as_mallory.get("m.test", "/m/x", &[]).await;
+    assert_eq!(
+        (r.status, refusal(&r).as_str()),
+        (StatusCode::FORBIDDEN, "client certificate not trusted for this API")
+    );
+    assert_eq!(as_mallory.get("other.test", "/other/x", &[]).await.status, StatusCode::OK, "the API of its CA");
+
+    // No certificate at all, over TLS and in plain HTTP.
+    let mut anonymous = H1::open(connect(tls, ca.client(&[b"http/1.1"], true), "m.test").await.unwrap()).await;
+    let r = anonymous.get("m.test", "/m/x", &[]).await;
+    assert_eq!((r.status, refusal(&r).as_str()), (StatusCode::UNAUTHORIZED, "client certificate required"));
+    let r = gw.get_with("/m/x", &[("host", "m.test")]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "plain HTTP has no certificate");
+
+    // A host without mtls asks for no certificate; an mtls request on such a connection is
+    // sent to connect again (421), as HTTP/2 clients that coalesce connections expect.
+    let mut open =
+        H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &alice), "open.test").await.unwrap()).await;
+    assert_eq!(open.get("open.test", "/open/x", &[]).await.status, StatusCode::OK);
+    let r = open.get("m.test", "/m/x", &[]).await;
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST, "{}", r.body);
+    let s = connect(tls, ca.client_with_cert(&[b"h2"], &alice), "open.test").await.unwrap();
+    assert_eq!(h2_get(s, "m.test", "/m/x").await.status, StatusCode::MISDIRECTED_REQUEST);
+    let s = connect(tls, ca.client_with_cert(&[b"h2"], &alice), "m.test").await.unwrap();
+    let r = h2_get(s, "m.test", "/m/x").await;
+    assert_eq!((r.version, r.status), (Version::HTTP_2, StatusCode::OK));
+
+    // Analytics name the caller by the certificate's subject.
+    let lines = wait_for_lines(analytics.path(), 12).await;
+    let records: Vec<serde_json::Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let admitted = records.iter().filter(|r| r["status"] == 200 && r["key_alias"] == "CN=alice").count();
+    assert!(admitted >= 3, "{lines:#?}");
+    assert!(records.iter().any(|r| r["status"] == 403 && r["error"] == "client_cert_untrusted"), "{lines:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_broken_client_ca_refuses_its_api_only_and_a_new_ca_applies_to_open_connections() {
+    let up = Upstream::start("up").await;
+    let (ca, clients, strangers) = (Ca::new(), Ca::new(), Ca::new());
+    let (alice, mallory) = (clients.client_leaf("alice"), strangers.client_leaf("mallory"));
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            mtls_api("m", &up.url(), "m.test", "clients", ""),
+            tls_api("open", &up.url(), "open.test", "open.test", false),
+        ]
+        .concat(),
+    );
+    let certs =
+        [secret_of("m.test", &ca.leaf(&["m.test"]), false), secret_of("open.test", &ca.leaf(&["open.test"]), false)]
+            .concat();
+    cfg.write("certs.yaml", &certs);
+    let (gw, tls) = start(&cfg, &[]).await;
+    let config = gw.config().await;
+    let state = api_state(&config, "default/m");
+    assert!(
+        state.contains("spec.auth.mtls.caSecretRef: Secret default/clients with a ca.crt entry is not there"),
+        "{state}"
+    );
+    assert_eq!(api_state(&config, "default/open"), "serving");
+    let alice_client = ca.client_with_cert(&[b"http/1.1"], &alice);
+    let get_m = async |client: &Arc<ClientConfig>| {
+        H1::open(connect(tls, client.clone(), "m.test").await.unwrap()).await.get("m.test", "/m/x", &[]).await
+    };
+    assert_eq!(get_m(&alice_client).await.status, StatusCode::FORBIDDEN, "no CA: nobody is admitted");
+    let s = connect(tls, alice_client.clone(), "open.test").await.unwrap();
+    assert_eq!(H1::open(s).await.get("open.test", "/open/x", &[]).await.status, StatusCode::OK);
+
+    // The CA arrives: admitted.
+    let version = config["version"].as_u64().unwrap();
+    cfg.write("ca.yaml", &ca_secret("clients", &clients.pem));
+    let config = gw.wait_version(version + 1).await;
+    assert_eq!(api_state(&config, "default/m"), "serving", "{config}");
+    let mut kept = H1::open(connect(tls, alice_client.clone(), "m.test").await.unwrap()).await;
+    assert_eq!(kept.get("m.test", "/m/x", &[]).await.status, StatusCode::OK);
+
+    // A broken CA Secret: the last good CA goes on admitting, and the API says why.
+    cfg.write(
+        "ca.yaml",
+        &ca_secret("clients", "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"),
+    );
+    let config = gw.wait_version(version + 2).await;
+    let state = api_state(&config, "default/m");
+    assert!(state.contains("spec.auth.mtls.caSecretRef: Secret default/clients: ca.crt:"), "{state}");
+    assert!(state.contains("(its last good version is used)"), "{state}");
+    assert_eq!(get_m(&alice_client).await.status, StatusCode::OK);
+
+    // The CA replaced by another: Alice is refused, on the connection she kept open too.
+    cfg.write("ca.yaml", &ca_secret("clients", &strangers.pem));
+    gw.wait_version(version + 3).await;
+    assert_eq!(get_m(&alice_client).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(kept.get("m.test", "/m/x", &[]).await.status, StatusCode::FORBIDDEN, "a verdict of the old CA");
+    assert_eq!(get_m(&ca.client_with_cert(&[b"http/1.1"], &mallory)).await.status, StatusCode::OK);
+}

@@ -47,6 +47,30 @@ impl Ca {
         Leaf { crt: cert.pem(), key: key.serialize_pem(), der: cert.der().clone() }
     }
 
+    /// A client certificate: `CN=cn`, for client authentication.
+    pub fn client_leaf(&self, cn: &str) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf { crt: cert.pem(), key: key.serialize_pem(), der: cert.der().clone() }
+    }
+
+    /// A client trusting this CA that presents `cert` when a server asks for one.
+    pub fn client_with_cert(&self, alpn: &[&[u8]], cert: &Leaf) -> Arc<ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::from_pem_slice(cert.key.as_bytes()).unwrap();
+        let mut c = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(vec![cert.der.clone()], key)
+            .unwrap();
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(c)
+    }
+
     pub fn roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
         roots.add(self.der.clone()).unwrap();

@@ -154,7 +154,7 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
             ..Upstream::default()
         },
         tls: Some(ApiTls { secret_name: "everything-cert".to_owned(), redirect_http: true }),
-        auth: Auth { kind: AuthType::Plugin, auth_token: AuthToken::default() },
+        auth: Auth { kind: AuthType::Plugin, auth_token: AuthToken::default(), mtls: None },
         rate_limit: Some(RateLimit { rate: 100, per: Duration::from_secs(1) }),
         middleware: Middleware {
             pre: vec![plugin_ref("hit-counter", "MyProcessRequest", Some(json!({"start": 1})))],
@@ -202,6 +202,7 @@ async fn every_field_of_the_rust_types_round_trips_through_the_api_server() {
         auth: Auth {
             kind: AuthType::AuthToken,
             auth_token: AuthToken { header: String::new(), query: "key".to_owned(), ..AuthToken::default() },
+            mtls: None,
         },
         ..serde_json::from_value(json!({"listenPath": "/", "upstream": {"url": "http://127.0.0.1:1"}}))
             .unwrap_or_else(|e| panic!("minimal spec: {e}"))
@@ -423,7 +424,22 @@ async fn invalid_api_definitions_are_refused_with_a_message_naming_the_problem()
         invalid(
             "an unknown auth type",
             api_with(json!({"auth": {"type": "basic"}})),
-            "spec.auth.type: Unsupported value: \"basic\": supported values: \"keyless\", \"authToken\", \"plugin\"",
+            "spec.auth.type: Unsupported value: \"basic\": supported values: \"keyless\", \"authToken\", \"plugin\", \"mtls\"",
+        ),
+        invalid(
+            "mtls auth without mtls",
+            api_with(json!({"hosts": ["a.example"], "auth": {"type": "mtls"}})),
+            "spec.auth.mtls: Required value: spec.auth.mtls is required when spec.auth.type is mtls",
+        ),
+        invalid(
+            "mtls auth without hosts",
+            api_with(json!({"auth": {"type": "mtls", "mtls": {"caSecretRef": {"name": "clients"}}}})),
+            "spec.hosts: Required value: spec.auth.type mtls requires spec.hosts",
+        ),
+        invalid(
+            "mtls settings on a keyless API",
+            api_with(json!({"hosts": ["a.example"], "auth": {"mtls": {"caSecretRef": {"name": "clients"}}}})),
+            "spec.auth.mtls: Forbidden: spec.auth.mtls is only used when spec.auth.type is mtls",
         ),
         invalid(
             "tls without hosts",

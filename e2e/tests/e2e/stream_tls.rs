@@ -1,6 +1,7 @@
 //! The config stream over TLS: certificates an ApiDefinition names reach dataplanes and are
 //! served (and rotated) without restarts; Secrets no API names never leave the controller;
-//! a dataplane that cannot verify the controller takes nothing from it.
+//! an mtls API's client CA reaches them as its `ca.crt`; a dataplane that cannot verify the
+//! controller takes nothing from it.
 
 use std::{path::Path, sync::Arc};
 
@@ -65,6 +66,17 @@ pub async fn https_get(
     ca: &str,
     path: &str,
 ) -> Result<(String, Vec<u8>), String> {
+    https_get_as(addr, host, ca, path, None).await
+}
+
+/// As `https_get`, presenting `client` (PEM certificate and key) when asked for one.
+pub async fn https_get_as(
+    addr: std::net::SocketAddr,
+    host: &str,
+    ca: &str,
+    path: &str,
+    client: Option<&(String, String)>,
+) -> Result<(String, Vec<u8>), String> {
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(c.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
@@ -73,8 +85,15 @@ pub async fn https_get(
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        None => config.with_no_client_auth(),
+        Some((crt, key)) => {
+            let chain = CertificateDer::pem_slice_iter(crt.as_bytes()).collect::<Result<Vec<_>, _>>();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+            config.with_client_auth_cert(chain.map_err(|e| e.to_string())?, key).map_err(|e| e.to_string())?
+        }
+    };
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
     let mut tls =
@@ -161,6 +180,37 @@ async fn over_a_tls_stream_named_certificates_are_served_and_rotated_and_an_unve
     .await;
     let ids = certificate_ids(&dp).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ids, [format!("{ns}/secure-cert")], "only the certificate an API names is sent");
+
+    // Client certificates: the CA an mtls API names travels as its ca.crt and admits its
+    // clients only.
+    let partners = Ca::new("Partner CA");
+    let partner = partners.leaf(&["partner.client"]);
+    kubectl(&["apply", "-f", "-"], Some(&tls_secret("partners-cert", &site_ca.leaf(&["partners.example"]))));
+    let ca_secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: partner-ca}}\nstringData:\n  ca.crt: |\n{}",
+        partners.pem.lines().map(|l| format!("    {l}\n")).collect::<String>()
+    );
+    kubectl(&["apply", "-f", "-"], Some(&ca_secret));
+    let mtls = format!(
+        "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: partners}}\nspec:\n  listenPath: /partners/\n  hosts: [partners.example]\n  tls: {{secretName: partners-cert}}\n  auth: {{type: mtls, mtls: {{caSecretRef: {{name: partner-ca}}}}}}\n  upstream: {{url: \"http://{up}\"}}\n"
+    );
+    kubectl(&["apply", "-f", "-"], Some(&mtls));
+    eventually("a partner's certificate admitted", || async {
+        match https_get_as(tls_addr, "partners.example", &site_ca.pem, "/partners/x", Some(&partner)).await? {
+            (status, _) if status == "HTTP/1.1 200 OK" => Ok(()),
+            other => Err(other.0),
+        }
+    })
+    .await;
+    let (status, _) = https_get(tls_addr, "partners.example", &site_ca.pem, "/partners/x")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized", "no certificate");
+    let stranger = Ca::new("Stranger CA").leaf(&["stranger.client"]);
+    let (status, _) = https_get_as(tls_addr, "partners.example", &site_ca.pem, "/partners/x", Some(&stranger))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, "HTTP/1.1 403 Forbidden", "a certificate of another CA");
 
     // Rotation: new connections get the new certificate, with no restart.
     let second = site_ca.leaf(&["secure.example"]);
