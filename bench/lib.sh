@@ -75,17 +75,25 @@ expect_1k() {
   [ "$(curl -fs "$1" | wc -c)" = 1024 ] || { echo "$1 does not return the 1 KiB body" >&2; exit 1; }
 }
 
-# measure URL: prints "rps p50_ms p99_ms" for one wrk run; fails on any non-2xx answer.
-# WRK_ARGS (an array) adds wrk options, e.g. a header.
+# cpu_ticks N: busy and total jiffies of CPU N so far, from /proc/stat.
+cpu_ticks() { awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat; }
+
+# measure URL: prints "rps p50_ms p99_ms proxy_cpu_%" for one wrk run (the last: how busy
+# the proxy's CPU was: under 100, the proxy was not what limited the run); fails on any
+# non-2xx answer. WRK_ARGS (an array) adds wrk options, e.g. a header.
 WRK_ARGS=()
 measure() {
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$1" | awk '
+  local before after out
+  before=$(cpu_ticks "$PROXY_CPU")
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$1" | awk '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /Requests\/sec/ { rps = $2 }
     $1 == "50%" { p50 = ms($2) }
     $1 == "99%" { p99 = ms($2) }
     / Non-2xx/ { bad = $NF }
-    END { if (bad) { print "wrk saw non-2xx answers" > "/dev/stderr"; exit 1 } printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+    END { if (bad) { print "wrk saw non-2xx answers" > "/dev/stderr"; exit 1 } printf "%.0f %.3f %.3f\n", rps, p50, p99 }')
+  after=$(cpu_ticks "$PROXY_CPU")
+  echo "$out $(echo "$before $after" | awk '{ t = $4 - $2; printf "%.0f", (t > 0 ? 100 * ($3 - $1) / t : 0) }')"
 }
 
 # col N FILE: the median of column N.
@@ -98,14 +106,14 @@ compare() {
   : > "$work/a.txt"; : > "$work/b.txt"
   for r in $(seq "$ROUNDS"); do
     a=$(measure "$2"); b=$(measure "$4")
-    echo "round $r: $1 $a | $3 $b   (rps p50_ms p99_ms)"
+    echo "round $r: $1 $a | $3 $b   (rps p50_ms p99_ms proxy_cpu_%)"
     echo "$a" >> "$work/a.txt"; echo "$b" >> "$work/b.txt"
   done
   echo
-  echo "| $5 | requests/s | p50 ms | p99 ms |"
-  echo "| --- | --- | --- | --- |"
-  echo "| $1 | $(col 1 "$work/a.txt") | $(col 2 "$work/a.txt") | $(col 3 "$work/a.txt") |"
-  echo "| $3 | $(col 1 "$work/b.txt") | $(col 2 "$work/b.txt") | $(col 3 "$work/b.txt") |"
+  echo "| $5 | requests/s | p50 ms | p99 ms | CPU $PROXY_CPU busy % |"
+  echo "| --- | --- | --- | --- | --- |"
+  echo "| $1 | $(col 1 "$work/a.txt") | $(col 2 "$work/a.txt") | $(col 3 "$work/a.txt") | $(col 4 "$work/a.txt") |"
+  echo "| $3 | $(col 1 "$work/b.txt") | $(col 2 "$work/b.txt") | $(col 3 "$work/b.txt") | $(col 4 "$work/b.txt") |"
   echo
   awk -v a="$(col 1 "$work/a.txt")" -v b="$(col 1 "$work/b.txt")" -v n="$ROUNDS" -v d="$DURATION" -v c="$CONNS" -v an="$1" -v bn="$3" \
     'BEGIN { printf "ratio %s/%s: %.3f (median of %d rounds, %s each, %d connections)\n", bn, an, b / a, n, d, c }'

@@ -22,7 +22,7 @@ use crate::{
     analytics::{BODY_CAP, Bodies, Captured, Record},
     auth::{self, QuotaLeft},
     body::{BufferError, Capture, ProxyBody, Tee},
-    client_auth::ClientCert,
+    client_auth::{ClientCert, Refusal},
     endpoints,
     gateway::Gateway,
     limits::{CounterStore, Decision},
@@ -164,7 +164,7 @@ impl Gateway {
                     auth::strip_credentials(cfg, &mut req.parts);
                 }
             }
-            AuthType::Mtls => ex.session = Some(client_certificate_session(rt, api, &conn.client_cert, conn.tls)?),
+            AuthType::Mtls => ex.session = Some(client_certificate_session(rt, api, &conn.client_cert)?),
             AuthType::Plugin => {
                 // The hook creates the session (or answers itself); none means refused.
                 hooks!(plugins.auth_check.as_slice());
@@ -401,24 +401,13 @@ fn into_response(mut r: ResponseState, stream: Option<ProxyBody>) -> Response<Pr
 
 /// Step 4 for `mtls` APIs: the session of the connection's certificate, if it chains to
 /// this API's CA.
-fn client_certificate_session(
-    rt: &Runtime,
-    api: &Api,
-    cert: &ClientCert,
-    tls: bool,
-) -> Result<Arc<Session>, GatewayError> {
-    // No usable CA yet (its API reports why): nobody is admitted, and sending the client
-    // to connect again would only loop, since its host asks for no certificate.
-    let ca = rt.certificates.client_auth.ca_of(&api.id).ok_or(GatewayError::ClientCertUntrusted)?;
-    match cert {
-        ClientCert::Present(id) => {
-            id.session_for(&api.id, &api.entry.namespace, &api.entry.name, ca).ok_or(GatewayError::ClientCertUntrusted)
-        }
-        // The handshake named another host (or came before this API was mtls): a new
-        // connection naming this one is asked for a certificate.
-        ClientCert::NotAsked if tls => Err(GatewayError::Misdirected),
-        ClientCert::NotAsked | ClientCert::Absent => Err(GatewayError::ClientCertRequired),
-    }
+fn client_certificate_session(rt: &Runtime, api: &Api, cert: &ClientCert) -> Result<Arc<Session>, GatewayError> {
+    let ca = rt.certificates.client_auth.ca_of(&api.id);
+    cert.session(&api.id, &api.entry.namespace, &api.entry.name, ca).map_err(|r| match r {
+        Refusal::Missing => GatewayError::ClientCertRequired,
+        Refusal::Untrusted => GatewayError::ClientCertUntrusted,
+        Refusal::Misdirected => GatewayError::Misdirected,
+    })
 }
 
 fn copy_request(p: &http::request::Parts) -> http::request::Parts {

@@ -53,6 +53,12 @@ enum Source {
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns about what a client sent (an IP address as SNI, say) once per
+    // handshake: a line any client can make the gateway write as fast as it can connect.
+    let filter = match "rustls::msgs=error".parse() {
+        Ok(quiet) if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rustls")) => filter.add_directive(quiet),
+        _ => filter,
+    };
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

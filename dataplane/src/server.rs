@@ -115,7 +115,7 @@ pub async fn serve<H, F>(
             }
             match tls {
                 None => {
-                    let conn = Conn { peer, tls: false, client_cert: ClientCert::NotAsked };
+                    let conn = Conn { peer, tls: false, client_cert: ClientCert::default() };
                     serve_one(&builder, watcher, stream, timing, handler, conn).await
                 }
                 Some(acceptor) => match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {

@@ -138,19 +138,22 @@ impl Acceptor {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let sni = start.client_hello().server_name().is_some();
         let host = {
             let table = self.resolver.table();
             let auth = &table.client_auth;
             if auth.is_empty() { None } else { auth.host(start.client_hello().server_name()).cloned() }
         };
         let Some(host) = host else {
-            return Ok((start.into_stream(self.plain.clone()).await?, ClientCert::NotAsked));
+            return Ok((start.into_stream(self.plain.clone()).await?, ClientCert::NotAsked { sni }));
         };
         let stream = start.into_stream(host.config()).await?;
-        let chain = stream.get_ref().1.peer_certificates().map(|c| c.iter().map(|d| d.clone().into_owned()).collect());
-        let cert = match chain.and_then(|c| host.identify(c)) {
-            Some(id) => ClientCert::Present(Arc::new(id)),
-            None => ClientCert::Absent,
+        let cert = match stream.get_ref().1.peer_certificates() {
+            None | Some([]) => ClientCert::Absent(host),
+            Some(chain) => match host.identify(chain.iter().map(|d| d.clone().into_owned()).collect()) {
+                Some(id) => ClientCert::Present(Arc::new(id)),
+                None => ClientCert::Unreadable(host),
+            },
         };
         Ok((stream, cert))
     }

@@ -21,8 +21,18 @@ struct Redis {
     port: u16,
     dir: tempfile::TempDir,
     tls: bool,
+    role: Role,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Alone,
     /// A Redis Cluster node (`--cluster-enabled`).
-    cluster: bool,
+    ClusterNode,
+    /// A replica of the server on this port.
+    ReplicaOf(u16),
+    /// A Sentinel watching the master on this port, as `mymaster`.
+    SentinelOf(u16),
 }
 
 impl Drop for Redis {
@@ -42,10 +52,11 @@ impl Redis {
     }
 
     async fn start_with(tls: Option<(&certs::Leaf, &certs::Ca)>) -> Self {
-        Self::start_node(tls, false).await
+        Self::start_node(tls, Role::Alone).await
     }
 
-    async fn start_node(tls: Option<(&certs::Leaf, &certs::Ca)>, cluster: bool) -> Self {
+    async fn start_node(tls: Option<(&certs::Leaf, &certs::Ca)>, role: Role) -> Self {
+        let cluster = role == Role::ClusterNode;
         // The port is free when picked; another process could take it before Redis binds
         // it, so a start that fails is retried on another port. A cluster node also binds
         // its bus at port + 10000.
@@ -54,7 +65,7 @@ impl Redis {
             if cluster && (port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()) {
                 continue;
             }
-            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap(), tls: tls.is_some(), cluster };
+            let mut r = Self { child: None, port, dir: tempfile::tempdir().unwrap(), tls: tls.is_some(), role };
             if let Some((leaf, ca)) = tls {
                 std::fs::write(r.dir.path().join("redis.crt"), &leaf.crt).unwrap();
                 std::fs::write(r.dir.path().join("redis.key"), &leaf.key).unwrap();
@@ -71,6 +82,18 @@ impl Redis {
     async fn run(&mut self) -> bool {
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
+        if let Role::SentinelOf(master) = self.role {
+            // Sentinel rewrites its config file: one of its own, in its directory.
+            let conf = self.dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "sentinel monitor mymaster 127.0.0.1 {master} 1\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n"
+                ),
+            )
+            .unwrap();
+            cmd.arg(&conf).arg("--sentinel");
+        }
         cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(self.dir.path());
         if self.tls {
             let file = |name: &str| self.dir.path().join(name);
@@ -84,8 +107,14 @@ impl Redis {
         } else {
             cmd.args(["--port", &port]);
         }
-        if self.cluster {
-            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+        match self.role {
+            Role::ClusterNode => {
+                cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+            }
+            Role::ReplicaOf(master) => {
+                cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+            }
+            Role::Alone | Role::SentinelOf(_) => {}
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -150,7 +179,7 @@ impl Cluster {
     async fn start() -> Self {
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            nodes.push(Redis::start_node(None, true).await);
+            nodes.push(Redis::start_node(None, Role::ClusterNode).await);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
@@ -177,6 +206,40 @@ impl Cluster {
     /// Every gateway key, from every node.
     fn keys(&self) -> Vec<String> {
         self.nodes.iter().flat_map(Redis::keys).collect()
+    }
+}
+
+/// A master, its replica and a Sentinel watching them.
+struct Sentinel {
+    master: Redis,
+    replica: Redis,
+    sentinel: Redis,
+}
+
+impl Sentinel {
+    async fn start() -> Self {
+        let master = Redis::start().await;
+        let replica = Redis::start_node(None, Role::ReplicaOf(master.port)).await;
+        let sentinel = Redis::start_node(None, Role::SentinelOf(master.port)).await;
+        let s = Self { master, replica, sentinel };
+        // Ready once the replica is in sync and the Sentinel knows it (a failover needs it).
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !(s.replica.cli(&["info", "replication"]).contains("master_link_status:up")
+            && s.sentinel.cli(&["sentinel", "replicas", "mymaster"]).contains(&s.replica.port.to_string()))
+        {
+            assert!(std::time::Instant::now() < deadline, "the replica or the Sentinel never got ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("redis-sentinel://127.0.0.1:{}?sentinelServiceName=mymaster", self.sentinel.port)
+    }
+
+    /// The port of the server the Sentinel names as master now.
+    fn master_port(&self) -> String {
+        self.sentinel.cli(&["sentinel", "get-master-addr-by-name", "mymaster"]).lines().nth(1).unwrap_or("").to_owned()
     }
 }
 
@@ -601,4 +664,54 @@ async fn a_redis_cluster_counts_exactly_across_replicas_with_keys_on_every_node(
     assert_eq!(keys.iter().filter(|k| k.starts_with("gatehouse:rate:default/key/")).count(), 8, "{keys:?}");
     let holding = cluster.nodes.iter().filter(|n| !n.keys().is_empty()).count();
     assert!(holding >= 2, "counters spread over the cluster's nodes: {holding} of 3 hold some");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_sentinel_limits_are_exact_across_replicas_and_hold_again_after_a_failover() {
+    let redis = Sentinel::start().await;
+    let (_s, secret) = shared_secret();
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            api("keyed", "/keyed/", &up.url(), AUTH),
+            key("before", "before-token", "rate: 5\nper: 1h\naccessRights: [keyed]"),
+            key("after", "after-token", "rate: 5\nper: 1h\naccessRights: [keyed]"),
+            key("probe", "probe-token", "rate: 1\nper: 1s\naccessRights: [keyed]"),
+        ]
+        .concat(),
+    );
+    let args = redis_args(&redis.url(), &secret, &["--counters-failure=closed"]);
+    let (a, b) = (start(&cfg, &args).await, start(&cfg, &args).await);
+    assert_eq!(allowed_alternately(&a, &b, 8, "/keyed/x", Some("before-token")).await, 5);
+    assert!(!redis.master.keys().is_empty(), "the counters are on the master the Sentinel names");
+
+    // The Sentinel promotes the replica; the gateways follow it to the new master.
+    let old = redis.master.port.to_string();
+    assert!(redis.sentinel.cli(&["sentinel", "failover", "mymaster"]).contains("OK"));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while redis.master_port() == old || !redis.replica.cli(&["role"]).starts_with("master") {
+        assert!(std::time::Instant::now() < deadline, "the failover never happened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Counting works on both gateways again when a rate of 1/s lets one of two requests
+    // through; a failed check is a 503 here (failure policy closed).
+    for gw in [&a, &b] {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let (first, second) =
+                (status(gw, "/keyed/x", "probe-token").await, status(gw, "/keyed/x", "probe-token").await);
+            if (first, second) == (StatusCode::OK, StatusCode::TOO_MANY_REQUESTS) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "limits never worked again after the failover: {first} {second}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(allowed_alternately(&a, &b, 8, "/keyed/x", Some("after-token")).await, 5, "exact after the failover");
+    assert!(redis.replica.keys().iter().any(|k| k.contains("/key/")), "the new master holds the counters");
 }

@@ -544,13 +544,18 @@ async fn an_mtls_api_admits_certificates_of_its_own_ca_only_and_other_hosts_ask_
     assert_eq!(meta["tls_client_subject"], "CN=alice", "{hits}");
     assert!(meta["tls_client_issuer"].as_str().unwrap().starts_with("CN=Gatehouse test CA"), "{hits}");
     assert_eq!(meta["tls_client_sha256"].as_str().unwrap().len(), 64, "{hits}");
-    // The same connection, another host: each request is checked against its own API's CA.
+    // The same connection, another host's mtls API: the certificate was chosen for this
+    // host's CAs, so the client is sent to connect again, naming that host.
     let r = as_alice.get("other.test", "/other/x", &[]).await;
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST, "{}", r.body);
+    assert_eq!(as_alice.get("open.test", "/open/x", &[]).await.status, StatusCode::OK);
+    let mut there =
+        H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &alice), "other.test").await.unwrap()).await;
+    let r = there.get("other.test", "/other/x", &[]).await;
     assert_eq!(
         (r.status, refusal(&r).as_str()),
         (StatusCode::FORBIDDEN, "client certificate not trusted for this API")
     );
-    assert_eq!(as_alice.get("open.test", "/open/x", &[]).await.status, StatusCode::OK);
 
     // Mallory's certificate is of another CA: the handshake passes, the request is refused.
     let mut as_mallory =
@@ -560,7 +565,9 @@ async fn an_mtls_api_admits_certificates_of_its_own_ca_only_and_other_hosts_ask_
         (r.status, refusal(&r).as_str()),
         (StatusCode::FORBIDDEN, "client certificate not trusted for this API")
     );
-    assert_eq!(as_mallory.get("other.test", "/other/x", &[]).await.status, StatusCode::OK, "the API of its CA");
+    let mut there =
+        H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &mallory), "other.test").await.unwrap()).await;
+    assert_eq!(there.get("other.test", "/other/x", &[]).await.status, StatusCode::OK, "the API of its CA");
 
     // No certificate at all, over TLS and in plain HTTP.
     let mut anonymous = H1::open(connect(tls, ca.client(&[b"http/1.1"], true), "m.test").await.unwrap()).await;
@@ -648,5 +655,15 @@ async fn a_missing_or_broken_client_ca_refuses_its_api_only_and_a_new_ca_applies
     gw.wait_version(version + 3).await;
     assert_eq!(get_m(&alice_client).await.status, StatusCode::FORBIDDEN);
     assert_eq!(kept.get("m.test", "/m/x", &[]).await.status, StatusCode::FORBIDDEN, "a verdict of the old CA");
-    assert_eq!(get_m(&ca.client_with_cert(&[b"http/1.1"], &mallory)).await.status, StatusCode::OK);
+    let mallory_client = ca.client_with_cert(&[b"http/1.1"], &mallory);
+    assert_eq!(get_m(&mallory_client).await.status, StatusCode::OK);
+
+    // The Secret deleted: the CA is withdrawn, with no last good version standing in.
+    cfg.remove("ca.yaml");
+    let config = gw.wait_version(version + 4).await;
+    let state = api_state(&config, "default/m");
+    assert!(state.contains("Secret default/clients with a ca.crt entry is not there"), "{state}");
+    assert_eq!(get_m(&mallory_client).await.status, StatusCode::FORBIDDEN);
+    let s = connect(tls, alice_client.clone(), "open.test").await.unwrap();
+    assert_eq!(H1::open(s).await.get("open.test", "/open/x", &[]).await.status, StatusCode::OK, "others serve");
 }

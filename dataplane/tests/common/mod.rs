@@ -434,6 +434,10 @@ impl ConfigDir {
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
     }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join(name)).unwrap();
+    }
 }
 
 pub fn api(name: &str, listen_path: &str, upstream: &str, extra: &str) -> String {

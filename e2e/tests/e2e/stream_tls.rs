@@ -202,9 +202,8 @@ async fn over_a_tls_stream_named_certificates_are_served_and_rotated_and_an_unve
         }
     })
     .await;
-    let (status, _) = https_get(tls_addr, "partners.example", &site_ca.pem, "/partners/x")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (status, _) =
+        https_get(tls_addr, "partners.example", &site_ca.pem, "/partners/x").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, "HTTP/1.1 401 Unauthorized", "no certificate");
     let stranger = Ca::new("Stranger CA").leaf(&["stranger.client"]);
     let (status, _) = https_get_as(tls_addr, "partners.example", &site_ca.pem, "/partners/x", Some(&stranger))
