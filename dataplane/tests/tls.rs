@@ -523,6 +523,7 @@ async fn an_mtls_api_admits_certificates_of_its_own_ca_only_and_other_hosts_ask_
             secret_of("open.test", &ca.leaf(&["open.test"]), false),
             ca_secret("clients", &clients.pem),
             ca_secret("strangers", &strangers.pem),
+            secret_of("fallback", &ca.leaf(&["m.test"]), true),
         ]
         .concat(),
     );
@@ -575,6 +576,11 @@ async fn an_mtls_api_admits_certificates_of_its_own_ca_only_and_other_hosts_ask_
     assert_eq!((r.status, refusal(&r).as_str()), (StatusCode::UNAUTHORIZED, "client certificate required"));
     let r = gw.get_with("/m/x", &[("host", "m.test")]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "plain HTTP has no certificate");
+    // Without SNI no certificate is asked for, and connecting again would not change that:
+    // 401, not 421.
+    let mut no_sni = H1::open(connect(tls, ca.client(&[b"http/1.1"], false), "m.test").await.unwrap()).await;
+    let r = no_sni.get("m.test", "/m/x", &[]).await;
+    assert_eq!((r.status, refusal(&r).as_str()), (StatusCode::UNAUTHORIZED, "client certificate required"));
 
     // A host without mtls asks for no certificate; an mtls request on such a connection is
     // sent to connect again (421), as HTTP/2 clients that coalesce connections expect.
