@@ -38,6 +38,14 @@ http {
 NGINX
 }
 
+# The location block of nginx as the peer proxy: pooled upstream keep-alive and the
+# X-Forwarded-* headers Gatehouse sets. Goes in a server beside `upstream up { ... }`.
+NGINX_PROXY_LOCATION="location / {
+    proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto \$scheme;
+    proxy_set_header X-Forwarded-Host \$host; }"
+
 start_upstream() {
   local body
   body=$(head -c 1024 /dev/zero | tr '\0' 'x')

@@ -18,11 +18,7 @@ NGX=127.0.0.1:28082 GH=127.0.0.1:28083
 
 start_upstream
 nginx_conf proxy "upstream up { server $UP; keepalive 128; }
-  server { listen $NGX; location / {
-    proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    proxy_set_header X-Forwarded-Proto \$scheme;
-    proxy_set_header X-Forwarded-Host \$host; } }"
+  server { listen $NGX; $NGINX_PROXY_LOCATION }"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" & pids+=($!)
 plain_api "$work/gh"
 start_gatehouse "$GH" 127.0.0.1:28093 "$work/gh"

@@ -28,11 +28,7 @@ start_upstream
 nginx_conf proxy "upstream up { server $UP; keepalive 128; }
   server { listen $NGX ssl;
     ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem; ssl_protocols TLSv1.3;
-    location / {
-    proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    proxy_set_header X-Forwarded-Proto \$scheme;
-    proxy_set_header X-Forwarded-Host \$host; } }"
+    $NGINX_PROXY_LOCATION }"
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" & pids+=($!)
 
 # The certificate as Gatehouse's default: wrk sends the URL's host (an IP) as SNI.

@@ -44,6 +44,8 @@ pub struct ClientCa {
     /// `namespace/name` of the Secret.
     secret: String,
     pem: String,
+    /// Its certificates as trust anchors, for the hints of the hosts it serves.
+    anchors: RootCertStore,
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
@@ -56,10 +58,10 @@ impl fmt::Debug for ClientCa {
 impl ClientCa {
     fn parse(secret: &str, pem: &str) -> Result<Self, String> {
         let roots = roots(pem).map_err(|why| format!("Secret {secret}: ca.crt: {why}"))?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
             .build()
             .map_err(|e| format!("Secret {secret}: ca.crt: {e}"))?;
-        Ok(Self { secret: secret.to_owned(), pem: pem.to_owned(), verifier })
+        Ok(Self { secret: secret.to_owned(), pem: pem.to_owned(), anchors: roots, verifier })
     }
 
     /// Whether `chain` (leaf first, as the client sent it) chains to this CA, now.
@@ -206,13 +208,13 @@ pub fn build(
 
 fn host_config(apis: &[HostApi], cert: Option<Arc<CertifiedKey>>) -> Result<Arc<ServerConfig>, String> {
     let mut union = RootCertStore::empty();
-    let mut seen = Vec::new();
+    let mut seen: Vec<&Arc<ClientCa>> = Vec::new();
     for a in apis {
         if seen.iter().any(|s| Arc::ptr_eq(s, &a.ca)) {
             continue;
         }
-        seen.push(a.ca.clone());
-        union.roots.extend(roots(&a.ca.pem)?.roots);
+        seen.push(&a.ca);
+        union.roots.extend(a.ca.anchors.roots.iter().cloned());
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(union), provider())
         .allow_unauthenticated()
