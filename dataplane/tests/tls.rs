@@ -673,3 +673,38 @@ async fn a_missing_or_broken_client_ca_refuses_its_api_only_and_a_new_ca_applies
     let s = connect(tls, alice_client.clone(), "open.test").await.unwrap();
     assert_eq!(H1::open(s).await.get("open.test", "/open/x", &[]).await.status, StatusCode::OK, "others serve");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_that_expires_on_an_open_connection_is_refused_from_then_on() {
+    let up = Upstream::start("up").await;
+    let (ca, clients) = (Ca::new(), Ca::new());
+    let expired = clients.client_leaf_until("old", Some(time::OffsetDateTime::now_utc() - time::Duration::days(1)));
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[
+            mtls_api("m", &up.url(), "m.test", "clients", ""),
+            secret_of("m.test", &ca.leaf(&["m.test"]), false),
+            ca_secret("clients", &clients.pem),
+        ]
+        .concat(),
+    );
+    let (_gw, tls) = start(&cfg, &[]).await;
+    let mut old = H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &expired), "m.test").await.unwrap()).await;
+    assert_eq!(old.get("m.test", "/m/x", &[]).await.status, StatusCode::FORBIDDEN, "expired at the handshake");
+
+    // X.509 times have whole seconds: a few of them is enough to connect and be admitted.
+    let expires = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() + time::Duration::seconds(5);
+    let brief = clients.client_leaf_until("brief", Some(expires));
+    let mut open = H1::open(connect(tls, ca.client_with_cert(&[b"http/1.1"], &brief), "m.test").await.unwrap()).await;
+    assert_eq!(open.get("m.test", "/m/x", &[]).await.status, StatusCode::OK);
+    // Waits on the clock itself, then a little: notAfter is the last valid second.
+    while time::OffsetDateTime::now_utc() <= expires + time::Duration::seconds(1) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = open.get("m.test", "/m/x", &[]).await;
+    assert_eq!(
+        (r.status, refusal(&r).as_str()),
+        (StatusCode::FORBIDDEN, "client certificate not trusted for this API")
+    );
+}

@@ -49,8 +49,16 @@ impl Ca {
 
     /// A client certificate: `CN=cn`, for client authentication.
     pub fn client_leaf(&self, cn: &str) -> Leaf {
+        self.client_leaf_until(cn, None)
+    }
+
+    /// A client certificate valid until `not_after` (rcgen's default when None).
+    pub fn client_leaf_until(&self, cn: &str, not_after: Option<time::OffsetDateTime>) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        if let Some(t) = not_after {
+            params.not_after = t;
+        }
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer).unwrap();
