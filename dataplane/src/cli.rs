@@ -62,6 +62,13 @@ pub struct Cli {
     /// directory under an emptyDir (the gateway creates it).
     #[arg(long, value_name = "DIR", default_value = "/tmp/gatehouse/plugins")]
     pub plugin_dir: PathBuf,
+    /// Development only: how many Go plugin libraries (each with its own Go runtime) this
+    /// process may load, so a rebuilt Go bundle can be reloaded without a restart. Go
+    /// supports one runtime per process and never frees one: each reload keeps 5-11 MB and
+    /// a few threads, and past about 40 the dynamic loader fails. In production keep 1 and
+    /// roll out a new bundle by restarting the dataplane.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub dev_go_runtimes: u16,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(flatten)]

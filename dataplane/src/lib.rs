@@ -86,7 +86,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
     let key_ids = key_id::KeyIdSecret::load(cli.key_id_secret_file.as_deref(), &cli.state_dir)?;
-    let loader = gatehouse_plugin_host::Loader::new(cli.plugin_dir.clone());
+    let loader =
+        gatehouse_plugin_host::Loader::new(cli.plugin_dir.clone()).with_go_runtimes(cli.dev_go_runtimes.into());
     let counters = counters(&cli, &metrics).await?;
     let gw = Arc::new(
         Gateway::new(metrics, analytics, loader, key_ids)

@@ -286,7 +286,11 @@ async fn a_second_library_carrying_a_go_runtime_is_refused() {
     let refused: Vec<_> = plugins.iter().filter(|p| p["state"] != "loaded").collect();
     assert_eq!((loaded.len(), refused.len()), (1, 1), "{state}");
     let reason = refused[0]["state"].as_str().unwrap();
-    assert!(reason.contains("carries a Go runtime, but") && reason.contains("needs a dataplane restart"), "{reason}");
+    assert!(
+        reason.contains("carries a Go runtime, but")
+            && reason.contains("bundle your Go plugins into one library with gatehouse-go build"),
+        "{reason}"
+    );
     let (ok, bad) = if loaded[0]["id"] == "default/go-a" { ("/a/x", "/b/x") } else { ("/b/x", "/a/x") };
     assert_eq!(gw.get(ok).await.json()["headers"]["x-hook"], "Named");
     assert_eq!(gw.get(bad).await.status, StatusCode::INTERNAL_SERVER_ERROR);

@@ -41,6 +41,9 @@ impl Defined {
 pub struct Checked {
     /// Symbols defined (not merely referenced) in the plugin's `.dynsym`, by name.
     pub defined: HashMap<String, Defined>,
+    /// The file was built by Go (it has a `.go.buildinfo` section), so opening it starts a
+    /// Go runtime: known before `dlopen`, which is when that runtime starts.
+    pub go_runtime: bool,
 }
 
 /// Checks `data` is a 64-bit ELF shared object for this machine whose every `PT_LOAD`
@@ -81,6 +84,7 @@ pub fn check(data: &[u8]) -> Result<Checked, String> {
     let mut checked = Checked::default();
     let sections =
         header.sections(endian, data).map_err(|e| format!("its section headers lie outside the file ({e})"))?;
+    checked.go_runtime = sections.iter().any(|s| sections.section_name(endian, s).is_ok_and(|n| n == b".go.buildinfo"));
     let symbols = sections
         .symbols(endian, data, elf::SHT_DYNSYM)
         .map_err(|e| format!("its dynamic symbol table lies outside the file ({e})"))?;

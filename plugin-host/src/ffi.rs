@@ -54,16 +54,41 @@ unsafe impl Send for Decl {}
 // SAFETY: as above.
 unsafe impl Sync for Decl {}
 
-/// The file of the one library carrying a Go runtime (`GH_PLUGIN_GO_RUNTIME`), if any.
-static GO_RUNTIME: Mutex<Option<String>> = Mutex::new(None);
+/// The files of the libraries carrying a Go runtime (built by Go, or declaring
+/// `GH_PLUGIN_GO_RUNTIME`), in load order. Never shrinks: a Go runtime is never unloaded.
+static GO_RUNTIMES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Counts one more Go runtime in this process, or refuses it past `max`.
+fn admit_go_runtime(file: &Path, max: usize) -> Result<(), PluginError> {
+    // A poisoned lock only means another load panicked; the list is still right.
+    let mut go = GO_RUNTIMES.lock().unwrap_or_else(|p| p.into_inner());
+    match go.first() {
+        Some(first) if max <= 1 => Err(PluginError::SecondGoRuntime { first: first.clone() }),
+        Some(_) if go.len() >= max => Err(PluginError::GoRuntimesExhausted { max }),
+        _ => {
+            go.push(file.display().to_string());
+            Ok(())
+        }
+    }
+}
 
 impl Library {
     /// Opens `file` (a checked private copy whose own symbols are `defined`), checks its
-    /// declaration and runs its `init`.
-    pub fn open(file: &Path, defined: HashMap<String, Defined>) -> Result<Self, PluginError> {
+    /// declaration and runs its `init`. `go_built`: the file was built by Go; at most
+    /// `max_go` libraries carrying a Go runtime are opened in this process.
+    pub fn open(
+        file: &Path,
+        defined: HashMap<String, Defined>,
+        go_built: bool,
+        max_go: usize,
+    ) -> Result<Self, PluginError> {
         // Checked before `dlopen`, so the initialisers of a library that is no plugin never run.
         if !defined.get(GH_DECLARATION_SYMBOL).is_some_and(|d| d.is_data_object()) {
             return Err(PluginError::NoDeclaration);
+        }
+        // A Go library's runtime starts inside `dlopen`: one too many is refused before.
+        if go_built {
+            admit_go_runtime(file, max_go)?;
         }
         // SAFETY: loading runs the library's initialisers. That is the point of a plugin:
         // the operator chose to trust this file (and may pin its sha256). The file is a
@@ -110,14 +135,10 @@ impl Library {
         if abi_minor >= 1 && find_hook.is_none() {
             return Err(PluginError::NoFindHook { minor: abi_minor, sdk });
         }
-        if flags & GH_PLUGIN_GO_RUNTIME != 0 {
-            // Refused before `init`, so the second runtime never starts serving. A poisoned
-            // lock only means another load panicked; the value is still right.
-            let mut go = GO_RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
-            match &*go {
-                Some(first) => return Err(PluginError::SecondGoRuntime { first: first.clone() }),
-                None => *go = Some(file.display().to_string()),
-            }
+        if flags & GH_PLUGIN_GO_RUNTIME != 0 && !go_built {
+            // A runtime the ELF file did not show (not built by Go's linker): refused
+            // before `init`, so it never starts serving.
+            admit_go_runtime(file, max_go)?;
         }
         if let Some(init) = init {
             let mut err = ErrBuf::new();

@@ -118,9 +118,13 @@ pub enum PluginError {
     #[error("declares ABI 1.{minor} (by {sdk}) but has no find_hook, which ABI 1.1 requires")]
     NoFindHook { minor: u16, sdk: String },
     #[error(
-        "carries a Go runtime, but {first} already does: Go supports one runtime per process, so a new Go plugin library needs a dataplane restart"
+        "carries a Go runtime, but {first} already does: Go supports one runtime per process: bundle your Go plugins into one library with gatehouse-go build, and roll out a new bundle by restarting the dataplane (--dev-go-runtimes allows more while developing)"
     )]
     SecondGoRuntime { first: String },
+    #[error(
+        "carries a Go runtime, and this dataplane already runs {max}, the most --dev-go-runtimes allows: restart it to load a new Go bundle"
+    )]
+    GoRuntimesExhausted { max: usize },
     #[error("symbol {symbol:?} has no handler for the {phase} phase")]
     PhaseNotHandled { symbol: String, phase: Phase },
     #[error("the hook refused its config: {0}")]
@@ -151,6 +155,9 @@ pub struct Loader {
     hashed: Mutex<HashMap<PathBuf, (Stamp, String)>>,
     /// How many times a plugin file was read to be hashed.
     files_hashed: std::sync::atomic::AtomicU64,
+    /// How many libraries carrying a Go runtime this process may open (1 but in
+    /// development: Go supports one runtime per process, and none is ever freed).
+    go_runtimes: usize,
 }
 
 /// What `stat` (following symlinks, as mounted ConfigMaps need) says about a file. A
@@ -230,7 +237,15 @@ impl Loader {
             by_hash: Mutex::new(HashMap::new()),
             hashed: Mutex::new(HashMap::new()),
             files_hashed: Default::default(),
+            go_runtimes: 1,
         }
+    }
+
+    /// Allows up to `n` Go runtimes in this process (`--dev-go-runtimes`), so a Go bundle
+    /// can be reloaded while developing it.
+    pub fn with_go_runtimes(mut self, n: usize) -> Self {
+        self.go_runtimes = n.max(1);
+        self
     }
 
     /// The hex sha256 of a file, or why it cannot be read. Read and hashed only when its
@@ -334,7 +349,7 @@ impl Loader {
         let checked = elf::check(bytes).map_err(PluginError::NotSharedObject)?;
         let dir = self.private_dir()?;
         let file = copy_in(&dir, sha, bytes)?;
-        Library::open(&file, checked.defined).map(Arc::new)
+        Library::open(&file, checked.defined, checked.go_runtime, self.go_runtimes).map(Arc::new)
     }
 
     /// The plugin directory, created `0700` if missing. One that another user owns, or that

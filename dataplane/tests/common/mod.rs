@@ -206,6 +206,8 @@ pub struct Gatehouse {
     /// `--tls-listen`, when the test asked for it.
     pub tls: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// What the process wrote to stdout (a Go plugin's fmt.Println, say).
+    stdout: Arc<Mutex<Vec<String>>>,
     client: Client<HttpConnector, Body>,
 }
 
@@ -248,11 +250,15 @@ impl Gatehouse {
             .args(extra)
             .env("RUST_LOG", "info")
             .env("TOKIO_WORKER_THREADS", "2")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start gatehouse-dataplane");
         let stderr = child.stderr.take().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let o = stdout.clone();
+        std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(|l| o.lock().unwrap().push(l)));
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let l = logs.clone();
@@ -280,7 +286,7 @@ impl Gatehouse {
             Err(_) => panic!("gateway did not start; logs:\n{}", logs.lock().unwrap().join("\n")),
         };
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { child, _plugin_cache: plugin_cache, addr, admin, tls, logs, client }
+        Self { child, _plugin_cache: plugin_cache, addr, admin, tls, logs, stdout, client }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -289,6 +295,10 @@ impl Gatehouse {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
     }
 
     pub async fn get(&self, path: &str) -> Reply {

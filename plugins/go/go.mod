@@ -1,0 +1,3 @@
+module gatehouse.dev/go
+
+go 1.21

@@ -1,0 +1,431 @@
+package host
+
+/*
+#include <stdlib.h>
+#include "bridge.h"
+*/
+import "C"
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"net/textproto"
+	"net/url"
+	"strconv"
+	"unsafe"
+)
+
+const (
+	targetRequest  = C.GH_REQUEST
+	targetResponse = C.GH_RESPONSE
+)
+
+// Call is one hook call: the request (and response) as net/http types, built from the
+// gateway's view and written back when the hook returns. Calls are pooled: a hook must
+// not keep r, rw, res or their bodies after it returns.
+type Call struct {
+	raw   *C.gh_call
+	entry *entry
+
+	req     *http.Request
+	url     url.URL
+	reqHdr  http.Header
+	origReq http.Header
+	reqBody bodyReader
+	// What the hook may change on the request, as the gateway sent it.
+	method, path, query, hostName string
+
+	res     *http.Response
+	resHdr  http.Header
+	origRes http.Header
+	resBody bodyReader
+	status  int
+
+	rw    writer
+	pairs []C.gh_pair
+
+	// Session and Definition cache what ctx decoded during this call.
+	Session    any
+	Definition any
+}
+
+func newCall() *Call {
+	c := &Call{
+		reqHdr:  http.Header{},
+		origReq: http.Header{},
+		resHdr:  http.Header{},
+		origRes: http.Header{},
+		pairs:   make([]C.gh_pair, 32),
+	}
+	c.req = (&http.Request{}).WithContext(&callCtx{Context: context.Background(), c: c})
+	c.res = &http.Response{}
+	c.rw.h = http.Header{}
+	c.reqBody.c, c.reqBody.target = c, targetRequest
+	c.resBody.c, c.resBody.target = c, targetResponse
+	return c
+}
+
+// headers fills h and orig (each with slices of its own, so in-place edits show) with
+// the gateway's headers of target.
+func (c *Call) headers(target C.gh_target, h, orig http.Header) {
+	clear(h)
+	clear(orig)
+	n := int(C.gh_go_headers(c.raw, target, &c.pairs[0], C.size_t(len(c.pairs))))
+	if n > len(c.pairs) {
+		c.pairs = make([]C.gh_pair, n)
+		n = int(C.gh_go_headers(c.raw, target, &c.pairs[0], C.size_t(len(c.pairs))))
+	}
+	for _, p := range c.pairs[:min(n, len(c.pairs))] {
+		k := textproto.CanonicalMIMEHeaderKey(gostr(p.key))
+		v := gostr(p.value)
+		h[k] = append(h[k], v)
+		orig[k] = append(orig[k], v)
+	}
+}
+
+func (c *Call) loadRequest() {
+	r := c.req
+	c.method = gostr(C.gh_go_request_method(c.raw))
+	c.path = gostr(C.gh_go_request_path(c.raw))
+	c.query = gostr(C.gh_go_request_query(c.raw))
+	c.headers(targetRequest, c.reqHdr, c.origReq)
+	c.hostName = c.reqHdr.Get("Host")
+	delete(c.reqHdr, "Host")
+	delete(c.origReq, "Host")
+
+	c.url = url.URL{Path: c.path, RawQuery: c.query}
+	if p, err := url.PathUnescape(c.path); err == nil {
+		c.url.Path, c.url.RawPath = p, c.path
+	}
+	r.Method = c.method
+	r.URL = &c.url
+	r.Proto, r.ProtoMajor, r.ProtoMinor = "HTTP/1.1", 1, 1
+	r.Header = c.reqHdr
+	r.Host = c.hostName
+	r.RemoteAddr = gostr(C.gh_go_client_ip(c.raw))
+	r.RequestURI = c.url.RequestURI()
+	r.ContentLength, _ = strconv.ParseInt(c.reqHdr.Get("Content-Length"), 10, 64)
+	c.reqBody.reset()
+	r.Body = &c.reqBody
+	r.GetBody, r.Form, r.PostForm, r.MultipartForm = nil, nil, nil, nil
+	r.Trailer, r.TransferEncoding, r.Close, r.TLS, r.Response = nil, nil, false, nil, nil
+	c.rw.reset()
+}
+
+func (c *Call) loadResponse() {
+	c.status = int(C.gh_go_response_status(c.raw))
+	c.headers(targetResponse, c.resHdr, c.origRes)
+	res := c.res
+	*res = http.Response{
+		Status:     strconv.Itoa(c.status) + " " + http.StatusText(c.status),
+		StatusCode: c.status,
+		Proto:      "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header:  c.resHdr,
+		Request: c.req,
+	}
+	res.ContentLength, _ = strconv.ParseInt(c.resHdr.Get("Content-Length"), 10, 64)
+	c.resBody.reset()
+	res.Body = &c.resBody
+}
+
+// finishRequest writes back what a request hook did: its own response, or its changes to
+// the request (and response headers for later).
+func (c *Call) finishRequest() C.gh_status {
+	if c.rw.wrote {
+		c.applyWriter()
+		return C.GH_RESPOND
+	}
+	r := c.req
+	if r.Method != c.method {
+		c.check("method", C.gh_go_request_set_method(c.raw, cstr(r.Method), C.size_t(len(r.Method))))
+	}
+	if r.URL != nil {
+		if p := r.URL.EscapedPath(); p != c.path {
+			c.check("path", C.gh_go_request_set_path(c.raw, cstr(p), C.size_t(len(p))))
+		}
+		if r.URL.RawQuery != c.query {
+			q := r.URL.RawQuery
+			c.check("query", C.gh_go_request_set_query(c.raw, cstr(q), C.size_t(len(q))))
+		}
+	}
+	if r.Host != c.hostName && r.Host != "" {
+		c.setHeader(targetRequest, "Host", []string{r.Host})
+	}
+	c.writeHeaders(targetRequest, r.Header, c.origReq)
+	if r.Body != &c.reqBody && r.Body != nil {
+		c.replaceBody(targetRequest, r.Body)
+	}
+	c.writeHeaders(targetResponse, c.rw.h, nil)
+	return C.GH_CONTINUE
+}
+
+func (c *Call) finishResponse() C.gh_status {
+	if c.rw.wrote {
+		c.applyWriter()
+		return C.GH_CONTINUE
+	}
+	res := c.res
+	if res.StatusCode != c.status {
+		c.check("status", C.gh_go_response_set_status(c.raw, C.uint16_t(res.StatusCode)))
+	}
+	c.writeHeaders(targetResponse, res.Header, c.origRes)
+	if res.Body != &c.resBody && res.Body != nil {
+		c.replaceBody(targetResponse, res.Body)
+	}
+	c.writeHeaders(targetResponse, c.rw.h, nil)
+	return C.GH_CONTINUE
+}
+
+func (c *Call) applyWriter() {
+	c.check("status", C.gh_go_response_set_status(c.raw, C.uint16_t(c.rw.status)))
+	c.writeHeaders(targetResponse, c.rw.h, nil)
+	b := c.rw.body
+	c.check("body", C.gh_go_body_set(c.raw, targetResponse, cbytes(b), C.size_t(len(b))))
+}
+
+// writeHeaders sends the gateway every header of h whose values differ from orig, and
+// removes those orig had and h has not (orig nil: h only adds).
+func (c *Call) writeHeaders(target C.gh_target, h, orig http.Header) {
+	for k, vs := range h {
+		if !equal(vs, orig[k]) {
+			c.setHeader(target, k, vs)
+		}
+	}
+	for k := range orig {
+		if _, ok := h[k]; !ok {
+			c.check("header "+k, C.gh_go_header_remove(c.raw, target, cstr(k), C.size_t(len(k))))
+		}
+	}
+}
+
+func (c *Call) setHeader(target C.gh_target, k string, vs []string) {
+	if len(vs) == 0 {
+		C.gh_go_header_remove(c.raw, target, cstr(k), C.size_t(len(k)))
+		return
+	}
+	for i, v := range vs {
+		if i == 0 {
+			c.check("header "+k, C.gh_go_header_set(c.raw, target, cstr(k), C.size_t(len(k)), cstr(v), C.size_t(len(v))))
+		} else {
+			c.check("header "+k, C.gh_go_header_add(c.raw, target, cstr(k), C.size_t(len(k)), cstr(v), C.size_t(len(v))))
+		}
+	}
+}
+
+func (c *Call) replaceBody(target C.gh_target, body io.ReadCloser) {
+	b, err := io.ReadAll(body)
+	_ = body.Close()
+	if err != nil {
+		Log(LevelWarn, "Go hook "+c.entry.name+": reading the new body failed: "+err.Error())
+		return
+	}
+	c.check("body", C.gh_go_body_set(c.raw, target, cbytes(b), C.size_t(len(b))))
+}
+
+// check logs a change the gateway refused (it logs its own reason too).
+func (c *Call) check(what string, rc C.int32_t) {
+	if rc < 0 {
+		Log(LevelWarn, "Go hook "+c.entry.name+": the gateway refused the "+what+" change")
+	}
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// writer is the http.ResponseWriter a hook gets: writing to it answers the request.
+type writer struct {
+	h      http.Header
+	status int
+	body   []byte
+	wrote  bool
+}
+
+func (w *writer) reset() {
+	clear(w.h)
+	w.status, w.body, w.wrote = 0, w.body[:0], false
+}
+
+func (w *writer) Header() http.Header { return w.h }
+
+func (w *writer) WriteHeader(status int) {
+	if !w.wrote {
+		w.status, w.wrote = status, true
+	}
+}
+
+func (w *writer) Write(b []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	w.body = append(w.body, b...)
+	return len(b), nil
+}
+
+var errAfterHook = errors.New("gatehouse: body read after the hook returned")
+
+// bodyReader reads the gateway's buffered body in place, fetched on the first Read: a hook
+// that never reads the body costs nothing for it.
+type bodyReader struct {
+	c       *Call
+	target  C.gh_target
+	data    []byte
+	loaded  bool
+	off     int
+	expired bool
+}
+
+func (b *bodyReader) reset() { b.data, b.loaded, b.off, b.expired = nil, false, 0, false }
+func (b *bodyReader) close() { b.data, b.expired = nil, true }
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	if b.expired {
+		return 0, errAfterHook
+	}
+	if !b.loaded {
+		b.loaded = true
+		var out C.gh_str
+		if C.gh_go_body_get(b.c.raw, b.target, &out) == 1 {
+			b.data = view(out)
+		} else if !b.c.entry.body {
+			b.c.entry.warned.Do(func() {
+				Log(LevelWarn, "Go hook "+b.c.entry.name+" read a body the gateway did not buffer for it: rebuild the bundle with gatehouse-go build, which finds hooks that read bodies")
+			})
+		}
+	}
+	if b.off >= len(b.data) {
+		return 0, io.EOF
+	}
+	n := copy(p, b.data[b.off:])
+	b.off += n
+	return n, nil
+}
+
+func (b *bodyReader) Close() error { return nil }
+
+// ---------------------------------------------------------------- what ctx reads
+
+// Name is the hook's registered name.
+func (c *Call) Name() string { return c.entry.name }
+
+// SessionJSON is the session of the request's key as the gateway describes it.
+func (c *Call) SessionJSON() ([]byte, bool) {
+	var out C.gh_str
+	if C.gh_go_session_json(c.raw, &out) != 1 {
+		return nil, false
+	}
+	return view(out), true
+}
+
+// SessionInit is what an auth hook's new session holds.
+type SessionInit struct {
+	ID, Alias      string
+	Rate, PerMs    uint64
+	QuotaMax       int64
+	QuotaRenewalMs uint64
+	AccessRights   []string
+	Meta           map[string]string
+}
+
+// CreateSession gives the request a new session (authCheck only); false elsewhere.
+func (c *Call) CreateSession(s SessionInit) bool {
+	var frees []unsafe.Pointer
+	defer func() {
+		for _, p := range frees {
+			C.free(p)
+		}
+	}()
+	// The init struct and everything it points to live in C memory: Go memory holding Go
+	// pointers may not be passed to C.
+	str := func(s string) C.gh_str {
+		if s == "" {
+			return C.gh_str{}
+		}
+		p := C.CBytes([]byte(s))
+		frees = append(frees, p)
+		return C.gh_str{ptr: (*C.uint8_t)(p), len: C.size_t(len(s))}
+	}
+	alloc := func(n, size uintptr) unsafe.Pointer {
+		p := C.calloc(C.size_t(n+1), C.size_t(size))
+		frees = append(frees, p)
+		return p
+	}
+	init := (*C.gh_session_init)(alloc(1, unsafe.Sizeof(C.gh_session_init{})))
+	init.size = C.uint32_t(unsafe.Sizeof(C.gh_session_init{}))
+	init.id, init.alias = str(s.ID), str(s.Alias)
+	init.rate, init.per_ms = C.uint64_t(s.Rate), C.uint64_t(s.PerMs)
+	init.quota_max, init.quota_renewal_ms = C.int64_t(s.QuotaMax), C.uint64_t(s.QuotaRenewalMs)
+	if len(s.AccessRights) > 0 {
+		rights := unsafe.Slice((*C.gh_str)(alloc(uintptr(len(s.AccessRights)), unsafe.Sizeof(C.gh_str{}))), len(s.AccessRights))
+		for i, r := range s.AccessRights {
+			rights[i] = str(r)
+		}
+		init.access_rights, init.access_rights_len = &rights[0], C.size_t(len(rights))
+	}
+	if len(s.Meta) > 0 {
+		meta := unsafe.Slice((*C.gh_pair)(alloc(uintptr(len(s.Meta)), unsafe.Sizeof(C.gh_pair{}))), len(s.Meta))
+		i := 0
+		for k, v := range s.Meta {
+			meta[i] = C.gh_pair{key: str(k), value: str(v)}
+			i++
+		}
+		init.meta, init.meta_len = &meta[0], C.size_t(len(meta))
+	}
+	return C.gh_go_session_create(c.raw, init) == 1
+}
+
+// SetSessionMeta changes one metadata entry of the request's session (this request only).
+func (c *Call) SetSessionMeta(k, v string) bool {
+	return C.gh_go_session_meta_set(c.raw, cstr(k), C.size_t(len(k)), cstr(v), C.size_t(len(v))) == 1
+}
+
+// API describes the API being called.
+type API struct{ ID, Name, ListenPath, ConfigData, Spec string }
+
+// API returns the called API's definition.
+func (c *Call) API() API {
+	return API{
+		ID:         gostr(C.gh_go_api_id(c.raw)),
+		Name:       gostr(C.gh_go_api_name(c.raw)),
+		ListenPath: gostr(C.gh_go_api_listen_path(c.raw)),
+		ConfigData: gostr(C.gh_go_api_config_data(c.raw)),
+		Spec:       gostr(C.gh_go_api_spec(c.raw)),
+	}
+}
+
+// ---------------------------------------------------------------- analytics records
+
+// Field reads an analytics record's field as text.
+func (c *Call) Field(name string) (string, bool) {
+	var out C.gh_str
+	if C.gh_go_record_get(c.raw, cstr(name), C.size_t(len(name)), &out) != 1 {
+		return "", false
+	}
+	return gostr(out), true
+}
+
+// SetField sets a record's field from its text form.
+func (c *Call) SetField(name, value string) bool {
+	return C.gh_go_record_set(c.raw, cstr(name), C.size_t(len(name)), cstr(value), C.size_t(len(value))) == 1
+}
+
+// DropField removes a record's field.
+func (c *Call) DropField(name string) {
+	C.gh_go_record_drop(c.raw, cstr(name), C.size_t(len(name)))
+}
+
+// AddTag appends a tag to the record.
+func (c *Call) AddTag(tag string) { C.gh_go_record_add_tag(c.raw, cstr(tag), C.size_t(len(tag))) }
+
+// SetMeta sets a meta_data entry of the record.
+func (c *Call) SetMeta(k, v string) {
+	C.gh_go_record_set_meta(c.raw, cstr(k), C.size_t(len(k)), cstr(v), C.size_t(len(v)))
+}
