@@ -22,6 +22,9 @@ use http_body_util::{BodyExt, Full};
 
 /// The Go libraries the tests load, built once per test binary.
 struct GoLibs {
+    go: PathBuf,
+    tool: PathBuf,
+    path: String,
     /// Every example and test plugin in one bundle.
     bundle: String,
     /// The same bundle built with `-tags v2`: another library, AddVersion says v2.
@@ -43,6 +46,7 @@ const BUNDLE: &[&str] = &[
     "./faulty",
     "./noop",
     "./version",
+    "./mask-analytics",
 ];
 
 fn go() -> Option<PathBuf> {
@@ -94,6 +98,9 @@ fn go_libs() -> Option<&'static GoLibs> {
                 lib.display().to_string()
             };
             Some(GoLibs {
+                go: go.clone(),
+                tool: tool.clone(),
+                path: path.clone(),
                 bundle: build("bundle.so", "", BUNDLE),
                 bundle_v2: build("bundle_v2.so", "v2", BUNDLE),
                 other: build("other.so", "", &["./noop"]),
@@ -101,6 +108,29 @@ fn go_libs() -> Option<&'static GoLibs> {
             })
         })
         .as_ref()
+}
+
+impl GoLibs {
+    /// Builds `dirs` with the Go release `toolchain` (GOTOOLCHAIN) instead of the installed one.
+    fn build_with_toolchain(&self, toolchain: &str, name: &str, dirs: &[&str]) -> String {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let lib = root.join("target/go-plugin-tests").join(name);
+        let status = Command::new(&self.tool)
+            .current_dir(root.join("plugins/examples/go"))
+            .env("PATH", &self.path)
+            .env("GOTOOLCHAIN", toolchain)
+            .args(["build", "-o"])
+            .arg(&lib)
+            .args(dirs)
+            .status()
+            .unwrap();
+        assert!(status.success(), "gatehouse-go build with {toolchain} failed");
+        // `go version FILE` reads the toolchain from the file's own build info.
+        let out = Command::new(&self.go).arg("version").arg(&lib).env("GOTOOLCHAIN", "local").output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.trim_end().ends_with(toolchain), "{name} was not built by {toolchain}: {said}");
+        lib.display().to_string()
+    }
 }
 
 fn mw(phase: &str, plugin: &str, symbol: &str) -> String {
@@ -177,6 +207,52 @@ async fn the_tyk_go_examples_work_over_http() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_analytics_hook_masks_the_record_and_not_the_response() {
+    let Some(go) = go_libs() else { return };
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    let out = cfg.path().join("analytics.jsonl");
+    let hooks = "  middleware:\n    analytics: [{plugin: go, symbol: MaskAnalyticsData, detailedRecording: true}]\n";
+    cfg.write("all.yaml", &[plugin("go", &go.bundle, ""), api("a", "/a/", &up.url(), hooks)].concat());
+    let gw = Gatehouse::start(cfg.path(), &[&format!("--analytics=file:{}", out.display())]).await;
+    let body = r#"{"user":"alice","password":"hunter2"}"#;
+    let req =
+        Request::post(gw.url("/a/echo")).body(Full::new(bytes::Bytes::from_static(body.as_bytes())).boxed()).unwrap();
+    assert_eq!(gw.send(req).await.text(), body, "the client gets the real body");
+    let mut rec = serde_json::Value::Null;
+    gw.wait_until("the masked record", async || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        rec = text.lines().filter_map(|l| serde_json::from_str(l).ok()).next().unwrap_or_default();
+        !rec.is_null()
+    })
+    .await;
+    assert_eq!(rec["response_body"], r#"{"user":"alice","password":"****"}"#, "{rec}");
+    assert_eq!(rec["request_body"], body, "the hook changed only the response body");
+    assert!(rec["tags"].as_array().unwrap().iter().any(|t| t == "masked-by-go"), "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_built_with_the_oldest_supported_go_serves() {
+    let Some(go) = go_libs() else { return };
+    // Go fetches the toolchain named by GOTOOLCHAIN through the module proxy, once.
+    let lib = go.build_with_toolchain("go1.21.13", "oldest.so", &["./foo-bar-header", "./hit-counter"]);
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "all.yaml",
+        &[
+            plugin("go", &lib, ""),
+            api("foo", "/foo/", &up.url(), &mw("pre", "go", "AddFooBarHeader")),
+            api("hits", "/hits/", &up.url(), &mw("pre", "go", "MyProcessRequest")),
+        ]
+        .concat(),
+    );
+    let gw = Gatehouse::start(cfg.path(), &[]).await;
+    assert_eq!(gw.get("/foo/x").await.json()["headers"]["foo"], "Bar");
+    assert_eq!(gw.get("/hits/x").await.json()["hit_counter"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_auth_hook_s_session_is_enforced_and_request_rewrites_reach_the_upstream() {
     let Some(go) = go_libs() else { return };
     let up = Upstream::start("up").await;
@@ -240,6 +316,7 @@ async fn a_go_panic_in_any_phase_is_a_500_and_the_next_request_is_served() {
     ));
     docs.push(api("response", "/response/", &up.url(), &mw("response", "go", "PanicOnResponse")));
     docs.push(api("echo", "/echo/", &up.url(), &mw("pre", "go", "Echo")));
+    docs.push(api("later", "/later/", &up.url(), &mw("pre", "go", "PanicLater")));
     docs.push(key("k", "k-key", "accessRights: [postkeyauth]"));
     cfg.write("all.yaml", &docs.concat());
     let gw = Gatehouse::start(cfg.path(), &[]).await;
@@ -261,6 +338,11 @@ async fn a_go_panic_in_any_phase_is_a_500_and_the_next_request_is_served() {
         go.bundle
     );
     assert_eq!(gw.metric(&format!("gatehouse_plugin_failures_total{labels}")).await, 1.0);
+
+    // A goroutine started with gatehouse.Go panics after the hook returned: recovered, logged.
+    assert_eq!(gw.get("/later/x").await.status, StatusCode::OK);
+    gw.wait_for_log_containing("goroutine started with gatehouse.Go panicked: boom in a goroutine").await;
+    assert_eq!(gw.get("/later/x").await.status, StatusCode::OK, "still serving");
 
     // The body a hook reads is the client's.
     let req = Request::post(gw.url("/echo/x")).body(Full::new(bytes::Bytes::from_static(b"hello go")).boxed()).unwrap();
@@ -378,4 +460,58 @@ async fn a_rebuilt_go_bundle_reloads_under_the_dev_flag_without_a_failed_request
     })
     .await;
     assert_eq!(version(&gw).await, (StatusCode::OK, "v2".to_owned()));
+}
+
+/// The bundle packaged as docs/go-plugins.md says (plugins/examples/go/Dockerfile, built with
+/// buildah into an OCI layout, no registry): its one layer holds exactly the library, at
+/// /plugins.so, which an image volume mounts at <plugins.mountPath>/<name>/plugins.so.
+#[test]
+fn the_bundle_packages_as_an_oci_image_with_the_library_at_its_root() {
+    let Some(go) = go_libs() else { return };
+    if Command::new("buildah").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("GATEHOUSE_REQUIRE_BUILDAH").is_none(),
+            "buildah is not installed, and GATEHOUSE_REQUIRE_BUILDAH is set"
+        );
+        eprintln!("SKIPPED: buildah is not installed (apt-get install buildah), so the image is not built");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::copy(root.join("plugins/examples/go/Dockerfile"), ctx.join("Dockerfile")).unwrap();
+    std::fs::copy(&go.bundle, ctx.join("plugins.so")).unwrap();
+    let buildah = |args: &[&str]| {
+        let out = Command::new("buildah")
+            .args(["--storage-driver", "vfs", "--root"])
+            .arg(tmp.path().join("root"))
+            .arg("--runroot")
+            .arg(tmp.path().join("run"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "buildah {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ctx_arg = ctx.display().to_string();
+    buildah(&["build", "--isolation", "chroot", "-t", "localhost/go-plugins:test", &ctx_arg]);
+    let layout = tmp.path().join("oci");
+    buildah(&["push", "localhost/go-plugins:test", &format!("oci:{}", layout.display())]);
+
+    let json = |digest: &str| -> serde_json::Value {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+    };
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest = json(index["manifests"][0]["digest"].as_str().unwrap());
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "FROM scratch + one COPY is one layer: {manifest}");
+    let layer =
+        layout.join("blobs/sha256").join(layers[0]["digest"].as_str().unwrap().strip_prefix("sha256:").unwrap());
+    // GNU tar reads the layer whether or not it is compressed.
+    let list = Command::new("tar").arg("-tf").arg(&layer).output().unwrap();
+    let names: Vec<String> = String::from_utf8_lossy(&list.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(names, ["plugins.so"], "the layer holds the library alone, at the image's root");
+    let content = Command::new("tar").arg("-xOf").arg(&layer).arg("plugins.so").output().unwrap();
+    assert!(content.stdout == std::fs::read(&go.bundle).unwrap(), "the layer's plugins.so is the bundle");
 }

@@ -604,6 +604,15 @@ async fn chart_lints_and_its_schema_refuses_bad_values() {
         (&["plugins.volumes[0].name=no-source"], "/plugins/volumes/0"),
         (&["plugins.volumes[0].name=Bad_Name", "plugins.volumes[0].configMap.name=x"], "/plugins/volumes/0/name"),
         (&["plugins.volumes[0].name=x", "plugins.volumes[0].configMap=x"], "/plugins/volumes/0/configMap"),
+        (&["plugins.volumes[0].name=x", "plugins.volumes[0].image.pullPolicy=Always"], "/plugins/volumes/0/image"),
+        (
+            &[
+                "plugins.volumes[0].name=x",
+                "plugins.volumes[0].image.reference=r",
+                "plugins.volumes[0].image.pullPolicy=Often",
+            ],
+            "/plugins/volumes/0/image/pullPolicy",
+        ),
         (
             &[
                 "plugins.volumes[0].name=x",
@@ -786,6 +795,9 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
                 "plugins.volumes[0].subPath=v3".into(),
                 "plugins.volumes[1].name=signed".into(),
                 "plugins.volumes[1].csi.driver=plugins.example.com".into(),
+                "plugins.volumes[2].name=go".into(),
+                "plugins.volumes[2].image.reference=registry.example.com/team/go-plugins:v3".into(),
+                "plugins.volumes[2].image.pullPolicy=IfNotPresent".into(),
                 "dataplane.extraEnv[0].name=RUST_LOG".into(),
                 "dataplane.extraEnv[0].value=debug".into(),
                 "runAsUser=1000".into(),
@@ -840,6 +852,22 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
         }
         let dp = &pods["gatehouse-dataplane"];
         assert_eq!(dp["automountServiceAccountToken"], false, "{what}: the dataplane needs no API token");
+        if extra.iter().any(|a| a.starts_with("plugins.volumes[2].image")) {
+            // Kept by the API server (a server without the ImageVolume feature drops the
+            // field), and mounted where Plugin resources point.
+            let vols = dp["volumes"].as_array().unwrap();
+            let go = vols.iter().find(|v| v["name"] == "plugin-go").unwrap_or_else(|| panic!("{what}: {vols:?}"));
+            assert_eq!(
+                go["image"],
+                json!({"reference": "registry.example.com/team/go-plugins:v3", "pullPolicy": "IfNotPresent"}),
+                "{what}"
+            );
+            let mounts = dp["containers"][0]["volumeMounts"].as_array().unwrap();
+            assert!(
+                mounts.iter().any(|m| m["name"] == "plugin-go" && m["mountPath"] == "/opt/gatehouse/plugins/go"),
+                "{what}: {mounts:?}"
+            );
+        }
         let token = dp["volumes"]
             .as_array()
             .into_iter()

@@ -4,6 +4,8 @@ package main
 import (
 	"net/http"
 	"strings"
+
+	gatehouse "gatehouse.dev/go"
 )
 
 func PanicOnRequest(rw http.ResponseWriter, r *http.Request) {
@@ -16,6 +18,12 @@ func PanicOnResponse(rw http.ResponseWriter, res *http.Response, req *http.Reque
 	if strings.Contains(req.URL.RawQuery, "panic") {
 		panic("boom in a response hook")
 	}
+}
+
+// PanicLater panics in a goroutine started with gatehouse.Go, which recovers it: the
+// request is answered as usual and the gateway keeps running.
+func PanicLater(rw http.ResponseWriter, r *http.Request) {
+	gatehouse.Go(func() { panic("boom in a goroutine") })
 }
 
 // Echo answers with the request body it read, so the body path is checked too.

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"runtime"
 	"strconv"
 	"unsafe"
 )
@@ -32,19 +33,24 @@ type Call struct {
 	req     *http.Request
 	url     url.URL
 	reqHdr  http.Header
-	origReq http.Header
+	reqSnap snapshot
 	reqBody bodyReader
 	// What the hook may change on the request, as the gateway sent it.
 	method, path, query, hostName string
 
 	res     *http.Response
 	resHdr  http.Header
-	origRes http.Header
+	resSnap snapshot
 	resBody bodyReader
 	status  int
 
-	rw    writer
-	pairs []C.gh_pair
+	rw writer
+	// The host's header views, in C memory: a Go buffer holding pointers would be scanned
+	// by cgo's pointer check on every call.
+	pairs  *C.gh_pair
+	npairs int
+	// Canonical forms of header names seen before, so most names cost no allocation.
+	canon map[string]string
 
 	// Session and Definition cache what ctx decoded during this call.
 	Session    any
@@ -52,13 +58,10 @@ type Call struct {
 }
 
 func newCall() *Call {
-	c := &Call{
-		reqHdr:  http.Header{},
-		origReq: http.Header{},
-		resHdr:  http.Header{},
-		origRes: http.Header{},
-		pairs:   make([]C.gh_pair, 32),
-	}
+	c := &Call{reqHdr: http.Header{}, resHdr: http.Header{}, canon: map[string]string{}}
+	c.growPairs(32)
+	// A pooled Call the GC drops frees its C buffer.
+	runtime.SetFinalizer(c, func(c *Call) { C.free(unsafe.Pointer(c.pairs)) })
 	c.req = (&http.Request{}).WithContext(&callCtx{Context: context.Background(), c: c})
 	c.res = &http.Response{}
 	c.rw.h = http.Header{}
@@ -67,22 +70,133 @@ func newCall() *Call {
 	return c
 }
 
-// headers fills h and orig (each with slices of its own, so in-place edits show) with
-// the gateway's headers of target.
-func (c *Call) headers(target C.gh_target, h, orig http.Header) {
+func (c *Call) growPairs(n int) {
+	if c.pairs != nil {
+		C.free(unsafe.Pointer(c.pairs))
+	}
+	c.pairs = (*C.gh_pair)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof(C.gh_pair{}))))
+	c.npairs = n
+}
+
+// snapshot is what the gateway sent of one header map, to tell what a hook changed.
+type snapshot struct {
+	spans []span   // one per header name, in the order the gateway sent them
+	vals  []string // every value, as sent; spans index into it
+	// slow: the gateway sent one name's values apart, so orig holds them instead.
+	slow bool
+	orig http.Header
+}
+
+type span struct {
+	key      string // "" once taken out (Host)
+	start, n int
+}
+
+const maxCanon = 512
+
+// canonical is textproto's canonical form of a header name, remembered for later calls
+// (up to maxCanon names, so a client sending endless new names cannot grow the cache).
+func (c *Call) canonical(raw []byte) string {
+	if k, ok := c.canon[string(raw)]; ok {
+		return k
+	}
+	k := textproto.CanonicalMIMEHeaderKey(string(raw))
+	if len(c.canon) < maxCanon {
+		c.canon[string(raw)] = k
+	}
+	return k
+}
+
+// headers fills h with the gateway's headers of target and records them in snap. The
+// values are copied into one allocation; each name's values are a slice of one array,
+// capped so that a hook's append copies rather than overwrites the next name's.
+func (c *Call) headers(target C.gh_target, h http.Header, snap *snapshot) {
 	clear(h)
-	clear(orig)
-	n := int(C.gh_go_headers(c.raw, target, &c.pairs[0], C.size_t(len(c.pairs))))
-	if n > len(c.pairs) {
-		c.pairs = make([]C.gh_pair, n)
-		n = int(C.gh_go_headers(c.raw, target, &c.pairs[0], C.size_t(len(c.pairs))))
+	snap.spans, snap.vals, snap.slow = snap.spans[:0], snap.vals[:0], false
+	n := int(C.gh_go_headers(c.raw, target, c.pairs, C.size_t(c.npairs)))
+	if n > c.npairs {
+		c.growPairs(n)
+		n = min(int(C.gh_go_headers(c.raw, target, c.pairs, C.size_t(c.npairs))), c.npairs)
 	}
-	for _, p := range c.pairs[:min(n, len(c.pairs))] {
-		k := textproto.CanonicalMIMEHeaderKey(gostr(p.key))
-		v := gostr(p.value)
-		h[k] = append(h[k], v)
-		orig[k] = append(orig[k], v)
+	if n == 0 {
+		return
 	}
+	pairs := unsafe.Slice(c.pairs, n)
+	total := 0
+	for _, p := range pairs {
+		total += int(p.value.len)
+	}
+	buf := make([]byte, total)
+	live := make([]string, n)
+	off := 0
+	for i, p := range pairs {
+		k := c.canonical(view(p.key))
+		v := ""
+		if l := int(p.value.len); l > 0 {
+			copy(buf[off:], view(p.value))
+			v = unsafe.String(&buf[off], l)
+			off += l
+		}
+		live[i] = v
+		snap.vals = append(snap.vals, v)
+		if last := len(snap.spans) - 1; last >= 0 && snap.spans[last].key == k {
+			snap.spans[last].n++
+			continue
+		}
+		snap.spans = append(snap.spans, span{key: k, start: i, n: 1})
+	}
+	for _, sp := range snap.spans {
+		h[sp.key] = live[sp.start : sp.start+sp.n : sp.start+sp.n]
+	}
+	// The gateway sends a name's values together; fewer names than spans means it did not.
+	if len(h) != len(snap.spans) {
+		snap.slow = true
+		c.headersApart(h, snap)
+	}
+}
+
+// headersApart builds h and snap.orig one value at a time, for a name whose values did
+// not arrive together.
+func (c *Call) headersApart(h http.Header, snap *snapshot) {
+	clear(h)
+	if snap.orig == nil {
+		snap.orig = http.Header{}
+	}
+	clear(snap.orig)
+	for _, sp := range snap.spans {
+		for _, v := range snap.vals[sp.start : sp.start+sp.n] {
+			h[sp.key] = append(h[sp.key], v)
+			snap.orig[sp.key] = append(snap.orig[sp.key], v)
+		}
+	}
+}
+
+// take removes name from h and the snapshot and returns its first value.
+func (snap *snapshot) take(h http.Header, name string) string {
+	v := h.Get(name)
+	delete(h, name)
+	if snap.slow {
+		delete(snap.orig, name)
+	}
+	for i := range snap.spans {
+		if snap.spans[i].key == name {
+			snap.spans[i].key = ""
+		}
+	}
+	return v
+}
+
+func (snap *snapshot) has(k string) bool {
+	if snap.slow {
+		_, ok := snap.orig[k]
+		return ok
+	}
+	for _, sp := range snap.spans {
+		if sp.key == k {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Call) loadRequest() {
@@ -90,10 +204,8 @@ func (c *Call) loadRequest() {
 	c.method = gostr(C.gh_go_request_method(c.raw))
 	c.path = gostr(C.gh_go_request_path(c.raw))
 	c.query = gostr(C.gh_go_request_query(c.raw))
-	c.headers(targetRequest, c.reqHdr, c.origReq)
-	c.hostName = c.reqHdr.Get("Host")
-	delete(c.reqHdr, "Host")
-	delete(c.origReq, "Host")
+	c.headers(targetRequest, c.reqHdr, &c.reqSnap)
+	c.hostName = c.reqSnap.take(c.reqHdr, "Host")
 
 	c.url = url.URL{Path: c.path, RawQuery: c.query}
 	if p, err := url.PathUnescape(c.path); err == nil {
@@ -105,8 +217,15 @@ func (c *Call) loadRequest() {
 	r.Header = c.reqHdr
 	r.Host = c.hostName
 	r.RemoteAddr = gostr(C.gh_go_client_ip(c.raw))
-	r.RequestURI = c.url.RequestURI()
-	r.ContentLength, _ = strconv.ParseInt(c.reqHdr.Get("Content-Length"), 10, 64)
+	r.RequestURI = c.path
+	if c.query != "" {
+		r.RequestURI = c.path + "?" + c.query
+	}
+	// As net/http's server: no Content-Length is 0, unless the body is chunked (unknown).
+	r.ContentLength = contentLength(c.reqHdr)
+	if r.ContentLength < 0 && len(c.reqHdr["Transfer-Encoding"]) == 0 {
+		r.ContentLength = 0
+	}
 	c.reqBody.reset()
 	r.Body = &c.reqBody
 	r.GetBody, r.Form, r.PostForm, r.MultipartForm = nil, nil, nil, nil
@@ -116,7 +235,7 @@ func (c *Call) loadRequest() {
 
 func (c *Call) loadResponse() {
 	c.status = int(C.gh_go_response_status(c.raw))
-	c.headers(targetResponse, c.resHdr, c.origRes)
+	c.headers(targetResponse, c.resHdr, &c.resSnap)
 	res := c.res
 	*res = http.Response{
 		Status:     strconv.Itoa(c.status) + " " + http.StatusText(c.status),
@@ -125,9 +244,18 @@ func (c *Call) loadResponse() {
 		Header:  c.resHdr,
 		Request: c.req,
 	}
-	res.ContentLength, _ = strconv.ParseInt(c.resHdr.Get("Content-Length"), 10, 64)
+	res.ContentLength = contentLength(c.resHdr)
 	c.resBody.reset()
 	res.Body = &c.resBody
+}
+
+func contentLength(h http.Header) int64 {
+	if v := h["Content-Length"]; len(v) > 0 {
+		if n, err := strconv.ParseInt(v[0], 10, 64); err == nil {
+			return n
+		}
+	}
+	return -1
 }
 
 // finishRequest writes back what a request hook did: its own response, or its changes to
@@ -153,11 +281,13 @@ func (c *Call) finishRequest() C.gh_status {
 	if r.Host != c.hostName && r.Host != "" {
 		c.setHeader(targetRequest, "Host", []string{r.Host})
 	}
-	c.writeHeaders(targetRequest, r.Header, c.origReq)
+	c.writeChanges(targetRequest, r.Header, &c.reqSnap)
 	if r.Body != &c.reqBody && r.Body != nil {
 		c.replaceBody(targetRequest, r.Body)
 	}
-	c.writeHeaders(targetResponse, c.rw.h, nil)
+	if len(c.rw.h) > 0 {
+		c.writeHeaders(targetResponse, c.rw.h, nil)
+	}
 	return C.GH_CONTINUE
 }
 
@@ -170,7 +300,7 @@ func (c *Call) finishResponse() C.gh_status {
 	if res.StatusCode != c.status {
 		c.check("status", C.gh_go_response_set_status(c.raw, C.uint16_t(res.StatusCode)))
 	}
-	c.writeHeaders(targetResponse, res.Header, c.origRes)
+	c.writeChanges(targetResponse, res.Header, &c.resSnap)
 	if res.Body != &c.resBody && res.Body != nil {
 		c.replaceBody(targetResponse, res.Body)
 	}
@@ -183,6 +313,36 @@ func (c *Call) applyWriter() {
 	c.writeHeaders(targetResponse, c.rw.h, nil)
 	b := c.rw.body
 	c.check("body", C.gh_go_body_set(c.raw, targetResponse, cbytes(b), C.size_t(len(b))))
+}
+
+// writeChanges sends the gateway what differs between h and what it sent (snap).
+func (c *Call) writeChanges(target C.gh_target, h http.Header, snap *snapshot) {
+	if snap.slow {
+		c.writeHeaders(target, h, snap.orig)
+		return
+	}
+	found := 0
+	for _, sp := range snap.spans {
+		if sp.key == "" {
+			continue
+		}
+		vs, ok := h[sp.key]
+		if !ok {
+			c.check("header "+sp.key, C.gh_go_header_remove(c.raw, target, cstr(sp.key), C.size_t(len(sp.key))))
+			continue
+		}
+		found++
+		if !equal(vs, snap.vals[sp.start:sp.start+sp.n]) {
+			c.setHeader(target, sp.key, vs)
+		}
+	}
+	if len(h) != found {
+		for k, vs := range h {
+			if !snap.has(k) {
+				c.setHeader(target, k, vs)
+			}
+		}
+	}
 }
 
 // writeHeaders sends the gateway every header of h whose values differ from orig, and

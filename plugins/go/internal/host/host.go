@@ -255,7 +255,22 @@ func panicked(raw *C.gh_call, e *entry, p any) C.gh_status {
 
 // Log writes msg to the gateway's log, tagged with the API, plugin and hook of the call
 // running on this thread (none outside a hook).
-func Log(level Level, msg string) { logTo(C.gh_go_current(), level, msg) }
+func Log(level Level, msg string) {
+	if sink != nil {
+		sink(level, msg)
+		return
+	}
+	logTo(C.gh_go_current(), level, msg)
+}
+
+// sink replaces the gateway's log in the SDK's own tests, which run without a gateway.
+var sink func(Level, string)
+
+// SetLogSink sends log lines to f until the returned function is called. For tests.
+func SetLogSink(f func(Level, string)) (restore func()) {
+	sink = f
+	return func() { sink = nil }
+}
 
 func logTo(raw *C.gh_call, level Level, msg string) {
 	C.gh_go_log(raw, C.gh_level(level), cstr(msg), C.size_t(len(msg)))
