@@ -855,14 +855,15 @@ async fn chart_renders_restricted_least_privilege_objects_the_api_server_accepts
         if extra.iter().any(|a| a.starts_with("plugins.volumes[2].image")) {
             // Kept by the API server (a server without the ImageVolume feature drops the
             // field), and mounted where Plugin resources point.
-            let vols = dp["volumes"].as_array().unwrap();
+            let vols = dp["volumes"].as_array().unwrap_or_else(|| panic!("{what}: no volumes"));
             let go = vols.iter().find(|v| v["name"] == "plugin-go").unwrap_or_else(|| panic!("{what}: {vols:?}"));
             assert_eq!(
                 go["image"],
                 json!({"reference": "registry.example.com/team/go-plugins:v3", "pullPolicy": "IfNotPresent"}),
                 "{what}"
             );
-            let mounts = dp["containers"][0]["volumeMounts"].as_array().unwrap();
+            let mounts =
+                dp["containers"][0]["volumeMounts"].as_array().unwrap_or_else(|| panic!("{what}: no volume mounts"));
             assert!(
                 mounts.iter().any(|m| m["name"] == "plugin-go" && m["mountPath"] == "/opt/gatehouse/plugins/go"),
                 "{what}: {mounts:?}"
