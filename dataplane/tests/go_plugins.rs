@@ -294,6 +294,11 @@ async fn a_go_auth_hook_s_session_is_enforced_and_request_rewrites_reach_the_ups
     assert!(j["headers"]["x-secret"].is_null(), "{j}");
     assert_eq!(j["headers"]["x-kept"], "k");
     assert_eq!(gw.get("/plain/x").await.status, StatusCode::OK);
+
+    // The Go runtime takes no signal of the gateway's: SIGTERM still drains and exits 0.
+    let mut gw = gw;
+    let status = tokio::task::spawn_blocking(move || gw.terminate()).await.unwrap();
+    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
