@@ -193,46 +193,37 @@ func entryAt(instance C.uintptr_t) *entry {
 }
 
 //export ghgoOnRequest
-func ghgoOnRequest(instance C.uintptr_t, raw *C.gh_call) (status C.gh_status) {
-	e := entryAt(instance)
-	if e == nil || e.request == nil {
-		return C.GH_ERROR
-	}
-	c := getCall(raw, e)
-	defer func() {
-		if p := recover(); p != nil {
-			status = panicked(raw, e, p)
-		}
-		putCall(c)
-	}()
-	c.loadRequest()
-	e.request(&c.rw, c.req)
-	return c.finishRequest()
+func ghgoOnRequest(instance C.uintptr_t, raw *C.gh_call) C.gh_status {
+	return enter(instance, raw, Request, func(e *entry, c *Call) C.gh_status {
+		c.loadRequest()
+		e.request(&c.rw, c.req)
+		return c.finishRequest()
+	})
 }
 
 //export ghgoOnResponse
-func ghgoOnResponse(instance C.uintptr_t, raw *C.gh_call) (status C.gh_status) {
-	e := entryAt(instance)
-	if e == nil || e.response == nil {
-		return C.GH_ERROR
-	}
-	c := getCall(raw, e)
-	defer func() {
-		if p := recover(); p != nil {
-			status = panicked(raw, e, p)
-		}
-		putCall(c)
-	}()
-	c.loadRequest()
-	c.loadResponse()
-	e.response(&c.rw, c.res, c.req)
-	return c.finishResponse()
+func ghgoOnResponse(instance C.uintptr_t, raw *C.gh_call) C.gh_status {
+	return enter(instance, raw, Response, func(e *entry, c *Call) C.gh_status {
+		c.loadRequest()
+		c.loadResponse()
+		e.response(&c.rw, c.res, c.req)
+		return c.finishResponse()
+	})
 }
 
 //export ghgoOnAnalytics
-func ghgoOnAnalytics(instance C.uintptr_t, raw *C.gh_call) (status C.gh_status) {
+func ghgoOnAnalytics(instance C.uintptr_t, raw *C.gh_call) C.gh_status {
+	return enter(instance, raw, Analytics, func(e *entry, c *Call) C.gh_status {
+		e.analytics(c)
+		return C.GH_CONTINUE
+	})
+}
+
+// enter runs one hook call of the given kind with a pooled Call, turning a panic into
+// GH_PANIC (and a log line with its stack).
+func enter(instance C.uintptr_t, raw *C.gh_call, kind Kind, run func(*entry, *Call) C.gh_status) (status C.gh_status) {
 	e := entryAt(instance)
-	if e == nil || e.analytics == nil {
+	if e == nil || e.kind != kind {
 		return C.GH_ERROR
 	}
 	c := getCall(raw, e)
@@ -242,8 +233,7 @@ func ghgoOnAnalytics(instance C.uintptr_t, raw *C.gh_call) (status C.gh_status) 
 		}
 		putCall(c)
 	}()
-	e.analytics(c)
-	return C.GH_CONTINUE
+	return run(e, c)
 }
 
 func panicked(raw *C.gh_call, e *entry, p any) C.gh_status {
