@@ -152,6 +152,7 @@ async fn the_tyk_go_examples_work_over_http() {
             api("named", "/named/", &u, &format!("  name: HTTPBin\n{}", mw("pre", "go", "api-name.MyPluginFunction"))),
             api("meta", "/meta/", &u, &format!("{auth}{}", mw("postKeyAuth", "go", "session-meta.MyPluginFunction"))),
             api("foo", "/foo/", &u, &mw("pre", "go", "AddFooBarHeader")),
+            api("plain", "/plain/", &u, ""),
             api("rewrite", "/rewrite/", &u, &mw("response", "go", "MyPluginResponse")),
             key(
                 "alice",
@@ -183,6 +184,12 @@ async fn the_tyk_go_examples_work_over_http() {
     assert_eq!(gw.get_with("/meta/x", &key).await.status, StatusCode::OK);
     // A header the upstream sees, and a line in the gateway's log.
     assert_eq!(gw.get("/foo/x").await.json()["headers"]["foo"], "Bar");
+    // A path the hook did not touch reaches the upstream as it came, even with characters
+    // Go's URL type would escape.
+    let raw = "/foo/a{b}|c%7Bd";
+    let plain = gw.get(&raw.replacen("/foo/", "/plain/", 1)).await.json()["path"].clone();
+    assert_eq!(plain, "/a{b}|c%7Bd", "the gateway passes these as they are");
+    assert_eq!(gw.get(raw).await.json()["path"], plain);
     // The response hook: a header added and the body replaced.
     let r = gw.get("/rewrite/x").await;
     assert_eq!(r.header("x-response-added"), "resp-added");

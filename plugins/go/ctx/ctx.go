@@ -5,6 +5,7 @@ package ctx
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"time"
 
@@ -100,21 +101,25 @@ func SetSession(r *http.Request, s *user.SessionState, scheduleUpdate bool, hash
 	if id == "" {
 		id = s.Alias
 	}
-	init := host.SessionInit{
-		ID: id, Alias: s.Alias, Meta: meta,
-		QuotaMax:       s.QuotaMax,
-		QuotaRenewalMs: uint64(max(s.QuotaRenewalRate, 0)) * 1000,
+	init := host.SessionInit{ID: id, Alias: s.Alias, Meta: meta, QuotaMax: -1}
+	// As Tyk: a quota of 0 or less is no quota.
+	if s.QuotaMax > 0 && s.QuotaRenewalRate > 0 {
+		init.QuotaMax, init.QuotaRenewalMs = s.QuotaMax, uint64(s.QuotaRenewalRate)*1000
 	}
 	if s.Rate > 0 && s.Per > 0 {
-		init.Rate, init.PerMs = uint64(s.Rate), uint64(s.Per*1000)
-	}
-	if s.QuotaMax == 0 && s.QuotaRenewalRate == 0 {
-		init.QuotaMax = -1
+		if s.Rate == math.Trunc(s.Rate) {
+			init.Rate, init.PerMs = uint64(s.Rate), uint64(s.Per*1000)
+		} else {
+			// A fractional rate (0.5 per second) as one request per period (2 s).
+			init.Rate, init.PerMs = 1, uint64(s.Per*1000/s.Rate)
+		}
 	}
 	for name := range s.AccessRights {
 		init.AccessRights = append(init.AccessRights, name)
 	}
-	if c.CreateSession(init) {
+	if id == "" {
+		host.Log(host.LevelError, "gatehouse: ctx.SetSession in "+c.Name()+": the session has no id (s.KeyID, an Authorization header, or s.Alias), so an authCheck hook creates none")
+	} else if c.CreateSession(init) {
 		c.Session = nil
 		return
 	}

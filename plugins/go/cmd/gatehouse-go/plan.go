@@ -5,18 +5,23 @@ import (
 	"encoding/json"
 	"fmt"
 	"go/ast"
-	"go/build"
 	"go/parser"
 	"go/token"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 )
 
-// genDir is where, inside the plugins' module, the overlay puts the generated packages.
-const genDir = "gatehouse_bundle"
+// genDir is where, inside the plugins' module, the overlay puts the generated main
+// package; pkgDir, inside each plugin directory, its importable copy (inside the directory,
+// so the plugin's imports of `internal` packages stay allowed).
+const (
+	genDir = "gatehouse_bundle"
+	pkgDir = "gatehouse_pkg"
+)
 
 type hookKind string
 
@@ -45,6 +50,8 @@ type srcFile struct {
 // pkg is one plugin directory, turned into an importable package.
 type pkg struct {
 	dir       string // as given
+	abs       string
+	path      string // the generated package's import path
 	base      string // the directory's name, the prefix of its hooks' long names
 	name      string // the generated package's name
 	files     []srcFile
@@ -65,11 +72,22 @@ type bundle struct {
 var bodyReaders = map[string]bool{
 	"Body": true, "GetBody": true, "ParseForm": true, "ParseMultipartForm": true, "FormValue": true,
 	"PostFormValue": true, "FormFile": true, "MultipartReader": true,
+	"DumpRequest": true, "DumpRequestOut": true, "DumpResponse": true,
+}
+
+// tykPackages are the Tyk packages a plugin imports, and what replaces each.
+var tykPackages = map[string]string{
+	"github.com/TykTechnologies/tyk/ctx":            "gatehouse.dev/go/ctx",
+	"github.com/TykTechnologies/tyk/log":            "gatehouse.dev/go/log",
+	"github.com/TykTechnologies/tyk/user":           "gatehouse.dev/go/user",
+	"github.com/TykTechnologies/tyk/apidef":         "gatehouse.dev/go/apidef",
+	"github.com/TykTechnologies/tyk/apidef/oas":     "gatehouse.dev/go/apidef/oas",
+	"github.com/TykTechnologies/tyk-pump/analytics": "gatehouse.dev/go/analytics",
 }
 
 func plan(dirs []string, tags []string) (*bundle, error) {
 	b := &bundle{genDir: genDir, count: map[string]int{}}
-	names := map[string]string{}
+	var abss []string
 	for _, d := range dirs {
 		abs, err := filepath.Abs(d)
 		if err != nil {
@@ -84,18 +102,7 @@ func plan(dirs []string, tags []string) (*bundle, error) {
 		} else if root != b.modRoot {
 			return nil, fmt.Errorf("%s is in the Go module at %s, the others in %s: put the plugins of one bundle in one module", d, root, b.modRoot)
 		}
-		p, err := load(d, abs, tags)
-		if err != nil {
-			return nil, err
-		}
-		if other, dup := names[p.name]; dup {
-			return nil, fmt.Errorf("%s and %s have the same directory name: rename one", other, d)
-		}
-		names[p.name] = d
-		for _, h := range p.hooks {
-			b.count[h.name]++
-		}
-		b.pkgs = append(b.pkgs, p)
+		abss = append(abss, abs)
 	}
 	gomod, err := os.ReadFile(filepath.Join(b.modRoot, "go.mod"))
 	if err != nil {
@@ -105,6 +112,37 @@ func plan(dirs []string, tags []string) (*bundle, error) {
 	if b.modPath == "" {
 		return nil, fmt.Errorf("%s/go.mod has no module line", b.modRoot)
 	}
+	listed, err := goList(b.modRoot, abss, tags)
+	if err != nil {
+		return nil, err
+	}
+	bases := map[string]string{}
+	for i, d := range dirs {
+		lp, ok := listed[abss[i]]
+		if !ok {
+			return nil, fmt.Errorf("%s: go list did not report it", d)
+		}
+		p, err := load(d, abss[i], lp)
+		if err != nil {
+			return nil, err
+		}
+		if other, dup := bases[p.base]; dup {
+			return nil, fmt.Errorf("%s and %s are both named %s, so their hooks' long names (%s.<Name>) would clash: rename one", other, d, p.base, p.base)
+		}
+		bases[p.base] = d
+		rel, err := filepath.Rel(b.modRoot, p.abs)
+		if err != nil {
+			return nil, err
+		}
+		p.path = strings.TrimSuffix(b.modPath+"/"+filepath.ToSlash(rel), "/.") + "/" + pkgDir
+		if _, err := os.Stat(filepath.Join(p.abs, pkgDir)); err == nil {
+			return nil, fmt.Errorf("%s/%s exists: gatehouse-go generates a package of that name; move it away", d, pkgDir)
+		}
+		for _, h := range p.hooks {
+			b.count[h.name]++
+		}
+		b.pkgs = append(b.pkgs, p)
+	}
 	if !bytes.Contains(gomod, []byte("gatehouse.dev/go")) {
 		return nil, fmt.Errorf("the module %s (%s/go.mod) does not require gatehouse.dev/go: run `go get gatehouse.dev/go` there (or add a require and a replace directive pointing at a copy of plugins/go)", b.modPath, b.modRoot)
 	}
@@ -112,6 +150,42 @@ func plan(dirs []string, tags []string) (*bundle, error) {
 		return nil, fmt.Errorf("%s/%s exists: gatehouse-go generates a package of that name; move it away", b.modRoot, genDir)
 	}
 	return b, nil
+}
+
+// listedPkg is what `go list -json` says of a package: the files the build would use.
+type listedPkg struct {
+	Dir, Name                                                                  string
+	GoFiles, CgoFiles, CFiles, HFiles, SFiles, CXXFiles, SysoFiles, EmbedFiles []string
+	Error                                                                      *struct{ Err string }
+}
+
+// goList asks the go command that will build the bundle which files each directory's
+// package is made of, with the build's tags and cgo on: the files, release tags and
+// embedded files are the ones the build sees.
+func goList(modRoot string, dirs []string, tags []string) (map[string]listedPkg, error) {
+	args := []string{"list", "-e", "-json"}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	cmd := exec.Command("go", append(args, dirs...)...)
+	cmd.Dir = modRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("go list: %v: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	got := map[string]listedPkg{}
+	dec := json.NewDecoder(bytes.NewReader(out))
+	for dec.More() {
+		var p listedPkg
+		if err := dec.Decode(&p); err != nil {
+			return nil, fmt.Errorf("go list: %w", err)
+		}
+		got[p.Dir] = p
+	}
+	return got, nil
 }
 
 func moduleRoot(dir string) (string, error) {
@@ -138,21 +212,18 @@ func modulePath(gomod []byte) string {
 	return ""
 }
 
-// load reads a plugin directory: its files (as the go command would pick them for this
-// platform), its hooks and init functions.
-func load(dir, abs string, tags []string) (*pkg, error) {
-	ctxt := build.Default
-	ctxt.BuildTags = tags
-	bp, err := ctxt.ImportDir(abs, 0)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", dir, err)
+// load reads a plugin directory: its files (as go list chose them), its hooks and init
+// functions.
+func load(dir, abs string, lp listedPkg) (*pkg, error) {
+	if lp.Error != nil {
+		return nil, fmt.Errorf("%s: %s", dir, lp.Error.Err)
 	}
-	if bp.Name != "main" {
-		return nil, fmt.Errorf("%s is package %s: a plugin is a package main, as Tyk builds them", dir, bp.Name)
+	if lp.Name != "main" {
+		return nil, fmt.Errorf("%s is package %s: a plugin is a package main, as Tyk builds them", dir, lp.Name)
 	}
-	p := &pkg{dir: dir, base: filepath.Base(abs), name: packageName(filepath.Base(abs))}
+	p := &pkg{dir: dir, abs: abs, base: filepath.Base(abs), name: packageName(filepath.Base(abs))}
 	fset := token.NewFileSet()
-	gofiles := append(append([]string{}, bp.GoFiles...), bp.CgoFiles...)
+	gofiles := append(append([]string{}, lp.GoFiles...), lp.CgoFiles...)
 	sort.Strings(gofiles)
 	for _, name := range gofiles {
 		path := filepath.Join(abs, name)
@@ -166,11 +237,11 @@ func load(dir, abs string, tags []string) (*pkg, error) {
 		}
 		out, err := p.rewrite(fset, f, src)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s: %w", filepath.Join(dir, name), err)
 		}
 		p.files = append(p.files, srcFile{name: name, src: out, path: path})
 	}
-	for _, list := range [][]string{bp.CFiles, bp.HFiles, bp.SFiles, bp.CXXFiles, bp.SysoFiles} {
+	for _, list := range [][]string{lp.CFiles, lp.HFiles, lp.SFiles, lp.CXXFiles, lp.SysoFiles, lp.EmbedFiles} {
 		for _, name := range list {
 			p.files = append(p.files, srcFile{name: name, path: filepath.Join(abs, name)})
 		}
@@ -208,10 +279,16 @@ func (p *pkg) rewrite(fset *token.FileSet, f *ast.File, src []byte) ([]byte, err
 		if imp.Name != nil {
 			name = imp.Name.Name
 		}
+		if ours, ok := tykPackages[path]; ok {
+			return nil, fmt.Errorf("imports %s: import %s instead", path, ours)
+		}
+		if strings.HasPrefix(path, "github.com/TykTechnologies/") {
+			return nil, fmt.Errorf("imports %s, a part of Tyk that Gatehouse does not provide (docs/go-plugins.md lists what it does)", path)
+		}
 		switch path {
 		case "net/http":
 			httpName = or(name, "http")
-		case "gatehouse.dev/go/analytics", "github.com/TykTechnologies/tyk-pump/analytics":
+		case "gatehouse.dev/go/analytics":
 			analyticsName = or(name, "analytics")
 		}
 	}
@@ -313,7 +390,7 @@ func (b *bundle) writeOverlay(work string) (string, error) {
 	var main bytes.Buffer
 	main.WriteString("// Code generated by gatehouse-go. DO NOT EDIT.\n\npackage main\n\nimport (\n\tgatehouse \"gatehouse.dev/go\"\n")
 	for i, p := range b.pkgs {
-		fmt.Fprintf(&main, "\tp%d %q\n", i, b.modPath+"/"+genDir+"/"+p.name)
+		fmt.Fprintf(&main, "\tp%d %q\n", i, p.path)
 	}
 	main.WriteString(")\n\nfunc init() {\n")
 	for i, p := range b.pkgs {
@@ -336,25 +413,26 @@ func (b *bundle) writeOverlay(work string) (string, error) {
 		}
 	}
 	main.WriteString("}\n\nfunc main() {}\n")
-	put := func(rel string, src []byte, orig string) error {
-		virtual := filepath.Join(b.modRoot, genDir, rel)
+	n := 0
+	put := func(virtual string, src []byte, orig string) error {
 		if src == nil {
 			replace[virtual] = orig
 			return nil
 		}
-		real := filepath.Join(work, rel)
+		n++
+		real := filepath.Join(work, strconv.Itoa(n)+"_"+filepath.Base(virtual))
 		if err := os.MkdirAll(filepath.Dir(real), 0o755); err != nil {
 			return err
 		}
 		replace[virtual] = real
 		return os.WriteFile(real, src, 0o644)
 	}
-	if err := put("main.go", main.Bytes(), ""); err != nil {
+	if err := put(filepath.Join(b.modRoot, genDir, "main.go"), main.Bytes(), ""); err != nil {
 		return "", err
 	}
 	for _, p := range b.pkgs {
 		for _, f := range p.files {
-			if err := put(filepath.Join(p.name, f.name), f.src, f.path); err != nil {
+			if err := put(filepath.Join(p.abs, pkgDir, f.name), f.src, f.path); err != nil {
 				return "", err
 			}
 		}

@@ -109,6 +109,7 @@ func TestWhatCannotBeBuiltIsSaid(t *testing.T) {
 	ok := write("m/ok/main.go", "package main\n\nimport \"net/http\"\n\nfunc H(w http.ResponseWriter, r *http.Request) {}\n\nfunc main() {}\n")
 	write("n/go.mod", "module example.com/n\n\ngo 1.21\n\nrequire gatehouse.dev/go v0.0.0\n")
 	other := write("n/ok/main.go", "package main\n\nimport \"net/http\"\n\nfunc H(w http.ResponseWriter, r *http.Request) {}\n\nfunc main() {}\n")
+	tyk := write("m/tyk/main.go", "package main\n\nimport (\n\t\"net/http\"\n\n\t\"github.com/TykTechnologies/tyk/ctx\"\n)\n\nfunc H(w http.ResponseWriter, r *http.Request) { ctx.GetSession(r) }\n\nfunc main() {}\n")
 	outside := write("loose/main.go", "package main\n")
 	for _, c := range []struct {
 		dirs []string
@@ -119,6 +120,8 @@ func TestWhatCannotBeBuiltIsSaid(t *testing.T) {
 		{[]string{ok}, "does not require gatehouse.dev/go"},
 		{[]string{ok, other}, "put the plugins of one bundle in one module"},
 		{[]string{outside}, "not inside a Go module"},
+		{[]string{tyk}, "imports github.com/TykTechnologies/tyk/ctx: import gatehouse.dev/go/ctx instead"},
+		{[]string{ok, filepath.Join(tmp, "m", "ok")}, "are both named ok"},
 	} {
 		_, err := plan(c.dirs, nil)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

@@ -1,3 +1,4 @@
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,7 +11,8 @@ static __thread gh_call *current;
 gh_call *gh_go_current(void) { return current; }
 
 static int32_t go_init(const gh_host_api *h, gh_buf *err) {
-  if (h->abi_minor < 1) {
+  /* The calls the SDK uses, up to the last of them, must all be in the host's table. */
+  if (h->abi_minor < 1 || h->size < offsetof(gh_host_api, record_set_meta) + sizeof(void *)) {
     static const char why[] = "the Go SDK needs a gateway speaking plugin ABI 1.1";
     size_t n = sizeof(why) - 1 < err->cap ? sizeof(why) - 1 : err->cap;
     memcpy(err->ptr, why, n);

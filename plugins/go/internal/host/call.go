@@ -10,11 +10,13 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/textproto"
 	"net/url"
 	"runtime"
 	"strconv"
+	"sync"
 	"unsafe"
 )
 
@@ -30,25 +32,29 @@ type Call struct {
 	raw   *C.gh_call
 	entry *entry
 
-	req     *http.Request
+	req *http.Request
+	// blank is a request with nothing but the call's context: each call starts from it,
+	// so nothing a hook did to r (a new context, path values) reaches the next request.
+	blank   http.Request
 	url     url.URL
 	reqHdr  http.Header
 	reqSnap snapshot
-	reqBody bodyReader
+	reqBody io.ReadCloser // what r.Body was given, to tell whether the hook replaced it
 	// What the hook may change on the request, as the gateway sent it.
 	method, path, query, hostName string
+	decoded                       string // c.url.Path as given
+	responding                    bool   // a response hook: there is an upstream response
 
 	res     *http.Response
 	resHdr  http.Header
 	resSnap snapshot
-	resBody bodyReader
+	resBody io.ReadCloser
 	status  int
 
 	rw writer
 	// The host's header views, in C memory: a Go buffer holding pointers would be scanned
 	// by cgo's pointer check on every call.
-	pairs  *C.gh_pair
-	npairs int
+	pairs *cPairs
 	// Canonical forms of header names seen before, so most names cost no allocation.
 	canon map[string]string
 
@@ -58,24 +64,25 @@ type Call struct {
 }
 
 func newCall() *Call {
-	c := &Call{reqHdr: http.Header{}, resHdr: http.Header{}, canon: map[string]string{}}
-	c.growPairs(32)
-	// A pooled Call the GC drops frees its C buffer.
-	runtime.SetFinalizer(c, func(c *Call) { C.free(unsafe.Pointer(c.pairs)) })
-	c.req = (&http.Request{}).WithContext(&callCtx{Context: context.Background(), c: c})
+	c := &Call{reqHdr: http.Header{}, resHdr: http.Header{}, canon: map[string]string{}, pairs: newPairs(32)}
+	c.blank = *(&http.Request{}).WithContext(&callCtx{Context: context.Background(), c: c})
+	c.req = &http.Request{}
 	c.res = &http.Response{}
 	c.rw.h = http.Header{}
-	c.reqBody.c, c.reqBody.target = c, targetRequest
-	c.resBody.c, c.resBody.target = c, targetResponse
 	return c
 }
 
-func (c *Call) growPairs(n int) {
-	if c.pairs != nil {
-		C.free(unsafe.Pointer(c.pairs))
-	}
-	c.pairs = (*C.gh_pair)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof(C.gh_pair{}))))
-	c.npairs = n
+// cPairs is a C buffer of header views. It has a finalizer of its own, and no pointer back
+// to its Call: a finalizer on an object in a cycle (a Call points to itself) never runs.
+type cPairs struct {
+	p *C.gh_pair
+	n int
+}
+
+func newPairs(n int) *cPairs {
+	b := &cPairs{p: (*C.gh_pair)(C.malloc(C.size_t(n) * C.size_t(unsafe.Sizeof(C.gh_pair{})))), n: n}
+	runtime.SetFinalizer(b, func(b *cPairs) { C.free(unsafe.Pointer(b.p)) })
+	return b
 }
 
 // snapshot is what the gateway sent of one header map, to tell what a hook changed.
@@ -113,15 +120,15 @@ func (c *Call) canonical(raw []byte) string {
 func (c *Call) headers(target C.gh_target, h http.Header, snap *snapshot) {
 	clear(h)
 	snap.spans, snap.vals, snap.slow = snap.spans[:0], snap.vals[:0], false
-	n := int(C.gh_go_headers(c.raw, target, c.pairs, C.size_t(c.npairs)))
-	if n > c.npairs {
-		c.growPairs(n)
-		n = min(int(C.gh_go_headers(c.raw, target, c.pairs, C.size_t(c.npairs))), c.npairs)
+	n := int(C.gh_go_headers(c.raw, target, c.pairs.p, C.size_t(c.pairs.n)))
+	if n > c.pairs.n {
+		c.pairs = newPairs(n)
+		n = min(int(C.gh_go_headers(c.raw, target, c.pairs.p, C.size_t(c.pairs.n))), c.pairs.n)
 	}
 	if n == 0 {
 		return
 	}
-	pairs := unsafe.Slice(c.pairs, n)
+	pairs := unsafe.Slice(c.pairs.p, n)
 	total := 0
 	for _, p := range pairs {
 		total += int(p.value.len)
@@ -200,6 +207,7 @@ func (snap *snapshot) has(k string) bool {
 }
 
 func (c *Call) loadRequest() {
+	*c.req = c.blank
 	r := c.req
 	c.method = gostr(C.gh_go_request_method(c.raw))
 	c.path = gostr(C.gh_go_request_path(c.raw))
@@ -211,12 +219,15 @@ func (c *Call) loadRequest() {
 	if p, err := url.PathUnescape(c.path); err == nil {
 		c.url.Path, c.url.RawPath = p, c.path
 	}
+	c.decoded = c.url.Path
 	r.Method = c.method
 	r.URL = &c.url
 	r.Proto, r.ProtoMajor, r.ProtoMinor = "HTTP/1.1", 1, 1
 	r.Header = c.reqHdr
 	r.Host = c.hostName
-	r.RemoteAddr = gostr(C.gh_go_client_ip(c.raw))
+	// With a port, as net/http gives it, so net.SplitHostPort works (the gateway knows
+	// only the client's address).
+	r.RemoteAddr = net.JoinHostPort(gostr(C.gh_go_client_ip(c.raw)), "0")
 	r.RequestURI = c.path
 	if c.query != "" {
 		r.RequestURI = c.path + "?" + c.query
@@ -226,14 +237,13 @@ func (c *Call) loadRequest() {
 	if r.ContentLength < 0 && len(c.reqHdr["Transfer-Encoding"]) == 0 {
 		r.ContentLength = 0
 	}
-	c.reqBody.reset()
-	r.Body = &c.reqBody
-	r.GetBody, r.Form, r.PostForm, r.MultipartForm = nil, nil, nil, nil
-	r.Trailer, r.TransferEncoding, r.Close, r.TLS, r.Response = nil, nil, false, nil, nil
+	c.reqBody = newBody(c, targetRequest)
+	r.Body = c.reqBody
 	c.rw.reset()
 }
 
 func (c *Call) loadResponse() {
+	c.responding = true
 	c.status = int(C.gh_go_response_status(c.raw))
 	c.headers(targetResponse, c.resHdr, &c.resSnap)
 	res := c.res
@@ -245,8 +255,8 @@ func (c *Call) loadResponse() {
 		Request: c.req,
 	}
 	res.ContentLength = contentLength(c.resHdr)
-	c.resBody.reset()
-	res.Body = &c.resBody
+	c.resBody = newBody(c, targetResponse)
+	res.Body = c.resBody
 }
 
 func contentLength(h http.Header) int64 {
@@ -270,7 +280,10 @@ func (c *Call) finishRequest() C.gh_status {
 		c.check("method", C.gh_go_request_set_method(c.raw, cstr(r.Method), C.size_t(len(r.Method))))
 	}
 	if r.URL != nil {
-		if p := r.URL.EscapedPath(); p != c.path {
+		// Only a changed path is sent: EscapedPath re-escapes characters the gateway
+		// accepts raw, which would rewrite paths no hook touched.
+		if r.URL.Path != c.decoded || r.URL.RawPath != c.path {
+			p := r.URL.EscapedPath()
 			c.check("path", C.gh_go_request_set_path(c.raw, cstr(p), C.size_t(len(p))))
 		}
 		if r.URL.RawQuery != c.query {
@@ -282,7 +295,7 @@ func (c *Call) finishRequest() C.gh_status {
 		c.setHeader(targetRequest, "Host", []string{r.Host})
 	}
 	c.writeChanges(targetRequest, r.Header, &c.reqSnap)
-	if r.Body != &c.reqBody && r.Body != nil {
+	if r.Body != c.reqBody && r.Body != nil {
 		c.replaceBody(targetRequest, r.Body)
 	}
 	if len(c.rw.h) > 0 {
@@ -301,16 +314,29 @@ func (c *Call) finishResponse() C.gh_status {
 		c.check("status", C.gh_go_response_set_status(c.raw, C.uint16_t(res.StatusCode)))
 	}
 	c.writeChanges(targetResponse, res.Header, &c.resSnap)
-	if res.Body != &c.resBody && res.Body != nil {
+	if res.Body != c.resBody && res.Body != nil {
 		c.replaceBody(targetResponse, res.Body)
 	}
 	c.writeHeaders(targetResponse, c.rw.h, nil)
 	return C.GH_CONTINUE
 }
 
+// applyWriter makes what the hook wrote through rw the response, as net/http would send
+// it: the headers as they were at WriteHeader, a sniffed Content-Type when none was set.
+// Over an upstream response (a response hook that wrote), the upstream's content headers
+// no longer describe the body and are dropped.
 func (c *Call) applyWriter() {
 	c.check("status", C.gh_go_response_set_status(c.raw, C.uint16_t(c.rw.status)))
-	c.writeHeaders(targetResponse, c.rw.h, nil)
+	h := c.rw.sent
+	if _, set := h["Content-Type"]; !set && len(c.rw.body) > 0 {
+		h.Set("Content-Type", http.DetectContentType(c.rw.body))
+	}
+	for _, k := range []string{"Content-Encoding", "Content-Length", "Etag", "Last-Modified", "Content-Range"} {
+		if _, set := h[k]; !set && c.responding {
+			C.gh_go_header_remove(c.raw, targetResponse, cstr(k), C.size_t(len(k)))
+		}
+	}
+	c.writeHeaders(targetResponse, h, nil)
 	b := c.rw.body
 	c.check("body", C.gh_go_body_set(c.raw, targetResponse, cbytes(b), C.size_t(len(b))))
 }
@@ -406,6 +432,7 @@ func equal(a, b []string) bool {
 // writer is the http.ResponseWriter a hook gets: writing to it answers the request.
 type writer struct {
 	h      http.Header
+	sent   http.Header // h when WriteHeader ran: later changes are ignored, as net/http does
 	status int
 	body   []byte
 	wrote  bool
@@ -413,14 +440,14 @@ type writer struct {
 
 func (w *writer) reset() {
 	clear(w.h)
-	w.status, w.body, w.wrote = 0, w.body[:0], false
+	w.sent, w.status, w.body, w.wrote = nil, 0, w.body[:0], false
 }
 
 func (w *writer) Header() http.Header { return w.h }
 
 func (w *writer) WriteHeader(status int) {
 	if !w.wrote {
-		w.status, w.wrote = status, true
+		w.status, w.wrote, w.sent = status, true, w.h.Clone()
 	}
 }
 
@@ -433,8 +460,12 @@ func (w *writer) Write(b []byte) (int, error) {
 var errAfterHook = errors.New("gatehouse: body read after the hook returned")
 
 // bodyReader reads the gateway's buffered body in place, fetched on the first Read: a hook
-// that never reads the body costs nothing for it.
+// that never reads the body costs nothing for it. One per call: a reader kept past its
+// hook (by a goroutine, say) fails, and never sees a later request's body. The lock keeps
+// a Read in another goroutine from copying out of the gateway's buffer while the hook
+// returns and the buffer is freed.
 type bodyReader struct {
+	mu      sync.Mutex
 	c       *Call
 	target  C.gh_target
 	data    []byte
@@ -443,10 +474,20 @@ type bodyReader struct {
 	expired bool
 }
 
-func (b *bodyReader) reset() { b.data, b.loaded, b.off, b.expired = nil, false, 0, false }
-func (b *bodyReader) close() { b.data, b.expired = nil, true }
+func newBody(c *Call, target C.gh_target) *bodyReader { return &bodyReader{c: c, target: target} }
+
+// expire ends the reader's use of the gateway's memory; called as the hook returns.
+func expire(r io.ReadCloser) {
+	if b, ok := r.(*bodyReader); ok {
+		b.mu.Lock()
+		b.data, b.expired = nil, true
+		b.mu.Unlock()
+	}
+}
 
 func (b *bodyReader) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.expired {
 		return 0, errAfterHook
 	}
@@ -456,8 +497,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		if C.gh_go_body_get(b.c.raw, b.target, &out) == 1 {
 			b.data = view(out)
 		} else if !b.c.entry.body {
-			b.c.entry.warned.Do(func() {
-				Log(LevelWarn, "Go hook "+b.c.entry.name+" read a body the gateway did not buffer for it: rebuild the bundle with gatehouse-go build, which finds hooks that read bodies")
+			e := b.c.entry
+			e.warned.Do(func() {
+				Log(LevelWarn, "Go hook "+e.name+" read a body the gateway did not buffer for it: gatehouse-go build buffers bodies for the hooks of packages that use .Body, ParseForm, FormValue, FormFile, MultipartReader or httputil.Dump*, and this hook reads it otherwise (through a helper in another package?)")
 			})
 		}
 	}

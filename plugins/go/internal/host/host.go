@@ -227,13 +227,18 @@ func enter(instance C.uintptr_t, raw *C.gh_call, kind Kind, run func(*entry, *Ca
 		return C.GH_ERROR
 	}
 	c := getCall(raw, e)
+	done := false
 	defer func() {
-		if p := recover(); p != nil {
+		// `done` also catches panic(nil), which recover reports as nil under
+		// GODEBUG=panicnil=1 (the default for modules older than Go 1.21).
+		if p := recover(); p != nil || !done {
 			status = panicked(raw, e, p)
 		}
 		putCall(c)
 	}()
-	return run(e, c)
+	status = run(e, c)
+	done = true
+	return status
 }
 
 func panicked(raw *C.gh_call, e *entry, p any) C.gh_status {
@@ -336,9 +341,9 @@ func getCall(raw *C.gh_call, e *entry) *Call {
 }
 
 func putCall(c *Call) {
-	c.raw, c.entry = nil, nil
-	c.reqBody.close()
-	c.resBody.close()
-	c.Session, c.Definition = nil, nil
+	c.raw, c.entry, c.responding = nil, nil, false
+	expire(c.reqBody)
+	expire(c.resBody)
+	c.reqBody, c.resBody, c.Session, c.Definition = nil, nil, nil, nil
 	calls.Put(c)
 }
