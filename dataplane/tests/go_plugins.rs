@@ -162,7 +162,8 @@ async fn the_tyk_go_examples_work_over_http() {
         ]
         .concat(),
     );
-    let gw = Gatehouse::start(cfg.path(), &[]).await;
+    let out = cfg.path().join("analytics.jsonl");
+    let gw = Gatehouse::start(cfg.path(), &[&format!("--analytics=file:{}", out.display())]).await;
     let state = gw.config().await;
     assert_eq!(state["plugins"][0]["state"], "loaded", "{state}");
     let key = [("authorization", "alice-key")];
@@ -206,6 +207,15 @@ async fn the_tyk_go_examples_work_over_http() {
     // logrus's Info formats as fmt.Sprint: no space between two strings.
     gw.wait_until("the hit counter's log line", async || gw.logs().contains("Custom middleware, new hit:GET /hits/a"))
         .await;
+    // A request the hit counter answered is still in analytics, marked as answered by it.
+    gw.wait_until("analytics for the hit counter", async || {
+        std::fs::read_to_string(&out).unwrap_or_default().lines().any(|l| {
+            l.contains(r#""path":"/hits/a""#)
+                && l.contains(r#""plugin_answered":true"#)
+                && l.contains(r#""status":200"#)
+        })
+    })
+    .await;
     let line = gw.wait_for_log_containing("Processing HTTP request in Golang plugin!!").await;
     let line: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(line["fields"]["symbol"], "AddFooBarHeader");
@@ -271,6 +281,8 @@ async fn a_go_auth_hook_s_session_is_enforced_and_request_rewrites_reach_the_ups
             plugin("go", &go.bundle, ""),
             api("s", "/s/", &up.url(), auth),
             api("rw", "/rw/", &up.url(), &mw("pre", "go", "Rewrite")),
+            api("up", "/up/", &up.url(), &mw("pre", "go", "Upcase")),
+            api("acc", "/acc/", &up.url(), &mw("response", "go", "Accepted")),
             api("plain", "/plain/", &up.url(), ""),
         ]
         .concat(),
@@ -301,6 +313,12 @@ async fn a_go_auth_hook_s_session_is_enforced_and_request_rewrites_reach_the_ups
     assert!(j["headers"]["x-secret"].is_null(), "{j}");
     assert_eq!(j["headers"]["x-kept"], "k");
     assert_eq!(gw.get("/plain/x").await.status, StatusCode::OK);
+    // A body replaced on r is the upstream's; a status changed on res the client's.
+    let req =
+        Request::post(gw.url("/up/echo")).body(Full::new(bytes::Bytes::from_static(b"hello go")).boxed()).unwrap();
+    assert_eq!(gw.send(req).await.text(), "HELLO GO");
+    let r = gw.get("/acc/x").await;
+    assert_eq!((r.status, r.header("x-upstream-status")), (StatusCode::ACCEPTED, "200"));
 
     // The Go runtime takes no signal of the gateway's: SIGTERM still drains and exits 0.
     let mut gw = gw;
