@@ -182,7 +182,11 @@ async fn serve_one<S, H, F>(
                 req.extensions_mut().insert(UpgradeSlot(b.clone()));
             }
         }
-        let fut = handler(req, conn.clone());
+        // Boxed where it is made: the request's future is large (the whole chain), and
+        // hyper moves the future it gets into its own slot. Inline, every move copied all
+        // of it (a quarter of the user-space instructions per proxied request, measured
+        // with callgrind); boxed, hyper moves a pointer.
+        let fut = Box::pin(handler(req, conn.clone()));
         async move {
             let resp = fut.await;
             drop(in_flight);

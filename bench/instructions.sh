@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, Gatehouse against nginx, counted by
+# callgrind: a count, not a time, so it barely moves with how busy the machine is (the
+# kernel's share, about half of the CPU on loopback, is not counted; see bench/profile.sh).
+#
+#   bash bench/instructions.sh            # 10 s of 1 KiB keep-alive requests each
+#   DURATION=20s CONNS=16 bash bench/instructions.sh
+#   KEEP=1 bash bench/instructions.sh     # keep the callgrind files for callgrind_annotate
+#
+# Each proxy runs alone under valgrind (one worker), warmed up, counters zeroed, then
+# driven by wrk; the count is divided by the requests wrk completed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNS=${CONNS:-8}
+. bench/lib.sh
+apt_install valgrind
+
+echo "==> building gatehouse-dataplane (release)"
+cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+NGX=127.0.0.1:28082 GH=127.0.0.1:28083
+out=${KEEP:+bench-callgrind}
+out=${out:-$work}
+mkdir -p "$out"
+
+start_upstream
+nginx_conf proxy "upstream up { server $UP; keepalive 128; }
+  server { listen $NGX; $NGINX_PROXY_LOCATION }"
+plain_api "$work/gh"
+
+# count NAME URL PID-PATTERN: warm up, zero, drive, dump; prints instructions per request.
+count() {
+  local pid reqs total
+  for _ in $(seq 200); do curl -fs "$2" >/dev/null 2>&1 && break; sleep 0.2; done
+  expect_1k "$2"
+  pid=$(pgrep -f "$3" | head -1)
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d3s "$2" >/dev/null
+  callgrind_control -z "$pid" >/dev/null
+  reqs=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" "$2" | awk '/requests in/ { print $1 }')
+  callgrind_control -d "$pid" >/dev/null
+  sleep 1
+  total=$(callgrind_annotate "$(ls -t "$out/$1".out.* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+  kill "$pid"
+  awk -v t="$total" -v r="$reqs" -v n="$1" 'BEGIN { printf "%s: %.0f instructions per request (%d over %d requests)\n", n, t / r, t, r }' | tee -a "$work/counts.txt"
+}
+
+taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$out/nginx.out" \
+  nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" >"$work/vg-nginx.log" 2>&1 &
+pids+=($!)
+count nginx "http://$NGX/" "callgrind-out-file=$out/nginx.out"
+
+RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" valgrind --tool=callgrind \
+  --callgrind-out-file="$out/gatehouse.out" target/release/gatehouse-dataplane --listen "$GH" \
+  --admin-listen 127.0.0.1:28093 --config "$work/gh" --plugin-dir "$work/plugin-cache" >"$work/vg-gh.log" 2>&1 &
+pids+=($!)
+count gatehouse "http://$GH/" "callgrind-out-file=$out/gatehouse.out"
+
+awk '{ v[$1] = $2 } END { printf "ratio gatehouse/nginx: %.2f\n", v["gatehouse:"] / v["nginx:"] }' "$work/counts.txt"
+[ -n "${KEEP:-}" ] && echo "callgrind files in $out/ (callgrind_annotate $out/gatehouse.out.1)"
+exit 0
