@@ -46,6 +46,15 @@ NGINX_PROXY_LOCATION="location / {
     proxy_set_header X-Forwarded-Proto \$scheme;
     proxy_set_header X-Forwarded-Host \$host; }"
 
+# start_nginx_proxy LISTEN: nginx as the peer proxy (one worker, on the proxy CPU) in front
+# of the upstream; its pid is the last of $pids.
+start_nginx_proxy() {
+  nginx_conf proxy "upstream up { server $UP; keepalive 128; }
+  server { listen $1; $NGINX_PROXY_LOCATION }"
+  taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" &
+  pids+=($!)
+}
+
 start_upstream() {
   local body
   body=$(head -c 1024 /dev/zero | tr '\0' 'x')

@@ -23,9 +23,7 @@ cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
 NGX=127.0.0.1:28082 GH=127.0.0.1:28083
 
 start_upstream
-nginx_conf proxy "upstream up { server $UP; keepalive 128; }
-  server { listen $NGX; $NGINX_PROXY_LOCATION }"
-taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" & pids+=($!)
+start_nginx_proxy "$NGX"
 ngx_pid=${pids[-1]}
 plain_api "$work/gh"
 start_gatehouse "$GH" 127.0.0.1:28093 "$work/gh"
