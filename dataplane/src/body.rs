@@ -13,14 +13,15 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::slots::Slot;
+use crate::{pool::Lease, slots::Slot};
 
 #[derive(Debug)]
 pub enum ProxyBody {
     Stream(Incoming),
     Full(Option<Bytes>),
-    /// An upstream's body, holding a slot on its target until it is read or dropped.
-    Held(Incoming, Slot),
+    /// An upstream's body and what it holds until read to its end: a slot on its target,
+    /// and the pooled connection it arrives on.
+    Upstream(Incoming, Hold),
     /// A body copied into a [`Capture`] as it streams by (analytics `detailedRecording`).
     /// Boxed: only APIs that ask for it pay for its size.
     Tee(Box<Tee>),
@@ -101,7 +102,34 @@ impl Drop for Tee {
     }
 }
 
+/// What an upstream body gives back when it ends: its target's slot, and its connection to
+/// the pool. Dropped before the end, the connection closes with it instead, since the rest
+/// of the response would be read as the next one.
+#[derive(Debug, Default)]
+pub struct Hold {
+    pub slot: Option<Slot>,
+    pub lease: Option<Lease<ProxyBody>>,
+}
+
+impl Hold {
+    fn end(&mut self) {
+        self.slot = None;
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+}
+
 impl ProxyBody {
+    /// An upstream's body; one that is empty from the start (204, HEAD, `content-length: 0`)
+    /// may never be polled, so it ends here.
+    pub fn upstream(body: Incoming, mut hold: Hold) -> Self {
+        if body.is_end_stream() {
+            hold.end();
+        }
+        ProxyBody::Upstream(body, hold)
+    }
+
     pub fn empty() -> Self {
         ProxyBody::Full(None)
     }
@@ -119,7 +147,16 @@ impl Body for ProxyBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Stream(b) | ProxyBody::Held(b, _) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b, hold) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => hold.end(),
+                    Poll::Ready(Some(Ok(_))) if b.is_end_stream() => hold.end(),
+                    _ => {}
+                }
+                polled
+            }
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Tee(t) => {
                 let polled = Pin::new(&mut t.inner).poll_frame(cx);
@@ -142,7 +179,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Stream(b) | ProxyBody::Held(b, _) => b.is_end_stream(),
+            ProxyBody::Stream(b) | ProxyBody::Upstream(b, _) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Tee(t) => t.inner.is_end_stream(),
         }
@@ -150,7 +187,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Stream(b) | ProxyBody::Held(b, _) => b.size_hint(),
+            ProxyBody::Stream(b) | ProxyBody::Upstream(b, _) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Tee(t) => t.inner.size_hint(),
         }

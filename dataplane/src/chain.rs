@@ -210,7 +210,7 @@ impl Gateway {
             (None, None) => ProxyBody::empty(),
         };
         let (mut resp, took) =
-            proxy::forward(&self.client, &self.target_slots, api, Request::from_parts(req.parts, body), peer, conn.tls)
+            proxy::forward(&self.pool, &self.target_slots, api, Request::from_parts(req.parts, body), peer, conn.tls)
                 .await?;
         ex.upstream_latency = Some(took);
         carry_headers(&ex.reply.headers, resp.headers_mut());

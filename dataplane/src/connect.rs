@@ -1,5 +1,6 @@
-//! How the gateway connects to upstreams: the pooled client every `http://` target shares,
-//! and one client per API with `https://` targets, whose TLS config its `upstream.tls`
+//! How the gateway connects to upstreams: the pool every `http://` HTTP/1.1 target shares
+//! (`pool`), one h2c client per API that speaks HTTP/2 to them, and one client per API
+//! with `https://` targets, whose TLS config its `upstream.tls`
 //! (and the Secrets that names) decides. All of them dial through the egress guard.
 //!
 //! A TLS client is built when its API is compiled, on the config thread, and belongs to
@@ -67,9 +68,9 @@ impl Connector {
         GuardedConnector::new(connector)
     }
 
-    /// The client `http://` targets share.
-    pub fn plain(&self) -> UpstreamClient {
-        pool(false).build(self.tcp(false))
+    /// The pool `http://` HTTP/1.1 targets share.
+    pub fn pool(&self) -> crate::pool::Pool<ProxyBody> {
+        crate::pool::Pool::new(self.tcp(false))
     }
 
     /// A client for one API's `http://` targets spoken to in HTTP/2 (h2c, prior knowledge).

@@ -12,13 +12,14 @@ use gatehouse_plugin_host::Loader;
 
 use crate::{
     analytics::Analytics,
-    body::BodyBudget,
+    body::{BodyBudget, ProxyBody},
     cli::Limits,
     config_thread::{ConfigThread, Stopped},
-    connect::{Connector, UpstreamClient},
+    connect::Connector,
     key_id::KeyIdSecret,
     limits::Counters,
     metrics::Metrics,
+    pool::Pool,
     proxy::TargetSlots,
     runtime::Runtime,
     tls::Resolver,
@@ -30,7 +31,8 @@ pub struct Gateway {
     /// Problems found in the config source (unreadable files, invalid resources); the
     /// resources concerned keep their last good version where they had one.
     source_errors: ArcSwap<Vec<String>>,
-    pub client: UpstreamClient,
+    /// The pooled HTTP/1.1 connections of every `http://` target.
+    pub pool: Pool<ProxyBody>,
     /// Builds the clients of `https://` upstreams with the same connect timeout.
     connector: Connector,
     /// Caps requests in flight per upstream target.
@@ -59,7 +61,7 @@ impl Gateway {
             runtime: ArcSwap::from_pointee(empty),
             ready: AtomicBool::new(false),
             source_errors: ArcSwap::from_pointee(Vec::new()),
-            client: connector.plain(),
+            pool: connector.pool(),
             connector,
             target_slots: Arc::default(),
             bodies: BodyBudget::default(),
@@ -83,7 +85,7 @@ impl Gateway {
     /// Applies the upstream and body limits of the command line.
     pub fn with_limits(mut self, limits: &Limits) -> Self {
         self.connector = Connector::new(limits.upstream_connect_timeout);
-        self.client = self.connector.plain();
+        self.pool = self.connector.pool();
         self.target_slots = Arc::new(TargetSlots::new(limits.upstream_max_connections_per_target));
         self.bodies = BodyBudget::new(limits.max_buffered_body_bytes, limits.buffered_body_budget_bytes);
         self
@@ -120,7 +122,7 @@ impl Gateway {
     fn build_job(&self, snapshot: Arc<Snapshot>) -> impl FnOnce() -> (Runtime, std::time::Duration) + Send + 'static {
         let prev = self.runtime.load_full();
         let (metrics, loader, key_ids) = (self.metrics.clone(), self.loader.clone(), self.key_ids.clone());
-        let (slots, connector) = (self.target_slots.clone(), self.connector);
+        let (slots, pool, connector) = (self.target_slots.clone(), self.pool.clone(), self.connector);
         move || {
             let started = std::time::Instant::now();
             let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, &connector, Some(&prev));
@@ -128,6 +130,7 @@ impl Gateway {
             // request still holds it.
             drop(prev);
             slots.prune();
+            pool.prune();
             (rt, started.elapsed())
         }
     }

@@ -23,6 +23,7 @@ pub mod limits;
 pub mod metrics;
 pub mod middleware;
 pub mod model;
+pub mod pool;
 pub mod proxy;
 pub mod reply;
 pub mod router;

@@ -58,6 +58,10 @@ pub struct Target {
     pub base_path: String,
     /// This target's connection slots, bound on first use (`proxy::TargetSlots`).
     pub slots: std::sync::OnceLock<Arc<crate::slots::Slots>>,
+    /// The `Host` its requests carry, computed once.
+    pub host: http::HeaderValue,
+    /// Its idle HTTP/1.1 connections (`http://` only), bound on first use (`pool::Pool`).
+    pub pool: std::sync::OnceLock<Arc<crate::pool::TargetPool<crate::body::ProxyBody>>>,
 }
 
 /// A key's session, looked up by the SHA-256 of the key, or created by an `authCheck` hook.
@@ -134,7 +138,14 @@ fn parse_target(url: &str) -> Result<Target, String> {
     let https = uri.scheme_str() == Some("https");
     crate::egress::check_literal(authority.host(), authority.port_u16().unwrap_or(if https { 443 } else { 80 }))
         .map_err(|r| format!("spec.upstream: {url:?}: {r}"))?;
-    Ok(Target { authority, https, base_path: uri.path().trim_end_matches('/').to_owned(), slots: Default::default() })
+    Ok(Target {
+        host: crate::pool::host_header(&authority, https),
+        authority,
+        https,
+        base_path: uri.path().trim_end_matches('/').to_owned(),
+        slots: Default::default(),
+        pool: Default::default(),
+    })
 }
 
 impl Session {

@@ -1,5 +1,6 @@
 //! Step 8 of the chain: forward to the upstream over pooled keep-alive connections and
-//! stream both bodies through.
+//! stream both bodies through. `http://` HTTP/1.1 targets go through `pool::Pool`; h2c and
+//! `https://` targets through their API's own client.
 
 use std::{
     collections::HashMap,
@@ -8,12 +9,13 @@ use std::{
     time::Duration,
 };
 
-pub use crate::connect::{CONNECT_TIMEOUT, UpstreamClient};
+pub use crate::connect::CONNECT_TIMEOUT;
 use crate::{
-    body::ProxyBody,
+    body::{Hold, ProxyBody},
     connect::tls_failure,
     model::{Api, Target},
     path::{normalise, prefix_key},
+    pool::{Pool, SendError},
     reply::GatewayError,
     slots::{Slot, Slots},
     tunnel::{self, Tunnel, UpgradeSlot},
@@ -81,7 +83,7 @@ impl TargetSlots {
 /// upstream's response and how long its headers took. `peer` and `tls` describe the
 /// client's connection (`server::Conn`), taken apart so this layer imports no entry point.
 pub async fn forward(
-    client: &UpstreamClient,
+    pool: &Pool<ProxyBody>,
     slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
@@ -102,7 +104,7 @@ pub async fn forward(
             Some(s)
         }
     };
-    let uri = upstream_uri(api, target, req.uri())?;
+    let path = upstream_path(api, target, req.uri())?;
     // A WebSocket: the client's half of the upgrade, and where to leave the tunnel. Over
     // HTTP/2 to the upstream there is no Upgrade: the request goes as a plain one.
     let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
@@ -124,7 +126,6 @@ pub async fn forward(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or("")).ok())
         .or(host_header);
-    *req.uri_mut() = uri;
     *req.version_mut() = if api.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
@@ -142,26 +143,29 @@ pub async fn forward(
     }
 
     let started = std::time::Instant::now();
-    let sent = match (target.https, &api.tls, &api.h2c) {
-        (true, Some((tls, _)), _) => tls.request(req),
-        (false, _, Some(h2c)) => h2c.request(req),
-        _ => client.request(req),
-    };
-    let resp = match tokio::time::timeout(timeout, sent).await {
-        Err(_) => return Err(GatewayError::UpstreamTimeout),
-        Ok(Err(e)) if e.is_connect() && timed_out(&e) => return Err(GatewayError::UpstreamConnectTimeout),
-        Ok(Err(e)) => {
-            if let Some(refusal) = crate::egress::refusal_in(&e) {
-                tracing::warn!(api = %api.id, reason = %refusal, "upstream refused");
-            } else if let Some(reason) = tls_failure(&e) {
-                tracing::warn!(api = %api.id, upstream = %target.authority, %reason, "upstream TLS handshake failed");
-                return Err(GatewayError::UpstreamTls);
-            } else {
-                tracing::warn!(api = %api.id, error = %e, source = ?std::error::Error::source(&e), "upstream request failed");
-            }
-            return Err(GatewayError::UpstreamUnreachable);
+    let (resp, lease) = if target.https || api.h2c.is_some() {
+        // hyper-util's clients take the absolute form, and set `Host` from it.
+        *req.uri_mut() = absolute(target, path)?;
+        let sent = match (target.https, &api.tls, &api.h2c) {
+            (true, Some((tls, _)), _) => tls.request(req),
+            (false, _, Some(h2c)) => h2c.request(req),
+            // An `https://` target always has its API's TLS client (`Api::compile`).
+            _ => return Err(GatewayError::UpstreamUnreachable),
+        };
+        match tokio::time::timeout(timeout, sent).await {
+            Err(_) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(failed(api, target, &e, e.is_connect())),
+            Ok(Ok(resp)) => (resp, None),
         }
-        Ok(Ok(resp)) => resp,
+    } else {
+        *req.uri_mut() = Uri::from(path);
+        req.headers_mut().insert(header::HOST, target.host.clone());
+        let pooled = target.pool.get_or_init(|| pool.target(&target.authority));
+        match tokio::time::timeout(timeout, pool.send(pooled, req)).await {
+            Err(_) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(e)) => return Err(failed(api, target, &e, matches!(e, SendError::Connect(_)))),
+            Ok(Ok((resp, lease))) => (resp, Some(lease)),
+        }
     };
     let took = started.elapsed();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -178,17 +182,36 @@ pub async fn forward(
         let upstream = hyper::upgrade::on(&mut resp);
         strip_hop_by_hop(resp.headers_mut());
         tunnel::set_upgrade_headers(resp.headers_mut());
-        // The tunnel holds the target's slot for as long as it is open.
+        // The tunnel holds the target's slot for as long as it is open; the upgraded
+        // connection is the tunnel's, never the pool's again.
+        drop(lease);
         to.0.leave(Tunnel { client, upstream, slot });
         return Ok((resp.map(ProxyBody::Stream), took));
     }
-    let mut resp = match slot {
-        // The slot stays taken until the body has been read: the connection is busy till then.
-        Some(slot) => resp.map(|b| ProxyBody::Held(b, slot)),
-        None => resp.map(ProxyBody::Stream),
+    // The slot stays taken, and the connection out of the pool, until the body has been
+    // read: the connection is busy till then.
+    let mut resp = match (slot, lease) {
+        (None, None) => resp.map(ProxyBody::Stream),
+        (slot, lease) => resp.map(|b| ProxyBody::upstream(b, Hold { slot, lease })),
     };
     strip_hop_by_hop(resp.headers_mut());
     Ok((resp, took))
+}
+
+/// The gateway's answer to a request the upstream did not answer, logged with why.
+fn failed(api: &Api, target: &Target, e: &(dyn std::error::Error + 'static), connect: bool) -> GatewayError {
+    if connect && timed_out(e) {
+        return GatewayError::UpstreamConnectTimeout;
+    }
+    if let Some(refusal) = crate::egress::refusal_in(e) {
+        tracing::warn!(api = %api.id, reason = %refusal, "upstream refused");
+    } else if let Some(reason) = tls_failure(e) {
+        tracing::warn!(api = %api.id, upstream = %target.authority, %reason, "upstream TLS handshake failed");
+        return GatewayError::UpstreamTls;
+    } else {
+        tracing::warn!(api = %api.id, error = %e, source = ?e.source(), "upstream request failed");
+    }
+    GatewayError::UpstreamUnreachable
 }
 
 /// Whether the connect failed on `--upstream-connect-timeout` (the connector's error is an
@@ -205,7 +228,7 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// `base path + request path (less the listen path if stripped) + query`.
-fn upstream_uri(api: &Api, target: &Target, incoming: &Uri) -> Result<Uri, GatewayError> {
+fn upstream_path(api: &Api, target: &Target, incoming: &Uri) -> Result<PathAndQuery, GatewayError> {
     let base = &target.base_path;
     // Step 1 normalised the path already, so this is one pass without allocation; it holds
     // any later rewrite of the path to the same rules.
@@ -229,11 +252,14 @@ fn upstream_uri(api: &Api, target: &Target, incoming: &Uri) -> Result<Uri, Gatew
         pq.push('?');
         pq.push_str(q);
     }
-    let pq = PathAndQuery::try_from(pq).map_err(|_| GatewayError::UpstreamUnreachable)?;
+    PathAndQuery::try_from(pq).map_err(|_| GatewayError::UpstreamUnreachable)
+}
+
+fn absolute(target: &Target, path: PathAndQuery) -> Result<Uri, GatewayError> {
     Uri::builder()
         .scheme(if target.https { Scheme::HTTPS } else { Scheme::HTTP })
         .authority(target.authority.clone())
-        .path_and_query(pq)
+        .path_and_query(path)
         .build()
         .map_err(|_| GatewayError::UpstreamUnreachable)
 }
@@ -288,7 +314,8 @@ mod tests {
         let mut a = std::sync::Arc::into_inner(a).expect("sole owner");
         a.entry.spec.strip_listen_path = strip;
         let t = a.pick_target();
-        upstream_uri(&a, t, &incoming.parse().expect("uri")).expect("maps").to_string()
+        let path = upstream_path(&a, t, &incoming.parse().expect("uri")).expect("maps");
+        absolute(t, path).expect("absolute").to_string()
     }
 
     #[test]

@@ -116,6 +116,33 @@ async fn bodies_stream_both_ways_without_buffering() {
     assert_eq!(r.text(), big.to_string());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_carry_the_next_request_only_once_a_response_was_read_whole() {
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
+    let gw = Gatehouse::start(cfg.path(), &[]).await;
+
+    // Fixed-length, chunked and empty answers, one after another: one upstream connection.
+    for _ in 0..5 {
+        assert_eq!(gw.get("/a/x").await.json()["path"], "/x");
+        assert_eq!(gw.get("/a/big?bytes=100000").await.body.len(), 100_000);
+        assert_eq!(gw.get("/a/empty").await.status, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(up.connections(), 1, "15 requests in turn share one upstream connection");
+
+    // A client that leaves half-way through a body: the rest of that response is on the
+    // upstream connection, and must never be read as the answer to someone else's request.
+    let resp = send_unread(Request::get(gw.url("/a/big?bytes=268435456")).body(empty()).unwrap()).await;
+    let mut body = resp.into_body();
+    tokio::time::timeout(PATIENCE, body.frame()).await.expect("a first chunk").unwrap().unwrap();
+    drop(body);
+    gw.wait_until("the gateway closes the half-read upstream connection", async || up.closed() == 1).await;
+    let r = gw.get("/a/after").await;
+    assert_eq!((r.status, r.json()["path"].as_str()), (StatusCode::OK, Some("/after")));
+    assert_eq!(up.connections(), 2);
+}
+
 /// Sends a request and returns the response unread, for tests that read it frame by frame.
 async fn send_unread(req: Request<Body>) -> http::Response<hyper::body::Incoming> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();

@@ -40,10 +40,14 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// - `/upload`: reads the whole body, answers with its length
 /// - `/echo`: reads the request body, sends it back
 /// - `/gate`: streams "one", waits for the test to open the gate, then "two"
+/// - `/empty`: 204, no body
 /// - anything else: JSON with the method, path, query, headers and the upstream's name
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted, and of those, the ones that ended.
+    pub connections: Arc<AtomicUsize>,
+    pub closed: Arc<AtomicUsize>,
     pub gate: Arc<Notify>,
     /// Set when `/gate-in` has seen the first chunk of a request body.
     pub first_chunk_seen: Arc<Notify>,
@@ -63,13 +67,16 @@ impl Upstream {
         let hits = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Notify::new());
         let first_chunk_seen = Arc::new(Notify::new());
-        let (h, g, f) = (hits.clone(), gate.clone(), first_chunk_seen.clone());
+        let (connections, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (h, g, f, c, cl) =
+            (hits.clone(), gate.clone(), first_chunk_seen.clone(), connections.clone(), closed.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (h, g, f) = (h.clone(), g.clone(), f.clone());
+                c.fetch_add(1, Ordering::SeqCst);
+                let (h, g, f, cl) = (h.clone(), g.clone(), f.clone(), cl.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         h.fetch_add(1, Ordering::SeqCst);
@@ -78,10 +85,11 @@ impl Upstream {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    cl.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        Self { addr, hits, gate, first_chunk_seen, task }
+        Self { addr, hits, connections, closed, gate, first_chunk_seen, task }
     }
 
     pub fn url(&self) -> String {
@@ -90,6 +98,14 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -126,6 +142,11 @@ async fn upstream_route(
                 }
             });
             Response::new(body.boxed())
+        }
+        "/empty" => {
+            let mut r = Response::new(Full::new(Bytes::new()).boxed());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
         }
         "/echo" => {
             let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
