@@ -209,9 +209,15 @@ impl Gateway {
             (None, Some(stream)) => stream,
             (None, None) => ProxyBody::empty(),
         };
-        let (mut resp, took) =
-            proxy::forward(&self.pool, &self.target_slots, api, Request::from_parts(req.parts, body), peer, conn.tls)
-                .await?;
+        let (mut resp, took) = proxy::forward(
+            &self.pool,
+            &self.target_slots,
+            api,
+            Request::from_parts(req.parts, body),
+            &conn.forwarded_for,
+            conn.tls,
+        )
+        .await?;
         ex.upstream_latency = Some(took);
         carry_headers(&ex.reply.headers, resp.headers_mut());
 

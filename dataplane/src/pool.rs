@@ -18,6 +18,7 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -87,8 +88,9 @@ struct Idle<B> {
     since: u32,
 }
 
-/// A connection on loan to one request, back in its pool when the response body ends;
-/// dropped instead, it closes.
+/// A connection on loan to one request, back in its pool when the response body ends
+/// (where it is handed out again once hyper is done sending the request too); dropped
+/// instead, it closes.
 pub struct Lease<B> {
     sender: SendRequest<B>,
     pool: Arc<TargetPool<B>>,
@@ -154,10 +156,8 @@ impl<B: SendBody> Pool<B> {
         mut req: Request<B>,
     ) -> Result<(Response<Incoming>, Lease<B>), SendError> {
         loop {
-            let Some(mut sender) = target.checkout() else { break };
-            if sender.ready().await.is_err() {
-                continue;
-            }
+            let picked = std::future::poll_fn(|cx| Poll::Ready(target.checkout(cx))).await;
+            let Some(mut sender) = picked else { break };
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, Lease { sender, pool: target.clone() })),
                 Err(mut e) => match e.take_message() {
@@ -195,6 +195,8 @@ impl<B: SendBody> Pool<B> {
         let every = self.0.tick_every;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
+            // After a stall, one tick, not a burst that would age every idle connection at once.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks.tick().await;
             loop {
                 ticks.tick().await;
@@ -216,14 +218,28 @@ impl<B: SendBody> Pool<B> {
 }
 
 impl<B: SendBody> TargetPool<B> {
-    fn checkout(&self) -> Option<SendRequest<B>> {
+    /// The most recently used connection that can take a request now. A connection whose
+    /// response ended while its request body is still going up (an upstream that answered
+    /// early) is busy until the upload ends: it is put back at the far end, to be handed
+    /// out once its dispatcher wants a request again, rather than waited on.
+    fn checkout(&self, cx: &mut Context<'_>) -> Option<SendRequest<B>> {
         let mut idle = lock(&self.idle);
-        while let Some(i) = idle.pop() {
-            if !i.sender.is_closed() {
-                return Some(i.sender);
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(mut i) = idle.pop() {
+            match i.sender.poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    found = Some(i.sender);
+                    break;
+                }
+                Poll::Ready(Err(_)) => {}
+                Poll::Pending => busy.push(i),
             }
         }
-        None
+        if !busy.is_empty() {
+            idle.splice(0..0, busy);
+        }
+        found
     }
 
     fn checkin(&self, sender: SendRequest<B>) {
@@ -258,8 +274,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
+    use std::convert::Infallible;
+
     use bytes::Bytes;
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Channel, Empty, combinators::BoxBody};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -267,7 +285,8 @@ mod tests {
 
     use super::*;
 
-    type TestPool = Pool<Empty<Bytes>>;
+    type TestBody = BoxBody<Bytes, Infallible>;
+    type TestPool = Pool<TestBody>;
 
     /// How the loopback upstream answers each request on a connection.
     #[derive(Clone, Copy)]
@@ -280,6 +299,8 @@ mod tests {
         ThenClose,
         /// Headers for 1 MiB, 16 KiB of it, and then nothing until the client goes.
         Stalled,
+        /// `content-length: 5` at once, then reads whatever comes, answering nothing more.
+        Early,
     }
 
     /// A real HTTP/1.1 upstream on loopback that counts the connections it accepted and
@@ -319,6 +340,7 @@ mod tests {
                                     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                                 }
                                 Answer::Stalled => b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n",
+                                Answer::Early => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
                             };
                             if s.write_all(reply).await.is_err() {
                                 return;
@@ -327,6 +349,11 @@ mod tests {
                                 Answer::ThenClose => return,
                                 Answer::Stalled => {
                                     let _ = s.write_all(&[b'x'; 16 * 1024]).await;
+                                }
+                                Answer::Early => {
+                                    while s.read(&mut chunk).await.is_ok_and(|n| n > 0) {}
+                                    c.fetch_add(1, Ordering::SeqCst);
+                                    return;
                                 }
                                 Answer::Fixed | Answer::Chunked => {}
                             }
@@ -345,17 +372,17 @@ mod tests {
         Pool::with_idle_timeout(GuardedConnector::new(connector), idle)
     }
 
-    fn request(up: &Upstream) -> Request<Empty<Bytes>> {
+    fn request(up: &Upstream) -> Request<TestBody> {
         Request::builder()
             .uri("/")
             .header(http::header::HOST, up.authority.as_str())
-            .body(Empty::new())
+            .body(Empty::new().boxed())
             .expect("request")
     }
 
     /// Sends one request, reads the whole body and gives the connection back, as the
     /// gateway's `body::ProxyBody` does when an upstream body ends.
-    async fn get(pool: &TestPool, t: &Arc<TargetPool<Empty<Bytes>>>, up: &Upstream) -> String {
+    async fn get(pool: &TestPool, t: &Arc<TargetPool<TestBody>>, up: &Upstream) -> String {
         let (resp, lease) = pool.send(t, request(up)).await.expect("answered");
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         lease.release();
@@ -409,6 +436,26 @@ mod tests {
             assert_eq!(get(&pool, &t, &up).await, "hello");
         }
         assert_eq!(up.accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_an_upload_answered_early_is_not_handed_out() {
+        let up = upstream(Answer::Early).await;
+        let pool = pool(IDLE_TIMEOUT);
+        let t = pool.target(&up.authority);
+        let (mut upload, body) = Channel::<Bytes, Infallible>::new(1);
+        let req =
+            Request::post("/").header(http::header::HOST, up.authority.as_str()).body(body.boxed()).expect("request");
+        let (resp, lease) = pool.send(&t, req).await.expect("answered before the upload ended");
+        assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "hello");
+        lease.release();
+        upload.send_data(Bytes::from_static(b"part of it")).await.expect("still uploading");
+        // Handed this connection, the next request would wait for an upload that never ends.
+        let next = tokio::time::timeout(Duration::from_secs(20), get(&pool, &t, &up)).await;
+        assert_eq!(next.expect("not queued behind the upload"), "hello");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(&up.authority), 2, "the busy one waits in the pool for its upload to end");
+        drop(upload);
     }
 
     #[tokio::test]

@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -80,14 +79,15 @@ impl TargetSlots {
 
 /// Sends `req` to one of the API's targets; the answer's headers must come within the
 /// API's timeout, which also bounds the wait for a free slot on the target. Returns the
-/// upstream's response and how long its headers took. `peer` and `tls` describe the
-/// client's connection (`server::Conn`), taken apart so this layer imports no entry point.
+/// upstream's response and how long its headers took. `forwarded_for` (the client's
+/// address as an `X-Forwarded-For` entry) and `tls` describe the client's connection
+/// (`server::Conn`), taken apart so this layer imports no entry point.
 pub async fn forward(
     pool: &Pool<ProxyBody>,
     slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
-    peer: SocketAddr,
+    forwarded_for: &HeaderValue,
     tls: bool,
 ) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
     let target = api.pick_target();
@@ -135,7 +135,7 @@ pub async fn forward(
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    append_forwarded_for(headers, peer);
+    append_forwarded_for(headers, forwarded_for);
     // Always set, never passed on: what a client sends here is its own claim.
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     if let Some(host) = original_host {
@@ -264,8 +264,26 @@ fn absolute(target: &Target, path: PathAndQuery) -> Result<Uri, GatewayError> {
         .map_err(|_| GatewayError::UpstreamUnreachable)
 }
 
+/// Whether `name` is one of the hop-by-hop headers `strip_hop_by_hop` always removes.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Headers meant for one hop only (RFC 9110 7.6.1), and any the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the names finds most messages clean (a name the Connection header
+    // lists only counts when there is one), where removing each of nine names hashes nine.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Every `Connection` field, not only the first: a name in a second one is as
     // hop-by-hop as one in the first. One field (the usual case) costs no allocation.
     let mut fields = h.get_all(header::CONNECTION).iter();
@@ -293,13 +311,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove("proxy-connection");
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
+/// Appends the client's address (`ip`, made once per connection) to `X-Forwarded-For`; a
+/// value that is not visible ASCII is replaced rather than extended.
+fn append_forwarded_for(h: &mut HeaderMap, ip: &HeaderValue) {
     let value = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::try_from(format!("{prev}, {}", ip.to_str().unwrap_or(""))).ok(),
+        None => Some(ip.clone()),
     };
-    if let Ok(v) = HeaderValue::try_from(value) {
+    if let Some(v) = value {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
 }
@@ -347,9 +366,29 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1:5".parse().expect("addr"));
-        append_forwarded_for(&mut h, "127.0.0.1:6".parse().expect("addr"));
+        append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.1"));
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        h.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_bytes(b"caf\xe9").expect("obs-text"));
+        append_forwarded_for(&mut h, &HeaderValue::from_static("::1"));
+        assert_eq!(h[&X_FORWARDED_FOR], "::1", "a value that is not text is replaced, not extended");
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_keeps_all_of_them() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [("host", "a"), ("x-connection", "keep"), ("accept", "*/*")] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        for name in ["proxy-connection", "keep-alive", "upgrade", "trailer"] {
+            let mut with = before.clone();
+            with.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut with);
+            assert_eq!(with, before, "{name} goes");
+        }
     }
 
     #[test]

@@ -55,9 +55,19 @@ const HYPER_MAX_HEADERS: u32 = 100;
 #[derive(Debug, Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
+    /// The peer's address as an `X-Forwarded-For` entry, formatted once per connection.
+    pub forwarded_for: http::HeaderValue,
     /// Over TLS (`--tls-listen`).
     pub tls: bool,
     pub client_cert: ClientCert,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool, client_cert: ClientCert) -> Self {
+        let forwarded_for = http::HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        Self { peer, forwarded_for, tls, client_cert }
+    }
 }
 
 /// Serves `listener` with `handler` until `stop` turns true, then drains connections for
@@ -115,13 +125,12 @@ pub async fn serve<H, F>(
             }
             match tls {
                 None => {
-                    let conn = Conn { peer, tls: false, client_cert: ClientCert::default() };
+                    let conn = Conn::new(peer, false, ClientCert::default());
                     serve_one(&builder, watcher, stream, timing, handler, conn).await
                 }
                 Some(acceptor) => match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {
                     Ok(Ok((stream, client_cert))) => {
-                        serve_one(&builder, watcher, stream, timing, handler, Conn { peer, tls: true, client_cert })
-                            .await
+                        serve_one(&builder, watcher, stream, timing, handler, Conn::new(peer, true, client_cert)).await
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
