@@ -24,7 +24,7 @@ master_process off;
 worker_processes 1;
 pid $work/$1.pid;
 error_log $work/$1.error.log warn;
-events { worker_connections 4096; }
+events { worker_connections ${NGINX_WORKER_CONNECTIONS:-4096}; }
 http {
   access_log off;
   client_body_temp_path $work/$1-body;

@@ -118,23 +118,45 @@ pub async fn serve<H, F>(
         let (handler, builder, watcher, open, tls) =
             (handler.clone(), builder.clone(), graceful.watcher(), open.clone(), tls.clone());
         let timing = Timing { first_request_by, header_read, idle };
+        let mut draining = stop.clone();
         conns.spawn(async move {
             let _slot = slot;
             if let Some(g) = &open {
                 g.inc();
             }
-            match tls {
-                None => {
-                    let conn = Conn::new(peer, false, ClientCert::default());
-                    serve_one(&builder, watcher, stream, timing, handler, conn).await
-                }
-                Some(acceptor) => match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {
-                    Ok(Ok((stream, client_cert))) => {
-                        serve_one(&builder, watcher, stream, timing, handler, Conn::new(peer, true, client_cert)).await
+            // Nothing of hyper's (or rustls's) is made before the client's first byte: its
+            // buffers and state, several KiB, would sit on every connection a client or a
+            // load balancer opens ahead of use. Until then the connection is this task.
+            // `peek`, not `readable`: a new socket is reported ready once before anything came.
+            let mut byte = [0u8; 1];
+            let first_byte = tokio::select! {
+                r = tokio::time::timeout_at(first_request_by, stream.peek(&mut byte)) => matches!(r, Ok(Ok(1))),
+                _ = draining.changed() => false,
+            };
+            if first_byte {
+                Box::pin(async move {
+                    match tls {
+                        None => {
+                            let conn = Conn::new(peer, false, ClientCert::default());
+                            serve_one(&builder, watcher, stream, timing, handler, conn).await
+                        }
+                        Some(acceptor) => {
+                            match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {
+                                Ok(Ok((stream, cert))) => {
+                                    let conn = Conn::new(peer, true, cert);
+                                    serve_one(&builder, watcher, stream, timing, handler, conn).await
+                                }
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake not done within the header-read timeout");
+                                }
+                            }
+                        }
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
-                },
+                })
+                .await;
+            } else {
+                tracing::debug!(%peer, "closed before its first byte: by the client, the header-read timeout, or draining");
             }
             if let Some(g) = &open {
                 g.dec();
