@@ -245,6 +245,14 @@ fn upstream_path(api: &Api, target: &Target, incoming: &Uri) -> Result<PathAndQu
         &path
     };
     let rest = if rest.is_empty() { "/" } else { rest };
+    // Sent as it came (no base path, nothing stripped, already normal): the incoming
+    // request-target's own bytes, shared rather than copied and parsed again.
+    if base.is_empty()
+        && matches!(path, std::borrow::Cow::Borrowed(p) if std::ptr::eq(p, rest))
+        && let Some(pq) = incoming.path_and_query()
+    {
+        return Ok(pq.clone());
+    }
     let mut pq = String::with_capacity(base.len() + rest.len() + incoming.query().map_or(0, |q| q.len() + 1));
     pq.push_str(base);
     pq.push_str(rest);
@@ -343,6 +351,22 @@ mod tests {
         assert_eq!(mapped("/a/", true, "/a"), "http://127.0.0.1:1/base/");
         assert_eq!(mapped("/a/", false, "/a/get"), "http://127.0.0.1:1/base/a/get");
         assert_eq!(mapped("/", true, "/x/y"), "http://127.0.0.1:1/base/x/y");
+    }
+
+    #[test]
+    fn a_path_sent_as_it_came_is_the_incoming_one() {
+        for (listen, incoming, sent) in [
+            ("/", "/x/y?q=1", "/x/y?q=1"),
+            ("/", "/", "/"),
+            ("/", "/x/./y?q=1", "/x/y?q=1"),
+            ("/", "/x//y", "/x/y"),
+            ("/a/", "/a/x?q", "/x?q"),
+            ("/a/", "/a", "/"),
+        ] {
+            let a = crate::runtime::tests::api_to("a", listen, &[], "http://127.0.0.1:1");
+            let path = upstream_path(&a, a.pick_target(), &incoming.parse().expect("uri")).expect("maps");
+            assert_eq!(path, sent, "{listen} {incoming}");
+        }
     }
 
     #[test]

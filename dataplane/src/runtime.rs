@@ -258,8 +258,12 @@ pub(crate) mod tests {
     use crate::middleware::PluginChain;
 
     pub(crate) fn api(name: &str, listen_path: &str, hosts: &[&str]) -> Arc<Api> {
+        api_to(name, listen_path, hosts, "http://127.0.0.1:1/base/")
+    }
+
+    pub(crate) fn api_to(name: &str, listen_path: &str, hosts: &[&str], url: &str) -> Arc<Api> {
         let yaml = format!(
-            "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: {name}}}\nspec:\n  listenPath: {listen_path}\n  hosts: {hosts:?}\n  upstream: {{url: 'http://127.0.0.1:1/base/'}}\n"
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: {name}}}\nspec:\n  listenPath: {listen_path}\n  hosts: {hosts:?}\n  upstream: {{url: '{url}'}}\n"
         );
         let parsed = gatehouse_crds::manifest::parse("test", &yaml);
         let Some((_, gatehouse_crds::manifest::Resource::Api(a))) = parsed.resources.into_iter().next() else {
