@@ -247,9 +247,11 @@ fn upstream_path(api: &Api, target: &Target, incoming: &Uri) -> Result<PathAndQu
     let rest = if rest.is_empty() { "/" } else { rest };
     // Sent as it came (no base path, nothing stripped, already normal): the incoming
     // request-target's own bytes, shared rather than copied and parsed again.
+    // (`http://h?q` has the path-and-query `?q`, and a `/` made up for its path.)
     if base.is_empty()
         && matches!(path, std::borrow::Cow::Borrowed(p) if std::ptr::eq(p, rest))
         && let Some(pq) = incoming.path_and_query()
+        && pq.as_str().starts_with('/')
     {
         return Ok(pq.clone());
     }
@@ -360,6 +362,8 @@ mod tests {
             ("/", "/", "/"),
             ("/", "/x/./y?q=1", "/x/y?q=1"),
             ("/", "/x//y", "/x/y"),
+            ("/", "http://h?q=1", "/?q=1"),
+            ("/", "http://h", "/"),
             ("/a/", "/a/x?q", "/x?q"),
             ("/a/", "/a", "/"),
         ] {

@@ -435,33 +435,3 @@ async fn sigterm_finishes_normal_requests_and_bounds_the_rest_by_the_drain_timeo
     // The process has exited, but its last lines may still be in the pipe to the test.
     gw.wait_for_log_containing("drain timed out").await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_that_never_sent_a_byte_do_not_hold_up_a_drain() {
-    let up = Upstream::start("up").await;
-    let cfg = ConfigDir::new();
-    cfg.write("apis.yaml", &timed_api("a", "/a/", &up.url(), "120s"));
-    let mut gw = Gatehouse::start(cfg.path(), &["--drain-timeout", "120s", "--header-read-timeout", "120s"]).await;
-    // Opened ahead of use, as pools and load balancers do, and served once the bytes come.
-    let mut silent: Vec<TcpStream> = Vec::new();
-    for _ in 0..3 {
-        silent.push(TcpStream::connect(gw.addr).await.unwrap());
-    }
-    assert_eq!(get_on(&mut silent[0], "/a/x").await.0, "HTTP/1.1 200 OK");
-    gw.wait_until("the gateway to count all three connections", async || {
-        gw.metric("gatehouse_client_connections").await == 3.0
-    })
-    .await;
-
-    let exit = tokio::task::spawn_blocking(move || {
-        let status = gw.terminate();
-        (status, gw)
-    });
-    // Far less than the 120 s drain timeout: nothing was in flight.
-    let (exit, gw) = tokio::time::timeout(PATIENCE, exit).await.expect("drained without waiting on them").unwrap();
-    assert!(exit.success(), "clean exit: {exit:?}\n{}", gw.logs());
-    assert!(!gw.logs().contains("drain timed out"), "{}", gw.logs());
-    for mut s in silent.drain(1..) {
-        read_until_closed(&mut s, "a connection that never sent a byte").await;
-    }
-}

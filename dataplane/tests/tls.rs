@@ -713,3 +713,42 @@ async fn a_client_certificate_that_expires_on_an_open_connection_is_refused_from
         (StatusCode::FORBIDDEN, "client certificate not trusted for this API")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_sent_a_byte_do_not_hold_up_a_drain() {
+    let up = Upstream::start("up").await;
+    let ca = Ca::new();
+    let a = ca.leaf(&["a.test"]);
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[tls_api("a", &up.url(), "a.test", "a-cert", false), secret_of("a-cert", &a, false)].concat(),
+    );
+    let (mut gw, tls) = start(&cfg, &["--drain-timeout", "120s", "--header-read-timeout", "120s"]).await;
+    // Opened ahead of use, as pools and load balancers do: two on each listener. A TLS one
+    // waited in its handshake, holding up a drain until the header-read timeout.
+    let mut silent = Vec::new();
+    for addr in [gw.addr, gw.addr, tls, tls] {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let s = connect(tls, ca.client(&[b"http/1.1"], true), "a.test").await.unwrap();
+    assert_eq!(H1::open(s).await.get("a.test", "/a/x", &[]).await.status, StatusCode::OK);
+    gw.wait_until("the gateway to count the four silent connections", async || {
+        gw.metric("gatehouse_client_connections").await >= 4.0
+    })
+    .await;
+
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = gw.terminate();
+        (status, gw)
+    });
+    // Far less than the 120 s drain timeout: nothing was in flight.
+    let (exit, gw) = tokio::time::timeout(PATIENCE, exit).await.expect("drained without waiting on them").unwrap();
+    assert!(exit.success(), "clean exit: {exit:?}\n{}", gw.logs());
+    assert!(!gw.logs().contains("drain timed out"), "{}", gw.logs());
+    for s in &mut silent {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(PATIENCE, s.read(&mut buf)).await.expect("closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+    }
+}
