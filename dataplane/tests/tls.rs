@@ -111,6 +111,30 @@ async fn start(cfg: &ConfigDir, extra: &[&str]) -> (Gatehouse, SocketAddr) {
     (gw, tls)
 }
 
+/// One API on `a.test` over TLS with its own certificate (`leaf`), served with `extra`;
+/// bind `_up` and `_cfg` by name: the upstream and the config must outlive the test.
+struct ATest {
+    _up: Upstream,
+    _cfg: ConfigDir,
+    ca: Ca,
+    leaf: Leaf,
+    gw: Gatehouse,
+    tls: SocketAddr,
+}
+
+async fn serve_a_test(extra: &[&str]) -> ATest {
+    let up = Upstream::start("up").await;
+    let ca = Ca::new();
+    let leaf = ca.leaf(&["a.test"]);
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "apis.yaml",
+        &[tls_api("a", &up.url(), "a.test", "a-cert", false), secret_of("a-cert", &leaf, false)].concat(),
+    );
+    let (gw, tls) = start(&cfg, extra).await;
+    ATest { _up: up, _cfg: cfg, ca, leaf, gw, tls }
+}
+
 fn certificate_state(config: &serde_json::Value, id: &str) -> String {
     config["certificates"]
         .as_array()
@@ -235,15 +259,7 @@ fn insecure_client(alpn: &[&[u8]], sni: bool) -> Arc<ClientConfig> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_default_certificate_unknown_names_and_no_sni_fail_the_handshake() {
-    let up = Upstream::start("up").await;
-    let ca = Ca::new();
-    let a = ca.leaf(&["a.test"]);
-    let cfg = ConfigDir::new();
-    cfg.write(
-        "apis.yaml",
-        &[tls_api("a", &up.url(), "a.test", "a-cert", false), secret_of("a-cert", &a, false)].concat(),
-    );
-    let (_gw, tls) = start(&cfg, &[]).await;
+    let ATest { _up, _cfg, ca, leaf: a, gw: _gw, tls } = serve_a_test(&[]).await;
     let any = insecure_client(&[b"http/1.1"], true);
     let e = connect(tls, any.clone(), "unknown.test").await.expect_err("no certificate for this name");
     assert!(e.to_string().contains("alert"), "the gateway refuses with an alert: {e}");
@@ -254,15 +270,7 @@ async fn without_a_default_certificate_unknown_names_and_no_sni_fail_the_handsha
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_and_http1_by_alpn_carry_x_forwarded_proto_https_and_plain_http_says_http() {
-    let up = Upstream::start("up").await;
-    let ca = Ca::new();
-    let a = ca.leaf(&["a.test"]);
-    let cfg = ConfigDir::new();
-    cfg.write(
-        "apis.yaml",
-        &[tls_api("a", &up.url(), "a.test", "a-cert", false), secret_of("a-cert", &a, false)].concat(),
-    );
-    let (gw, tls) = start(&cfg, &[]).await;
+    let ATest { _up, _cfg, ca, leaf: _, gw, tls } = serve_a_test(&[]).await;
 
     let s = connect(tls, ca.client(&[b"h2", b"http/1.1"], true), "a.test").await.unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -437,15 +445,8 @@ async fn a_rotated_certificate_serves_new_connections_while_open_ones_keep_worki
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_stalling_in_the_handshake_is_cut_by_the_header_read_timeout_and_blocks_no_one() {
-    let up = Upstream::start("up").await;
-    let ca = Ca::new();
-    let a = ca.leaf(&["a.test"]);
-    let cfg = ConfigDir::new();
-    cfg.write(
-        "apis.yaml",
-        &[tls_api("a", &up.url(), "a.test", "a-cert", false), secret_of("a-cert", &a, false)].concat(),
-    );
-    let (gw, tls) = start(&cfg, &["--header-read-timeout", "2s", "--max-connections", "3"]).await;
+    let ATest { _up, _cfg, ca, leaf: _, gw, tls } =
+        serve_a_test(&["--header-read-timeout", "2s", "--max-connections", "3"]).await;
 
     // One sends nothing; one stops in the middle of its ClientHello.
     let mut silent = TcpStream::connect(tls).await.unwrap();
@@ -716,15 +717,8 @@ async fn a_client_certificate_that_expires_on_an_open_connection_is_refused_from
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_sent_a_byte_do_not_hold_up_a_drain() {
-    let up = Upstream::start("up").await;
-    let ca = Ca::new();
-    let a = ca.leaf(&["a.test"]);
-    let cfg = ConfigDir::new();
-    cfg.write(
-        "apis.yaml",
-        &[tls_api("a", &up.url(), "a.test", "a-cert", false), secret_of("a-cert", &a, false)].concat(),
-    );
-    let (mut gw, tls) = start(&cfg, &["--drain-timeout", "120s", "--header-read-timeout", "120s"]).await;
+    let ATest { _up, _cfg, ca, leaf: _, mut gw, tls } =
+        serve_a_test(&["--drain-timeout", "120s", "--header-read-timeout", "120s"]).await;
     // Opened ahead of use, as pools and load balancers do: two on each listener. A TLS one
     // waited in its handshake, holding up a drain until the header-read timeout.
     let mut silent = Vec::new();
