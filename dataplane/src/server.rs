@@ -134,27 +134,7 @@ pub async fn serve<H, F>(
                 _ = draining.changed() => false,
             };
             if first_byte {
-                Box::pin(async move {
-                    match tls {
-                        None => {
-                            let conn = Conn::new(peer, false, ClientCert::default());
-                            serve_one(&builder, watcher, stream, timing, handler, conn).await
-                        }
-                        Some(acceptor) => {
-                            match tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await {
-                                Ok(Ok((stream, cert))) => {
-                                    let conn = Conn::new(peer, true, cert);
-                                    serve_one(&builder, watcher, stream, timing, handler, conn).await
-                                }
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake not done within the header-read timeout");
-                                }
-                            }
-                        }
-                    }
-                })
-                .await;
+                Box::pin(serve_accepted(&builder, watcher, stream, peer, tls, timing, handler)).await;
             } else {
                 tracing::debug!(%peer, "closed before its first byte: by the client, the header-read timeout, or draining");
             }
@@ -184,6 +164,33 @@ struct Timing {
     first_request_by: Instant,
     header_read: Duration,
     idle: Duration,
+}
+
+/// A connection whose first byte came: its TLS handshake, if it is on the TLS listener
+/// (within what is left of the header-read timeout), then hyper.
+async fn serve_accepted<H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<Acceptor>,
+    timing: Timing,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let Some(acceptor) = tls else {
+        let conn = Conn::new(peer, false, ClientCert::default());
+        return serve_one(builder, watcher, stream, timing, handler, conn).await;
+    };
+    match tokio::time::timeout_at(timing.first_request_by, acceptor.accept(stream)).await {
+        Ok(Ok((stream, cert))) => {
+            serve_one(builder, watcher, stream, timing, handler, Conn::new(peer, true, cert)).await
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
+    }
 }
 
 /// Serves one connection (plain, or TLS once the handshake is done) with hyper.
