@@ -8,13 +8,20 @@ use std::{
 
 use gatehouse_crds::{
     protocol::Delta,
-    snapshot::{Conflict, Snapshot, route_conflicts},
+    routes::{Conflict, RouteClaims},
+    snapshot::Snapshot,
 };
 use tokio::sync::broadcast;
 
 pub struct Hub {
-    snapshot: Mutex<Snapshot>,
+    current: Mutex<Current>,
     tx: broadcast::Sender<Arc<Delta>>,
+}
+
+/// The snapshot and who owns each of its routes, changed together.
+struct Current {
+    snapshot: Snapshot,
+    routes: RouteClaims,
 }
 
 /// Deltas a slow stream may fall behind by before it is sent the whole snapshot again.
@@ -26,19 +33,21 @@ impl Hub {
     pub fn new() -> Self {
         let start = jiff::Timestamp::now().as_millisecond().max(1) as u64;
         let (tx, _) = broadcast::channel(BACKLOG);
-        Self { snapshot: Mutex::new(Snapshot { version: start, ..Default::default() }), tx }
+        let snapshot = Snapshot { version: start, ..Default::default() };
+        Self { current: Mutex::new(Current { snapshot, routes: RouteClaims::default() }), tx }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Snapshot> {
-        // The snapshot is only replaced whole under the lock; a panic elsewhere leaves it
-        // consistent.
-        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        // Changed only by `publish`, which cannot panic half-way; a panic elsewhere leaves
+        // it consistent.
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies and broadcasts a delta; returns its version and its size as sent (bytes of
     /// JSON), or None if it changed nothing.
     pub fn publish(&self, mut delta: Delta) -> Option<(u64, usize)> {
-        let mut snap = self.lock();
+        let mut current = self.lock();
+        let Current { snapshot: snap, routes } = &mut *current;
         delta.apis.retain(|id, e| changed(e, snap.apis.get(id)));
         delta.plugins.retain(|id, e| changed(e, snap.plugins.get(id)));
         delta.keys.retain(|id, e| changed(e, snap.keys.get(id)));
@@ -54,6 +63,9 @@ impl Hub {
         if snap.apply(&delta).is_err() {
             return None;
         }
+        for (id, e) in &delta.apis {
+            routes.update(id, e.as_ref());
+        }
         let size = serde_json::to_vec(&delta).map_or(0, |v| v.len());
         // No receivers is fine: nobody is connected yet.
         let _ = self.tx.send(Arc::new(delta));
@@ -63,22 +75,22 @@ impl Hub {
     /// The whole current state and a subscription to what follows it, taken together so
     /// that no delta falls in between.
     pub fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<Delta>>) {
-        let snap = self.lock();
-        (snap.clone(), self.tx.subscribe())
+        let current = self.lock();
+        (current.snapshot.clone(), self.tx.subscribe())
     }
 
     pub fn version(&self) -> u64 {
-        self.lock().version
+        self.lock().snapshot.version
     }
 
     /// APIs in the current snapshot that lose a route to an older API, decided exactly as
     /// the dataplanes decide when they build it.
     pub fn route_conflicts(&self) -> BTreeMap<String, Conflict> {
-        route_conflicts(self.lock().apis.values())
+        self.lock().routes.conflicts().clone()
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        self.lock().clone()
+        self.lock().snapshot.clone()
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use gatehouse_crds::{ApiDefinition, Plugin, protocol::Ack, snapshot::Conflict};
+use gatehouse_crds::{ApiDefinition, Plugin, protocol::Ack, routes::Conflict};
 use k8s_openapi::{
     api::core::v1::ObjectReference,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},

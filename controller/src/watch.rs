@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures::{StreamExt, stream::BoxStream};
-use gatehouse_crds::{ApiDefinition, KEY_LABEL, Plugin, TLS_SECRET_TYPE, protocol::Delta, snapshot::Conflict};
+use gatehouse_crds::{ApiDefinition, KEY_LABEL, Plugin, TLS_SECRET_TYPE, protocol::Delta, routes::Conflict};
 use k8s_openapi::api::{
     core::v1::{Secret, Service},
     discovery::v1::EndpointSlice,

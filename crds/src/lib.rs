@@ -14,6 +14,7 @@ mod key;
 pub mod manifest;
 mod plugin;
 pub mod protocol;
+pub mod routes;
 pub mod snapshot;
 mod tls;
 

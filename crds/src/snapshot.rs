@@ -3,7 +3,7 @@
 //! Entries are keyed by `namespace/name` so that a change to one resource replaces one
 //! entry; that is what makes per-resource deltas possible.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -118,69 +118,11 @@ impl ApiEntry {
     }
 }
 
-/// Why an API is not served: an older API holds one of its routes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conflict {
-    /// `namespace/name` of the API that keeps the route.
-    pub winner: String,
-    /// The contested host (lowercase), or None for "any host".
-    pub host: Option<String>,
-    /// The contested listen path, as the loser declares it.
-    pub listen_path: String,
-}
-
-impl std::fmt::Display for Conflict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let on = match &self.host {
-            Some(h) => format!("host {h}"),
-            None => "any host".to_owned(),
-        };
-        write!(f, "{} on {on} is already served by {}, which is older", self.listen_path, self.winner)
-    }
-}
-
-/// The key a route is owned by: the host (lowercase; None = any) and the listen path
-/// without trailing slashes, the way the dataplane's router matches it (`/a/` and `/a`
-/// are one route).
-fn route_keys(e: &ApiEntry) -> BTreeSet<(Option<String>, &str)> {
-    let path = e.spec.listen_path.trim_end_matches('/');
-    if e.spec.hosts.is_empty() {
-        return BTreeSet::from([(None, path)]);
-    }
-    e.spec.hosts.iter().map(|h| (Some(h.to_ascii_lowercase()), path)).collect()
-}
-
-/// Decides who owns each route when active APIs claim the same host + listen path: the
-/// oldest (`creation_timestamp`, unknown last), then `namespace/name`. An API that loses
-/// any of its routes is not served at all and claims nothing, so it blocks no one.
-///
-/// The controller (for status) and the dataplane (for serving) both call this on the same
-/// entries, so they agree on every winner. Inactive APIs claim nothing.
 /// Who wins what two APIs both claim (a route, a host's certificate): the older, then the
 /// first by `namespace/name`. A newer API, from any namespace, never takes over.
 pub fn oldest_first(a: &ApiEntry, b: &ApiEntry) -> std::cmp::Ordering {
     let age = |e: &ApiEntry| (e.creation_timestamp.is_none(), e.creation_timestamp);
     age(a).cmp(&age(b)).then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
-}
-
-pub fn route_conflicts<'a>(apis: impl IntoIterator<Item = &'a ApiEntry>) -> BTreeMap<String, Conflict> {
-    let mut claimants: Vec<&ApiEntry> = apis.into_iter().filter(|e| e.spec.active).collect();
-    claimants.sort_by(|a, b| oldest_first(a, b));
-    let mut owners: BTreeMap<(Option<String>, &str), &ApiEntry> = BTreeMap::new();
-    let mut conflicts = BTreeMap::new();
-    for e in claimants {
-        let keys = route_keys(e);
-        if let Some((key, winner)) = keys.iter().find_map(|k| owners.get(k).map(|w| (k, w))) {
-            let conflict =
-                Conflict { winner: winner.id(), host: key.0.clone(), listen_path: e.spec.listen_path.clone() };
-            conflicts.insert(e.id(), conflict);
-            continue;
-        }
-        for k in keys {
-            owners.insert(k, e);
-        }
-    }
-    conflicts
 }
 
 impl PluginEntry {
@@ -245,10 +187,10 @@ impl Snapshot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(id: &str, path: &str, hosts: &[&str], created: Option<&str>) -> ApiEntry {
+    pub(crate) fn entry(id: &str, path: &str, hosts: &[&str], created: Option<&str>) -> ApiEntry {
         let (namespace, name) = id.split_once('/').expect("ns/name");
         let yaml = format!(
             "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  listenPath: {path}\n  hosts: {hosts:?}\n  upstream: {{url: 'http://127.0.0.1:1'}}\n"
@@ -260,56 +202,6 @@ mod tests {
         let mut e = ApiEntry::compile(&api, None).expect("compiles");
         e.creation_timestamp = created.map(|t| t.parse().expect("timestamp"));
         e
-    }
-
-    fn losers(entries: &[ApiEntry]) -> Vec<(String, String)> {
-        route_conflicts(entries).into_iter().map(|(id, c)| (id, c.winner)).collect()
-    }
-
-    #[test]
-    fn the_oldest_claimant_keeps_the_route_whatever_its_name() {
-        let old = entry("zz/old", "/x/", &[], Some("2026-01-01T00:00:00Z"));
-        let new = entry("aa/new", "/x", &[], Some("2026-01-02T00:00:00Z"));
-        assert_eq!(losers(&[old.clone(), new.clone()]), [("aa/new".to_owned(), "zz/old".to_owned())]);
-        let c = &route_conflicts([&new, &old])["aa/new"];
-        assert_eq!(c.to_string(), "/x on any host is already served by zz/old, which is older");
-    }
-
-    #[test]
-    fn ties_and_unknown_ages_fall_back_to_namespace_and_name() {
-        let t = Some("2026-01-01T00:00:00Z");
-        assert_eq!(losers(&[entry("b/a", "/x/", &[], t), entry("a/b", "/x/", &[], t)]), [("b/a".into(), "a/b".into())]);
-        assert_eq!(
-            losers(&[entry("b/a", "/x/", &[], None), entry("a/b", "/x/", &[], None)]),
-            [("b/a".into(), "a/b".into())]
-        );
-        assert_eq!(
-            losers(&[entry("a/a", "/x/", &[], None), entry("b/b", "/x/", &[], t)]),
-            [("a/a".into(), "b/b".into())],
-            "a known age beats an unknown one"
-        );
-    }
-
-    #[test]
-    fn hosts_clash_case_insensitively_and_a_loser_claims_nothing() {
-        let t = |d: u8| Some(format!("2026-01-0{d}T00:00:00Z"));
-        let a = entry("ns/a", "/x/", &["API.example.com"], t(1).as_deref());
-        // Loses on api.example.com, so its other host stays free for c.
-        let b = entry("ns/b", "/x/", &["other.example.com", "api.example.com"], t(2).as_deref());
-        let c = entry("ns/c", "/x/", &["other.example.com"], t(3).as_deref());
-        let any = entry("ns/any", "/x/", &[], t(4).as_deref());
-        let conflicts = route_conflicts([&a, &b, &c, &any]);
-        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
-        assert_eq!(conflicts["ns/b"].host.as_deref(), Some("api.example.com"));
-        assert_eq!(conflicts["ns/b"].winner, "ns/a");
-    }
-
-    #[test]
-    fn inactive_apis_claim_nothing() {
-        let mut old = entry("ns/old", "/x/", &[], Some("2026-01-01T00:00:00Z"));
-        old.spec.active = false;
-        let new = entry("ns/new", "/x/", &[], Some("2026-01-02T00:00:00Z"));
-        assert!(route_conflicts([&old, &new]).is_empty());
     }
 
     #[test]

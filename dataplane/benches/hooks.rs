@@ -12,7 +12,11 @@ use std::{hint::black_box, path::Path, process::Command, sync::Arc};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatehouse_crds::{manifest, snapshot::Snapshot};
-use gatehouse_dataplane::{metrics::Metrics, model::Session, runtime::Runtime};
+use gatehouse_dataplane::{
+    metrics::Metrics,
+    model::Session,
+    runtime::{Changed, Runtime},
+};
 use gatehouse_plugin_host::{Exchange, Loader, RequestState, ResponseState, run_phase};
 
 fn build_rust() -> (String, String) {
@@ -77,7 +81,7 @@ fn runtime(noop: &str, foo_bar: &str, go: Option<&str>) -> Runtime {
     assert!(errors.is_empty());
     let dir = std::env::temp_dir().join("gatehouse-bench-plugins");
     let key_ids = gatehouse_dataplane::key_id::KeyIdSecret::new(b"benchmark key id secret");
-    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), &key_ids, &Default::default(), None)
+    Runtime::build(&snap, &Metrics::new(), &Loader::new(dir), &key_ids, &Default::default(), None, &Changed::All)
 }
 
 fn hooks(c: &mut Criterion) {

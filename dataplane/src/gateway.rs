@@ -21,7 +21,7 @@ use crate::{
     metrics::Metrics,
     pool::Pool,
     proxy::TargetSlots,
-    runtime::Runtime,
+    runtime::{Changed, Runtime},
     tls::Resolver,
 };
 
@@ -56,7 +56,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(metrics: Metrics, analytics: Analytics, loader: Loader, key_ids: KeyIdSecret) -> std::io::Result<Self> {
         let connector = Connector::default();
-        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, &key_ids, &connector, None);
+        let empty = Runtime::build(&Snapshot::default(), &metrics, &loader, &key_ids, &connector, None, &Changed::All);
         Ok(Self {
             runtime: ArcSwap::from_pointee(empty),
             ready: AtomicBool::new(false),
@@ -105,7 +105,12 @@ impl Gateway {
     /// Builds a runtime for `snapshot` on the config thread and swaps it in: requests in
     /// flight finish on the old one. One config source calls this, one build at a time.
     pub async fn apply(&self, snapshot: Arc<Snapshot>) -> Result<(), Stopped> {
-        let build = self.build_job(snapshot);
+        self.apply_changed(snapshot, Changed::All).await
+    }
+
+    /// `apply` for a snapshot that differs from the one served only as `changed` says.
+    pub async fn apply_changed(&self, snapshot: Arc<Snapshot>, changed: Changed) -> Result<(), Stopped> {
+        let build = self.build_job(snapshot, changed);
         let rt = self.config_thread.run(build).await?;
         self.swap_in(rt);
         Ok(())
@@ -113,19 +118,23 @@ impl Gateway {
 
     /// `apply` for a caller on a thread of its own (the standalone file watcher).
     pub fn apply_blocking(&self, snapshot: Arc<Snapshot>) -> Result<(), Stopped> {
-        let build = self.build_job(snapshot);
+        let build = self.build_job(snapshot, Changed::All);
         let rt = self.config_thread.run_blocking(build)?;
         self.swap_in(rt);
         Ok(())
     }
 
-    fn build_job(&self, snapshot: Arc<Snapshot>) -> impl FnOnce() -> (Runtime, std::time::Duration) + Send + 'static {
+    fn build_job(
+        &self,
+        snapshot: Arc<Snapshot>,
+        changed: Changed,
+    ) -> impl FnOnce() -> (Runtime, std::time::Duration) + Send + 'static {
         let prev = self.runtime.load_full();
         let (metrics, loader, key_ids) = (self.metrics.clone(), self.loader.clone(), self.key_ids.clone());
         let (slots, pool, connector) = (self.target_slots.clone(), self.pool.clone(), self.connector);
         move || {
             let started = std::time::Instant::now();
-            let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, &connector, Some(&prev));
+            let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, &connector, Some(&prev), &changed);
             // The previous runtime is released here too, not on a request worker, unless a
             // request still holds it.
             drop(prev);

@@ -1,42 +1,71 @@
 //! Step 1 of the chain: Host header, then the longest listen-path prefix, picks the API.
 //!
 //! A lookup costs one hash probe per distinct prefix length, however many APIs there are.
+//!
+//! The tables are persistent maps: the next runtime's router starts as a copy of this one
+//! that costs nothing, and one API's change touches its own routes only.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use crate::{model::Api, path::prefix_key};
 
-#[derive(Default)]
+/// Keys and values are shared pointers: a changed map copies the nodes on the way to the
+/// change, and copying a node then bumps reference counts rather than allocating.
+#[derive(Default, Clone)]
 pub struct Router {
-    by_host: HashMap<String, Table>,
+    by_host: imbl::HashMap<Arc<str>, Table>,
     any_host: Table,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Table {
-    by_prefix: HashMap<String, Arc<Api>>,
-    /// Distinct prefix lengths, longest first.
-    lengths: Vec<usize>,
+    by_prefix: imbl::HashMap<Arc<str>, Arc<Api>>,
+    /// Distinct prefix lengths, longest first, and how many prefixes have each.
+    lengths: Arc<Vec<(usize, usize)>>,
 }
 
 impl Table {
     /// Adds `api` unless its prefix is taken; returns the API that holds it then.
     fn insert(&mut self, api: Arc<Api>) -> Result<(), Arc<Api>> {
-        let key = prefix_key(&api.entry.spec.listen_path).to_owned();
-        if let Some(holder) = self.by_prefix.get(&key) {
+        let key = prefix_key(&api.entry.spec.listen_path);
+        if let Some(holder) = self.by_prefix.get(key) {
             return Err(holder.clone());
         }
-        if !self.lengths.contains(&key.len()) {
-            self.lengths.push(key.len());
-            self.lengths.sort_unstable_by(|a, b| b.cmp(a));
+        let lengths = Arc::make_mut(&mut self.lengths);
+        match lengths.iter_mut().find(|(len, _)| *len == key.len()) {
+            Some((_, n)) => *n += 1,
+            None => {
+                lengths.push((key.len(), 1));
+                lengths.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
+            }
         }
-        self.by_prefix.insert(key, api);
+        self.by_prefix.insert(Arc::from(key), api);
         Ok(())
+    }
+
+    /// Removes `api`'s prefix if `api` is what holds it.
+    fn remove(&mut self, api: &Arc<Api>) {
+        let key = prefix_key(&api.entry.spec.listen_path);
+        if !self.by_prefix.get(key).is_some_and(|holder| Arc::ptr_eq(holder, api)) {
+            return;
+        }
+        self.by_prefix.remove(key);
+        let lengths = Arc::make_mut(&mut self.lengths);
+        if let Some(i) = lengths.iter().position(|(len, _)| *len == key.len()) {
+            lengths[i].1 -= 1;
+            if lengths[i].1 == 0 {
+                lengths.remove(i);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_prefix.is_empty()
     }
 
     fn lookup(&self, path: &str) -> Option<(usize, &Arc<Api>)> {
         let bytes = path.as_bytes();
-        self.lengths.iter().find_map(|&len| {
+        self.lengths.iter().find_map(|&(len, _)| {
             let at_boundary = bytes.len() == len || bytes.get(len) == Some(&b'/');
             if !at_boundary || !path.is_char_boundary(len) {
                 return None;
@@ -57,13 +86,29 @@ impl Router {
             api.entry.spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
         // All or nothing: an API refused on one host must not be served on the others.
         let key = prefix_key(&api.entry.spec.listen_path);
-        if let Some(holder) = hosts.iter().find_map(|h| self.by_host.get(h)?.by_prefix.get(key)) {
+        if let Some(holder) = hosts.iter().find_map(|h| self.by_host.get(h.as_str())?.by_prefix.get(key)) {
             return Err(holder.clone());
         }
         for h in hosts {
-            self.by_host.entry(h).or_default().insert(api.clone())?;
+            self.by_host.entry(Arc::from(h)).or_default().insert(api.clone())?;
         }
         Ok(())
+    }
+
+    /// Takes out the routes `api` holds (a route another API holds stays).
+    pub fn remove(&mut self, api: &Arc<Api>) {
+        if api.entry.spec.hosts.is_empty() {
+            return self.any_host.remove(api);
+        }
+        for h in &api.entry.spec.hosts {
+            let h = h.to_ascii_lowercase();
+            if let Some(table) = self.by_host.get_mut(h.as_str()) {
+                table.remove(api);
+                if table.is_empty() {
+                    self.by_host.remove(h.as_str());
+                }
+            }
+        }
     }
 
     /// The API for this host and path: a host-specific route wins over an any-host route
@@ -85,7 +130,7 @@ impl Router {
     fn host_table(&self, host: &str) -> Option<&Table> {
         let host = strip_port(host);
         if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.by_host.get(&host.to_ascii_lowercase())
+            self.by_host.get(host.to_ascii_lowercase().as_str())
         } else {
             self.by_host.get(host)
         }
@@ -154,6 +199,30 @@ mod tests {
         r.insert(&api("first", "/x/", &[])).expect("first");
         let holder = r.insert(&api("second", "/x", &[])).expect_err("clash");
         assert_eq!(holder.entry.name, "first");
+    }
+
+    #[test]
+    fn removing_an_api_frees_its_routes_and_leaves_the_others() {
+        let (root, a, ab, host) =
+            (api("root", "/", &[]), api("a", "/a/", &[]), api("ab", "/a/b/", &[]), api("h", "/a/b/", &["H.example"]));
+        let mut r = Router::default();
+        for x in [&root, &a, &ab, &host] {
+            r.insert(x).expect("no clash");
+        }
+        let before = r.clone();
+        r.remove(&ab);
+        r.remove(&host);
+        assert_eq!(routed(&r, None, "/a/b/c"), Some("a"));
+        assert_eq!(routed(&r, Some("h.example"), "/a/b/c"), Some("a"));
+        assert!(r.by_host.is_empty(), "an empty host table goes");
+        assert_eq!(*r.any_host.lengths, [(2, 1), (0, 1)], "a length no prefix has goes");
+        let other = api("ab", "/a/b/", &[]);
+        r.remove(&other);
+        r.remove(&a);
+        r.insert(&other).expect("free again");
+        assert_eq!(routed(&r, None, "/a/b/c"), Some("ab"));
+        assert_eq!(routed(&r, None, "/a/x"), Some("root"), "removing one API's route leaves the others");
+        assert_eq!(routed(&before, Some("h.example"), "/a/b/c"), Some("h"), "the copy it came from is as it was");
     }
 
     #[test]

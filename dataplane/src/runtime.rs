@@ -5,11 +5,15 @@
 //! and each request keeps the one it started with.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
 };
 
-use gatehouse_crds::snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot, route_conflicts};
+use gatehouse_crds::{
+    AuthType,
+    routes::RouteClaims,
+    snapshot::{ApiEntry, KeyEntry, PluginEntry, Snapshot},
+};
 use gatehouse_plugin_host::{ChainBuilder, HookMetrics, Loader, PluginReport, ServedPlugins};
 use serde::Serialize;
 
@@ -42,22 +46,88 @@ pub struct Runtime {
     /// The library each Plugin is served by, for the next build to fall back to.
     served_plugins: ServedPlugins,
     /// Compiled APIs by id, for the next build to reuse.
-    apis: HashMap<String, Arc<Api>>,
+    apis: imbl::HashMap<Arc<str>, Arc<Api>>,
     /// Each Plugin and the content loaded for it, to tell which APIs a change touches.
     plugin_state: BTreeMap<String, (PluginEntry, Option<String>)>,
     /// The certificates `--tls-listen` serves with this config.
     pub certificates: Arc<CertTable>,
+    /// Who owns each route, for the next build to update rather than decide afresh. Taken
+    /// by that build (so never shared by two); a build that finds it gone decides afresh.
+    routes: Mutex<Option<RouteClaims>>,
+}
+
+/// What changed between the snapshot of the runtime a build starts from and the one it
+/// builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Anything may have: each entry is compared with what the previous runtime compiled.
+    All,
+    /// These APIs only (changed, added or deleted); no Plugin, key or certificate did.
+    Apis(BTreeSet<String>),
+}
+
+impl Changed {
+    pub fn merge(self, other: Changed) -> Changed {
+        match (self, other) {
+            (Changed::Apis(mut a), Changed::Apis(b)) => {
+                a.extend(b);
+                Changed::Apis(a)
+            }
+            _ => Changed::All,
+        }
+    }
+
+    fn api(&self, id: &str) -> bool {
+        match self {
+            Changed::All => true,
+            Changed::Apis(ids) => ids.contains(id),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     pub version: u64,
-    pub apis: Vec<ApiReport>,
+    pub apis: ApiReports,
     pub plugins: Vec<PluginReport>,
     pub keys: usize,
     /// `kubernetes.io/tls` Secrets: state and names, never key material.
     pub certificates: Vec<CertificateReport>,
+}
+
+/// Each API's report by id, listed in id order. Persistent, like the router: the next
+/// runtime's starts as a copy that costs nothing.
+#[derive(Debug, Clone, Default)]
+pub struct ApiReports(imbl::OrdMap<Arc<str>, Arc<ApiReport>>);
+
+impl ApiReports {
+    pub fn iter(&self) -> impl Iterator<Item = &ApiReport> {
+        self.0.values().map(|r| &**r)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ApiReport> {
+        self.0.get(id).map(|r| &**r)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for ApiReports {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+/// Whether an API's certificates or client CAs are part of the TLS table.
+fn uses_tls(e: &ApiEntry) -> bool {
+    e.spec.tls.is_some() || e.spec.auth.kind == AuthType::Mtls
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +193,8 @@ fn build_keys(
 impl Runtime {
     /// Compiles a snapshot. An API whose entry and Plugins are unchanged since `prev` is
     /// reused as it is, so a one-API change costs one API's compilation (plus rebuilding
-    /// the router), however many APIs there are.
+    /// the router), however many APIs there are. `changed` says what differs from `prev`'s
+    /// snapshot: APIs it does not name are taken over without comparing them.
     pub fn build(
         snapshot: &Snapshot,
         metrics: &Metrics,
@@ -131,9 +202,8 @@ impl Runtime {
         key_ids: &KeyIdSecret,
         connector: &Connector,
         prev: Option<&Runtime>,
+        changed: &Changed,
     ) -> Self {
-        let mut router = Router::default();
-        let mut report = Report { version: snapshot.version, ..Default::default() };
         let hook_metrics = HookMetrics { duration: &metrics.plugin_duration, failures: &metrics.plugin_failures };
         let plugins = ChainBuilder::new(snapshot, loader, hook_metrics, prev.map(|p| &p.served_plugins));
         let plugin_state: BTreeMap<String, (PluginEntry, Option<String>)> = snapshot
@@ -144,11 +214,48 @@ impl Runtime {
                 (id.clone(), (p.clone(), sha))
             })
             .collect();
-        let mut apis = HashMap::with_capacity(snapshot.apis.len());
-        // Decided before anything is compiled, by the same rule as the controller's status,
-        // so that the order of the snapshot never picks a route's owner.
-        let conflicts = route_conflicts(snapshot.apis.values());
-        for (id, entry) in &snapshot.apis {
+        // Route owners are decided before anything is compiled, by the same rule as the
+        // controller's status, so that the order of the snapshot never picks one. Then the
+        // APIs to decide: those `changed` names and those whose route owner moved with them,
+        // in copies of `prev`'s tables; or all of them, in empty tables.
+        let carried = prev.and_then(|p| p.routes.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let (routes, mut apis, mut router, mut reports, mut decide, full) = match (prev, carried, changed) {
+            (Some(p), Some(mut routes), Changed::Apis(ids)) => {
+                let mut decide = ids.clone();
+                for id in ids {
+                    decide.extend(routes.update(id, snapshot.apis.get(id)));
+                }
+                (routes, p.apis.clone(), p.router.clone(), p.report.apis.clone(), decide, false)
+            }
+            _ => {
+                let all = snapshot.apis.keys().cloned().collect();
+                let routes = RouteClaims::new(snapshot.apis.values());
+                (routes, imbl::HashMap::new(), Router::default(), ApiReports::default(), all, true)
+            }
+        };
+        // Certificates and client CAs depend on every API that uses them: when one of those
+        // is decided again, all of them are, and their TLS is built afresh.
+        let was_tls = |id: &String| prev.and_then(|p| p.apis.get(id.as_str())).is_some_and(|a| uses_tls(&a.entry));
+        let tls_touched = full || decide.iter().any(|id| snapshot.apis.get(id).is_some_and(uses_tls) || was_tls(id));
+        if tls_touched && !full {
+            decide.extend(snapshot.apis.iter().filter(|(_, e)| uses_tls(e)).map(|(id, _)| id.clone()));
+        }
+        let conflicts = routes.conflicts();
+        // Out first, all of them: a route the old owner held is free before its new owner
+        // is decided.
+        let olds: Vec<Option<Arc<Api>>> = decide
+            .iter()
+            .map(|id| {
+                reports.0.remove(id.as_str());
+                let old = apis.remove(id.as_str());
+                if let Some(old) = &old {
+                    router.remove(old);
+                }
+                old
+            })
+            .collect();
+        for (id, old) in decide.iter().zip(olds) {
+            let Some(entry) = snapshot.apis.get(id) else { continue };
             let mut state = "serving".to_owned();
             let mut disabled = Vec::new();
             if !entry.spec.active {
@@ -156,21 +263,26 @@ impl Runtime {
             } else if let Some(c) = conflicts.get(id) {
                 state = format!("{CONFLICTED}: spec.listenPath: {c}");
             } else {
-                let compiled = TlsInputs::of(snapshot, entry).and_then(|tls| {
-                    let same_tls = |a: &Api| a.tls.as_ref().map(|(_, i)| i) == tls.as_ref();
-                    let reused = prev.and_then(|p| {
-                        p.apis
-                            .get(id)
-                            .filter(|a| a.entry == *entry && same_tls(a) && p.same_plugins(entry, &plugin_state))
-                    });
-                    match reused {
-                        Some(api) => Ok(api.clone()),
-                        None => {
-                            let (chain, notes) = middleware::chain(&plugins, entry);
-                            Api::compile(entry, metrics, chain, notes, tls, connector).map(Arc::new)
+                // Decided again only because another API moved: its own inputs are as they were.
+                let untouched = old.filter(|_| !full && !changed.api(id));
+                let compiled = match untouched {
+                    Some(api) => Ok(api),
+                    None => TlsInputs::of(snapshot, entry).and_then(|tls| {
+                        let same_tls = |a: &Api| a.tls.as_ref().map(|(_, i)| i) == tls.as_ref();
+                        let reused = prev.and_then(|p| {
+                            p.apis
+                                .get(id.as_str())
+                                .filter(|a| a.entry == *entry && same_tls(a) && p.same_plugins(entry, &plugin_state))
+                        });
+                        match reused {
+                            Some(api) => Ok(api.clone()),
+                            None => {
+                                let (chain, notes) = middleware::chain(&plugins, entry);
+                                Api::compile(entry, metrics, chain, notes, tls, connector).map(Arc::new)
+                            }
                         }
-                    }
-                });
+                    }),
+                };
                 match compiled {
                     Ok(api) => {
                         if let Err(holder) = router.insert(&api) {
@@ -184,7 +296,7 @@ impl Runtime {
                             state = format!("serving; {}", api.notes.join("; "));
                         }
                         disabled.clone_from(&api.plugins.disabled);
-                        apis.insert(id.clone(), api);
+                        apis.insert(Arc::from(id.as_str()), api);
                     }
                     Err(e) => state = e,
                 }
@@ -192,7 +304,7 @@ impl Runtime {
             if state != "serving" && state != "inactive" {
                 tracing::warn!(api = %id, reason = %state, "API not served as declared");
             }
-            report.apis.push(ApiReport {
+            let report = ApiReport {
                 id: id.clone(),
                 name: entry.display_name().to_owned(),
                 generation: entry.generation,
@@ -200,27 +312,45 @@ impl Runtime {
                 targets: entry.targets.clone(),
                 state,
                 disabled,
-            });
+            };
+            reports.0.insert(Arc::from(id.as_str()), Arc::new(report));
         }
         // Certificates, for the APIs that are routed: an API with a TLS problem still
         // serves plain HTTP (and its hosts keep the certificate they had, if any).
-        let empty = CertTable::default();
-        let served = snapshot.apis.iter().filter(|(id, _)| apis.contains_key(*id)).map(|(_, e)| e);
-        let tls = tls::build(snapshot, served, prev.map_or(&empty, |p| &p.certificates));
-        for a in &mut report.apis {
-            if let Some(problem) = tls.api_problems.get(&a.id)
-                && a.ok()
-            {
-                tracing::warn!(api = %a.id, reason = %problem, "API not served over TLS as declared");
-                a.state = format!("not served over TLS as declared: {problem}");
+        let (certificates, certificate_reports) = match prev {
+            Some(p) if !tls_touched => (p.certificates.clone(), p.report.certificates.clone()),
+            _ => {
+                let empty = CertTable::default();
+                let served = snapshot
+                    .apis
+                    .iter()
+                    .filter(|(id, e)| uses_tls(e) && apis.contains_key(id.as_str()))
+                    .map(|(_, e)| e);
+                let tls = tls::build(snapshot, served, prev.map_or(&empty, |p| &p.certificates));
+                for (id, problem) in &tls.api_problems {
+                    if let Some(a) = reports.0.get_mut(id.as_str()).map(Arc::make_mut)
+                        && a.ok()
+                    {
+                        tracing::warn!(api = %a.id, reason = %problem, "API not served over TLS as declared");
+                        a.state = format!("not served over TLS as declared: {problem}");
+                    }
+                }
+                (tls.table, tls.certificates)
             }
-        }
-        report.certificates = tls.certificates;
-        let keys = build_keys(snapshot, key_ids, prev);
-        report.keys = keys.len();
+        };
+        let keys = match prev {
+            Some(p) if !full => p.keys.clone(),
+            _ => build_keys(snapshot, key_ids, prev),
+        };
         let (plugin_files, plugin_retry, served_plugins) =
             (plugins.checked_files(), plugins.retry_pending(), plugins.served());
-        report.plugins = plugins.reports;
+        let report = Report {
+            version: snapshot.version,
+            apis: reports,
+            plugins: plugins.reports,
+            keys: keys.len(),
+            certificates: certificate_reports,
+        };
         Self {
             version: snapshot.version,
             router,
@@ -231,7 +361,8 @@ impl Runtime {
             served_plugins,
             apis,
             plugin_state,
-            certificates: tls.table,
+            certificates,
+            routes: Mutex::new(Some(routes)),
         }
     }
 
@@ -305,6 +436,7 @@ pub(crate) mod tests {
             &secret,
             &Connector::default(),
             None,
+            &Changed::All,
         );
         let same = Runtime::build(
             &snapshot(&[alice.clone(), bob.clone()]),
@@ -313,6 +445,7 @@ pub(crate) mod tests {
             &secret,
             &Connector::default(),
             Some(&first),
+            &Changed::All,
         );
         assert!(Arc::ptr_eq(&first.keys, &same.keys), "no key changed: the same table");
 
@@ -324,6 +457,7 @@ pub(crate) mod tests {
             &secret,
             &Connector::default(),
             Some(&same),
+            &Changed::All,
         );
         let digest =
             |t: &str| -> [u8; 32] { sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(t)).into() };
@@ -334,9 +468,87 @@ pub(crate) mod tests {
         assert_eq!(next.keys[&b].key_id, same.keys[&b].key_id, "same key, same id");
         assert_ne!(next.keys[&a].key_id.as_deref(), Some(alice.hash.as_str()), "never the plain hash");
 
-        let gone = Runtime::build(&snapshot(&[alice]), &metrics, &loader, &secret, &Connector::default(), Some(&next));
+        let gone = Runtime::build(
+            &snapshot(&[alice]),
+            &metrics,
+            &loader,
+            &secret,
+            &Connector::default(),
+            Some(&next),
+            &Changed::All,
+        );
         assert_eq!(gone.keys.len(), 1);
         assert!(gone.session(&b).is_none());
+    }
+
+    fn entry(name: &str, path: &str, hosts: &[&str], extra: &str) -> ApiEntry {
+        let yaml = format!(
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: ApiDefinition\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  listenPath: {path}\n  hosts: {hosts:?}\n  upstream: {{url: 'http://127.0.0.1:1/{name}'}}\n{extra}"
+        );
+        let parsed = gatehouse_crds::manifest::parse("test", &yaml);
+        let Some((_, gatehouse_crds::manifest::Resource::Api(a))) = parsed.resources.into_iter().next() else {
+            panic!("bad test API: {:?}", parsed.rejected)
+        };
+        ApiEntry::compile(&a, None).expect("compiles")
+    }
+
+    #[test]
+    fn a_build_from_the_changes_alone_serves_and_reports_what_a_full_build_does() {
+        let (metrics, loader) = (Metrics::new(), Loader::new(std::env::temp_dir().join("gatehouse-unused")));
+        let (secret, connector) = (KeyIdSecret::new(b"0123456789abcdef"), Connector::default());
+        let build = |s: &Snapshot, prev: Option<&Runtime>, changed: &Changed| {
+            Runtime::build(s, &metrics, &loader, &secret, &connector, prev, changed)
+        };
+        // Few names, paths and hosts, so that routes clash and clashes resolve often; some
+        // APIs inactive, some with TLS (whose Secret is missing: a TLS problem to report).
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut snapshot = Snapshot { version: 1, ..Default::default() };
+        let mut rt = build(&snapshot, None, &Changed::All);
+        for step in 0..400 {
+            let name = format!("api{}", next(8));
+            let id = format!("ns/{name}");
+            let mut changed = BTreeSet::from([id.clone()]);
+            if next(4) == 0 {
+                snapshot.apis.remove(&id);
+            } else {
+                let path = ["/a/", "/a", "/b/", "/a/b/"][next(4) as usize];
+                let mut hosts: Vec<&str> = ["x.test", "Y.test"].into_iter().filter(|_| next(3) == 0).collect();
+                let extra = match next(6) {
+                    0 => "  active: false\n",
+                    1 if !hosts.is_empty() => "  tls: {secretName: missing}\n",
+                    1 => {
+                        hosts.push("y.test");
+                        "  tls: {secretName: missing}\n"
+                    }
+                    _ => "",
+                };
+                snapshot.apis.insert(id.clone(), entry(&name, path, &hosts, extra));
+            }
+            if next(5) == 0 {
+                // Several APIs in one build, as a burst of deltas is applied.
+                let other = format!("ns/api{}", next(8));
+                snapshot.apis.remove(&other);
+                changed.insert(other);
+            }
+            snapshot.version += 1;
+            rt = build(&snapshot, Some(&rt), &Changed::Apis(changed));
+            let full = build(&snapshot, None, &Changed::All);
+            let json = |r: &Runtime| serde_json::to_value(&r.report).expect("serialises");
+            assert_eq!(json(&rt), json(&full), "step {step}");
+            for e in snapshot.apis.values() {
+                for host in [None, Some("x.test"), Some("y.test"), Some("other.test")] {
+                    let routed =
+                        |r: &Runtime| r.router.route(host, &format!("{}z", e.spec.listen_path)).map(|a| a.id.clone());
+                    assert_eq!(routed(&rt), routed(&full), "step {step}: {} on {host:?}", e.spec.listen_path);
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,8 +5,10 @@
 
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -18,6 +20,7 @@ use gatehouse_crds::{
 };
 use http::{Request, header};
 use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -28,7 +31,7 @@ use rustls::{
     pki_types::{CertificateDer, ServerName, pem::PemObject},
 };
 
-use crate::{cli::Cli, gateway::Gateway};
+use crate::{cli::Cli, gateway::Gateway, runtime::Changed};
 
 /// The controller pings every 10 s; this much silence means the connection is dead.
 const SILENCE: Duration = Duration::from_secs(30);
@@ -37,6 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeats between full acks: a newly elected leader learns everything within this.
 const FULL_ACK_EVERY: u32 = 2;
+/// Stream bytes taken into one build at most.
+const BURST_BYTES: usize = 16 << 20;
 
 /// What an ack reports.
 enum Acked {
@@ -45,9 +50,13 @@ enum Acked {
     Nothing,
 }
 
-/// Applies one message to the snapshot; what to acknowledge once it is served.
-/// `secured`: the stream runs over TLS, the only way certificates may come.
-fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage, secured: bool) -> anyhow::Result<Option<Acked>> {
+/// Applies one message to the snapshot; what to acknowledge once it is served, and what
+/// it changed. `secured`: the stream runs over TLS, the only way certificates may come.
+fn on_message(
+    current: &mut Option<Arc<Snapshot>>,
+    msg: StreamMessage,
+    secured: bool,
+) -> anyhow::Result<Option<(Acked, Changed)>> {
     match msg {
         StreamMessage::Ping => Ok(None),
         StreamMessage::Snapshot { mut snapshot } => {
@@ -56,7 +65,7 @@ fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage, secured: 
                 refuse_certificates(&mut snapshot.ca_certificates);
             }
             *current = Some(Arc::new(snapshot));
-            Ok(Some(Acked::All))
+            Ok(Some((Acked::All, Changed::All)))
         }
         StreamMessage::Delta(mut d) => {
             if !secured {
@@ -67,7 +76,11 @@ fn on_message(current: &mut Option<Arc<Snapshot>>, msg: StreamMessage, secured: 
             // Out of order means a lost message: reconnect for the whole state. The config
             // thread has let go of the last one applied, so this changes it in place.
             Arc::make_mut(s).apply(&d)?;
-            Ok(Some(Acked::Changed { apis: d.apis.into_keys().collect(), plugins: d.plugins.into_keys().collect() }))
+            let only_apis =
+                d.plugins.is_empty() && d.keys.is_empty() && d.certificates.is_empty() && d.ca_certificates.is_empty();
+            let apis: BTreeSet<String> = d.apis.into_keys().collect();
+            let changed = if only_apis { Changed::Apis(apis.clone()) } else { Changed::All };
+            Ok(Some((Acked::Changed { apis, plugins: d.plugins.into_keys().collect() }, changed)))
         }
     }
 }
@@ -253,22 +266,15 @@ impl Subscriber {
         }
     }
 
-    /// The file may hold private keys (certificates from a TLS stream): only this user may
-    /// read it.
-    fn save(&self, s: &Snapshot) {
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let tmp = self.state_file.with_extension("json.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let result = serde_json::to_vec(s)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-                f.write_all(&bytes)
-            })
-            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
-        if let Err(e) = result {
-            tracing::warn!(error = %e, file = %self.state_file.display(), "cannot save the config to disk");
+    /// Saves `s` on a blocking thread: writing a large config takes milliseconds that a
+    /// request worker must not spend. One save at a time, so that an older one never
+    /// replaces a newer.
+    async fn save(&self, s: Arc<Snapshot>, saving: &mut Option<tokio::task::JoinHandle<()>>) {
+        if let Some(prev) = saving.take() {
+            let _ = prev.await;
         }
+        let file = self.state_file.clone();
+        *saving = Some(tokio::task::spawn_blocking(move || save(&file, &s)));
     }
 
     fn token(&self) -> anyhow::Result<String> {
@@ -296,6 +302,7 @@ impl Subscriber {
         // Saving is O(config size): at most once per SAVE_EVERY, not once per delta.
         let mut save = tokio::time::interval(SAVE_EVERY);
         let mut dirty = false;
+        let mut saving = None;
         let mut beats = 0u32;
         let result = loop {
             tokio::select! {
@@ -308,13 +315,20 @@ impl Subscriber {
                     };
                     let Some(data) = frame.data_ref() else { continue };
                     buf.extend_from_slice(data);
+                    // What else has arrived goes into the same build: at 10,000 APIs a build
+                    // takes milliseconds, and deltas can come faster than that.
+                    let ended = take_ready(&mut body, &mut buf).await;
                     if let Err(e) = self.on_lines(gw, &client, &mut buf, &mut current, &mut dirty, &token).await {
+                        break Err(e);
+                    }
+                    if let Some(e) = ended {
                         break Err(e);
                     }
                 }
                 _ = save.tick() => {
-                    if let (true, Some(s)) = (dirty, &current) {
-                        self.save(s);
+                    let busy = saving.as_ref().is_some_and(|h: &tokio::task::JoinHandle<()>| !h.is_finished());
+                    if let (true, false, Some(s)) = (dirty, busy, &current) {
+                        self.save(s.clone(), &mut saving).await;
                         dirty = false;
                     }
                 }
@@ -341,7 +355,10 @@ impl Subscriber {
             }
         };
         if let (true, Some(s)) = (dirty, &current) {
-            self.save(s);
+            self.save(s.clone(), &mut saving).await;
+        }
+        if let Some(last) = saving {
+            let _ = last.await;
         }
         result
     }
@@ -357,19 +374,19 @@ impl Subscriber {
         dirty: &mut bool,
         token: &str,
     ) -> anyhow::Result<()> {
-        let mut acked: Option<Acked> = None;
+        let mut acked: Option<(Acked, Changed)> = None;
         while let Some(end) = buf.iter().position(|&b| b == b'\n') {
             let line = buf.split_to(end + 1);
             let msg: StreamMessage = serde_json::from_slice(&line).context("a stream message")?;
-            if let Some(a) = on_message(current, msg, self.secured)? {
+            if let Some((a, c)) = on_message(current, msg, self.secured)? {
                 acked = Some(match acked.take() {
-                    None => a,
-                    Some(prev) => prev.merge(a),
+                    None => (a, c),
+                    Some((prev_a, prev_c)) => (prev_a.merge(a), prev_c.merge(c)),
                 });
             }
         }
-        let (Some(acked), Some(snapshot)) = (acked, current.as_ref()) else { return Ok(()) };
-        gw.apply(snapshot.clone()).await.context("building the runtime")?;
+        let (Some((acked, changed)), Some(snapshot)) = (acked, current.as_ref()) else { return Ok(()) };
+        gw.apply_changed(snapshot.clone(), changed).await.context("building the runtime")?;
         tracing::debug!(version = snapshot.version, apis = snapshot.apis.len(), "config applied");
         *dirty = true;
         self.ack(gw, client, Some(snapshot), token, &acked).await;
@@ -386,11 +403,11 @@ impl Subscriber {
             Acked::Nothing => false,
             Acked::Changed { .. } => changed(acked).is_some_and(|c| c.contains(id)),
         };
-        let apis = rt
-            .report
-            .apis
-            .iter()
-            .filter(|a| wanted(&a.id, Acked::apis))
+        // A changed API is looked up, not searched for: an ack costs the change's size.
+        let all = matches!(acked, Acked::All).then(|| rt.report.apis.iter()).into_iter().flatten();
+        let changed = acked.apis().into_iter().flatten().filter_map(|id| rt.report.apis.get(id));
+        let apis = all
+            .chain(changed)
             .map(|a| {
                 let message = if a.ok() { String::new() } else { a.state.clone() };
                 (a.id.clone(), ResourceResult { generation: a.generation, ok: a.ok(), message })
@@ -419,6 +436,43 @@ impl Subscriber {
             Ok(r) => tracing::warn!(status = %r.status(), "the controller refused an ack"),
             Err(e) => tracing::debug!(error = %e, "sending an ack"),
         }
+    }
+}
+
+/// Moves the stream's frames that have already arrived into `buf` (up to `BURST_BYTES`),
+/// without waiting for more; the stream's end, if it came.
+async fn take_ready(body: &mut Incoming, buf: &mut BytesMut) -> Option<anyhow::Error> {
+    while buf.len() < BURST_BYTES {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
+        match polled {
+            Poll::Pending => return None,
+            Poll::Ready(None) => return Some(anyhow::anyhow!("the controller closed the stream")),
+            Poll::Ready(Some(Err(e))) => return Some(anyhow::Error::from(e).context("reading the stream")),
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(data) = f.data_ref() {
+                    buf.extend_from_slice(data);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The file may hold private keys (certificates from a TLS stream): only this user may
+/// read it.
+fn save(file: &Path, s: &Snapshot) {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let tmp = file.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let result = serde_json::to_vec(s)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(&bytes)
+        })
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = result {
+        tracing::warn!(error = %e, file = %file.display(), "cannot save the config to disk");
     }
 }
 

@@ -42,12 +42,23 @@ async fn main() {
         rows.push(run(n).await);
     }
     println!(
-        "\n| APIs | apply → served on 2/2, p50 | p99 | max | controller RSS | dataplane RSS | one delta | initial sync |"
+        "\n| APIs | apply → served on 2/2, p50 | p99 | max | controller RSS | dataplane RSS | one delta | initial sync | a dataplane joining |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
         println!("{r}");
     }
+}
+
+/// Waits until `dp` serves `path`.
+async fn serves(dp: &procs::Proc, path: &str) {
+    procs::eventually_for(Duration::from_secs(600), "every API to be served", || async {
+        match procs::get(&format!("http://{}{path}", dp.addr), &[]).await {
+            Ok((StatusCode::OK, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 async fn run(n: usize) -> String {
@@ -95,18 +106,21 @@ async fn run(n: usize) -> String {
         });
     }
     while writers.join_next().await.is_some() {}
+    let created = started.elapsed();
     let last = format!("/api-{}/x", n - 1);
     for dp in &dps {
-        procs::eventually_for(Duration::from_secs(600), "every API to be served", || async {
-            match procs::get(&format!("http://{}{last}", dp.addr), &[]).await {
-                Ok((StatusCode::OK, _)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        serves(dp, &last).await;
     }
     let initial = started.elapsed();
-    eprintln!("N={n}: {n} APIs created and served on 2/2 in {initial:?}");
+    eprintln!("N={n}: {n} APIs created in {created:?}, served on 2/2 in {initial:?}");
+
+    // A dataplane that joins a controller already holding N APIs.
+    let t0 = Instant::now();
+    let late = procs::dataplane(ctl.addr, &token, &dir.path().join("dp3"), "dp-3");
+    serves(&late, &last).await;
+    let join = t0.elapsed();
+    drop(late);
+    eprintln!("N={n}: a dataplane joining serves all {n} in {join:?}");
 
     let metric = |name: &'static str| {
         let ctl = &ctl;
@@ -143,7 +157,7 @@ async fn run(n: usize) -> String {
     let delta = if count1 > count0 { (bytes1 - bytes0) / (count1 - count0) } else { 0.0 };
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
     let row = format!(
-        "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} / {} | {delta:.0} B | {:.1} s |",
+        "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} / {} | {delta:.0} B | {:.1} s ({:.1} s creating) | {:.1} s |",
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         latencies[latencies.len() - 1].as_secs_f64() * 1e3,
@@ -151,6 +165,8 @@ async fn run(n: usize) -> String {
         mib(dps[0].rss_kib()),
         mib(dps[1].rss_kib()),
         initial.as_secs_f64(),
+        created.as_secs_f64(),
+        join.as_secs_f64(),
     );
     eprintln!("{row}");
     row

@@ -6,7 +6,12 @@
 use std::sync::OnceLock;
 
 use gatehouse_crds::{manifest, snapshot::Snapshot};
-use gatehouse_dataplane::{key_id::KeyIdSecret, metrics::Metrics, path::normalise, runtime::Runtime};
+use gatehouse_dataplane::{
+    key_id::KeyIdSecret,
+    metrics::Metrics,
+    path::normalise,
+    runtime::{Changed, Runtime},
+};
 use gatehouse_plugin_host::Loader;
 use libfuzzer_sys::fuzz_target;
 
@@ -37,7 +42,7 @@ fn runtime() -> &'static Runtime {
         let (snapshot, errors) = Snapshot::compile(1, parsed.resources.into_iter().map(|(_, r)| r));
         assert!(errors.is_empty(), "{errors:?}");
         let key_ids = KeyIdSecret::new(b"fuzz key id secret");
-        Runtime::build(&snapshot, &Metrics::new(), &Loader::new(std::env::temp_dir()), &key_ids, &Default::default(), None)
+        Runtime::build(&snapshot, &Metrics::new(), &Loader::new(std::env::temp_dir()), &key_ids, &Default::default(), None, &Changed::All)
     })
 }
 
