@@ -56,8 +56,8 @@ fn rebuild(c: &mut Criterion) {
                     apis: [(id.clone(), Some(changed))].into(),
                     ..Default::default()
                 };
+                let what = Changed::Apis { since: snapshot.version, ids: BTreeSet::from([id]) };
                 snapshot.apply(&delta).unwrap();
-                let what = Changed::Apis(BTreeSet::from([id]));
                 prev = Runtime::build(&snapshot, &metrics, &loader, &key_ids, &connector, Some(&prev), &what);
                 black_box(&prev);
             });

@@ -47,14 +47,20 @@ pub struct Runtime {
     served_plugins: ServedPlugins,
     /// Compiled APIs by id, for the next build to reuse.
     apis: imbl::HashMap<Arc<str>, Arc<Api>>,
-    /// Each Plugin and the content loaded for it, to tell which APIs a change touches.
-    plugin_state: BTreeMap<String, (PluginEntry, Option<String>)>,
-    /// The certificates `--tls-listen` serves with this config.
+    /// Each Plugin and what loading it gave, to tell which APIs a change touches.
+    plugin_state: BTreeMap<String, PluginState>,
+    /// The certificates `--tls-listen` serves with this config, and when they were checked
+    /// (their reports say whether each is valid then).
     pub certificates: Arc<CertTable>,
+    certificates_checked: jiff::Timestamp,
     /// Who owns each route, for the next build to update rather than decide afresh. Taken
     /// by that build (so never shared by two); a build that finds it gone decides afresh.
     routes: Mutex<Option<RouteClaims>>,
 }
+
+/// A Plugin resource and what loading it gave (content hash, state): a file that now
+/// fails for another reason, or loads, changes the APIs that use it.
+type PluginState = (PluginEntry, Option<(Option<String>, String)>);
 
 /// What changed between the snapshot of the runtime a build starts from and the one it
 /// builds.
@@ -62,16 +68,17 @@ pub struct Runtime {
 pub enum Changed {
     /// Anything may have: each entry is compared with what the previous runtime compiled.
     All,
-    /// These APIs only (changed, added or deleted); no Plugin, key or certificate did.
-    Apis(BTreeSet<String>),
+    /// Since the snapshot of version `since`, these APIs only (changed, added or deleted);
+    /// no Plugin resource, key or certificate did.
+    Apis { since: u64, ids: BTreeSet<String> },
 }
 
 impl Changed {
     pub fn merge(self, other: Changed) -> Changed {
         match (self, other) {
-            (Changed::Apis(mut a), Changed::Apis(b)) => {
-                a.extend(b);
-                Changed::Apis(a)
+            (Changed::Apis { since, mut ids }, Changed::Apis { ids: more, .. }) => {
+                ids.extend(more);
+                Changed::Apis { since, ids }
             }
             _ => Changed::All,
         }
@@ -80,7 +87,7 @@ impl Changed {
     fn api(&self, id: &str) -> bool {
         match self {
             Changed::All => true,
-            Changed::Apis(ids) => ids.contains(id),
+            Changed::Apis { ids, .. } => ids.contains(id),
         }
     }
 }
@@ -206,12 +213,13 @@ impl Runtime {
     ) -> Self {
         let hook_metrics = HookMetrics { duration: &metrics.plugin_duration, failures: &metrics.plugin_failures };
         let plugins = ChainBuilder::new(snapshot, loader, hook_metrics, prev.map(|p| &p.served_plugins));
-        let plugin_state: BTreeMap<String, (PluginEntry, Option<String>)> = snapshot
+        let plugin_state: BTreeMap<String, PluginState> = snapshot
             .plugins
             .iter()
             .map(|(id, p)| {
-                let sha = plugins.reports.iter().find(|r| r.id == *id).and_then(|r| r.sha256.clone());
-                (id.clone(), (p.clone(), sha))
+                let report = plugins.reports.iter().find(|r| r.id == *id);
+                let loaded = report.map(|r| (r.sha256.clone(), r.state.clone()));
+                (id.clone(), (p.clone(), loaded))
             })
             .collect();
         // Route owners are decided before anything is compiled, by the same rule as the
@@ -219,8 +227,12 @@ impl Runtime {
         // APIs to decide: those `changed` names and those whose route owner moved with them,
         // in copies of `prev`'s tables; or all of them, in empty tables.
         let carried = prev.and_then(|p| p.routes.lock().unwrap_or_else(|e| e.into_inner()).take());
+        // A plugin file's content can change under any build: then every API using it is
+        // compiled again, by a full build.
         let (routes, mut apis, mut router, mut reports, mut decide, full) = match (prev, carried, changed) {
-            (Some(p), Some(mut routes), Changed::Apis(ids)) => {
+            (Some(p), Some(mut routes), Changed::Apis { since, ids })
+                if p.version == *since && p.plugin_state == plugin_state =>
+            {
                 let mut decide = ids.clone();
                 for id in ids {
                     decide.extend(routes.update(id, snapshot.apis.get(id)));
@@ -317,8 +329,11 @@ impl Runtime {
         }
         // Certificates, for the APIs that are routed: an API with a TLS problem still
         // serves plain HTTP (and its hosts keep the certificate they had, if any).
-        let (certificates, certificate_reports) = match prev {
-            Some(p) if !tls_touched => (p.certificates.clone(), p.report.certificates.clone()),
+        let now = jiff::Timestamp::now();
+        let (certificates, certificate_reports, certificates_checked) = match prev {
+            Some(p) if !tls_touched && !p.certificates.validity_changed(p.certificates_checked, now) => {
+                (p.certificates.clone(), p.report.certificates.clone(), p.certificates_checked)
+            }
             _ => {
                 let empty = CertTable::default();
                 let served = snapshot
@@ -335,7 +350,7 @@ impl Runtime {
                         a.state = format!("not served over TLS as declared: {problem}");
                     }
                 }
-                (tls.table, tls.certificates)
+                (tls.table, tls.certificates, now)
             }
         };
         let keys = match prev {
@@ -362,12 +377,13 @@ impl Runtime {
             apis,
             plugin_state,
             certificates,
+            certificates_checked,
             routes: Mutex::new(Some(routes)),
         }
     }
 
     /// Whether every Plugin `entry` names is as it was (resource and loaded content).
-    fn same_plugins(&self, entry: &ApiEntry, now: &BTreeMap<String, (PluginEntry, Option<String>)>) -> bool {
+    fn same_plugins(&self, entry: &ApiEntry, now: &BTreeMap<String, PluginState>) -> bool {
         entry.spec.middleware.refs().all(|(_, r)| {
             let id = format!("{}/{}", entry.namespace, r.plugin);
             self.plugin_state.get(&id) == now.get(&id)
@@ -537,7 +553,7 @@ pub(crate) mod tests {
                 changed.insert(other);
             }
             snapshot.version += 1;
-            rt = build(&snapshot, Some(&rt), &Changed::Apis(changed));
+            rt = build(&snapshot, Some(&rt), &Changed::Apis { since: snapshot.version - 1, ids: changed });
             let full = build(&snapshot, None, &Changed::All);
             let json = |r: &Runtime| serde_json::to_value(&r.report).expect("serialises");
             assert_eq!(json(&rt), json(&full), "step {step}");
@@ -549,6 +565,42 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_plugin_file_that_changed_under_a_build_of_other_apis_recompiles_the_apis_using_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lib = dir.path().join("libx.so");
+        let yaml = format!(
+            "apiVersion: gatehouse.dev/v1alpha1\nkind: Plugin\nmetadata: {{name: x, namespace: ns}}\nspec: {{path: {}, failurePolicy: Fail}}\n",
+            lib.display()
+        );
+        let plugin = gatehouse_crds::manifest::parse("test", &yaml).resources;
+        let (mut snapshot, errors) = Snapshot::compile(1, plugin.into_iter().map(|(_, r)| r));
+        assert!(errors.is_empty(), "{errors:?}");
+        let user = entry("user", "/user/", &[], "  middleware:\n    pre: [{plugin: x, symbol: Hook}]\n");
+        snapshot.apis.insert(user.id(), user);
+        snapshot.apis.insert("ns/other".into(), entry("other", "/other/", &[], ""));
+        let (metrics, loader) = (Metrics::new(), Loader::new(dir.path().to_owned()));
+        let (secret, connector) = (KeyIdSecret::new(b"0123456789abcdef"), Connector::default());
+        let build = |s: &Snapshot, prev: Option<&Runtime>, changed: &Changed| {
+            Runtime::build(s, &metrics, &loader, &secret, &connector, prev, changed)
+        };
+        let first = build(&snapshot, None, &Changed::All);
+        let state = |r: &Runtime| r.report.apis.get("ns/user").map(|a| a.state.clone()).unwrap_or_default();
+        assert!(state(&first).starts_with("answering 500"), "{}", state(&first));
+
+        // The file appears (settled: written a while ago) while only another API changes.
+        std::fs::write(&lib, b"not a shared library").expect("write");
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&lib).and_then(|f| f.set_modified(long_ago)).expect("mtime");
+        snapshot.apis.insert("ns/other".into(), entry("other", "/other2/", &[], ""));
+        snapshot.version = 2;
+        let changed = Changed::Apis { since: 1, ids: BTreeSet::from(["ns/other".to_owned()]) };
+        let next = build(&snapshot, Some(&first), &changed);
+        let fresh = build(&snapshot, None, &Changed::All);
+        assert_ne!(state(&fresh), state(&first), "the file's new content is reported");
+        assert_eq!(state(&next), state(&fresh));
     }
 
     #[test]

@@ -73,13 +73,14 @@ fn on_message(
                 refuse_certificates(&mut d.ca_certificates);
             }
             let Some(s) = current.as_mut() else { bail!("a delta before any snapshot") };
+            let since = s.version;
             // Out of order means a lost message: reconnect for the whole state. The config
-            // thread has let go of the last one applied, so this changes it in place.
+            // thread and the last save have let go of it, so this changes it in place.
             Arc::make_mut(s).apply(&d)?;
             let only_apis =
                 d.plugins.is_empty() && d.keys.is_empty() && d.certificates.is_empty() && d.ca_certificates.is_empty();
             let apis: BTreeSet<String> = d.apis.into_keys().collect();
-            let changed = if only_apis { Changed::Apis(apis.clone()) } else { Changed::All };
+            let changed = if only_apis { Changed::Apis { since, ids: apis.clone() } } else { Changed::All };
             Ok(Some((Acked::Changed { apis, plugins: d.plugins.into_keys().collect() }, changed)))
         }
     }
@@ -318,6 +319,11 @@ impl Subscriber {
                     // What else has arrived goes into the same build: at 10,000 APIs a build
                     // takes milliseconds, and deltas can come faster than that.
                     let ended = take_ready(&mut body, &mut buf).await;
+                    // A save still writing holds the snapshot: changed now, it would be copied
+                    // whole. Waiting for the save parks no worker.
+                    if let Some(s) = saving.take() {
+                        let _ = s.await;
+                    }
                     if let Err(e) = self.on_lines(gw, &client, &mut buf, &mut current, &mut dirty, &token).await {
                         break Err(e);
                     }

@@ -62,6 +62,13 @@ struct Parsed {
 }
 
 impl CertTable {
+    /// Whether a certificate became valid or expired in `(from, to]`: the reports built at
+    /// `from` say otherwise now.
+    pub fn validity_changed(&self, from: jiff::Timestamp, to: jiff::Timestamp) -> bool {
+        let crossed = |t: Option<jiff::Timestamp>| t.is_some_and(|t| from < t && t <= to);
+        self.parsed.values().any(|p| crossed(p.not_after) || crossed(p.not_before))
+    }
+
     /// SNI name (rustls lowercases it) → exact host, then a one-label wildcard, then the
     /// default certificate.
     pub fn lookup(&self, sni: Option<&str>) -> Option<&Arc<CertifiedKey>> {
