@@ -1,6 +1,7 @@
 //! What one API's change costs the dataplane at 100, 1,000 and 10,000 APIs: applying the
 //! delta to the snapshot and building the next runtime from the previous one, as the
-//! subscriber does for each change it receives.
+//! subscriber does for each change it receives. And what a route lookup costs among
+//! 10,000 APIs.
 //!
 //! ```text
 //! cargo bench -p gatehouse-dataplane --bench rebuild
@@ -66,5 +67,20 @@ fn rebuild(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rebuild);
+/// The request path's side: one route lookup among 10,000 APIs (the 5,000th's path).
+fn route(c: &mut Criterion) {
+    let (metrics, loader) = (Metrics::new(), Loader::new(std::env::temp_dir().join("gatehouse-bench-unused")));
+    let (key_ids, connector) = (KeyIdSecret::new(b"benchmark key id secret"), Connector::default());
+    let mut snapshot = Snapshot { version: 1, ..Default::default() };
+    for i in 0..10_000 {
+        let e = entry(i, "v0");
+        snapshot.apis.insert(e.id(), e);
+    }
+    let rt = Runtime::build(&snapshot, &metrics, &loader, &key_ids, &connector, None, &Changed::All);
+    c.bench_function("route among 10000 APIs", |b| {
+        b.iter(|| black_box(rt.router.route(black_box(Some("api.example.com")), black_box("/api-5000/items/1"))));
+    });
+}
+
+criterion_group!(benches, rebuild, route);
 criterion_main!(benches);

@@ -42,9 +42,9 @@ async fn main() {
         rows.push(run(n).await);
     }
     println!(
-        "\n| APIs | apply → served on 2/2, p50 | p99 | max | controller RSS | dataplane RSS | one delta | initial sync | a dataplane joining |"
+        "\n| APIs | apply → served on 2/2, p50 | p99 | max | controller RSS | dataplane RSS | one delta | initial sync | a dataplane joining | a controller starting |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
         println!("{r}");
     }
@@ -122,6 +122,16 @@ async fn run(n: usize) -> String {
     drop(late);
     eprintln!("N={n}: a dataplane joining serves all {n} in {join:?}");
 
+    // A controller that starts with N APIs in the API server (an upgrade, a rescheduled
+    // pod): from its start to a new dataplane serving all of them.
+    let t0 = Instant::now();
+    let ctl2 = procs::controller(&c.kubeconfig, &ns, "bench-2");
+    let fresh = procs::dataplane(ctl2.addr, &token, &dir.path().join("dp4"), "dp-4");
+    serves(&fresh, &last).await;
+    let restart = t0.elapsed();
+    drop((fresh, ctl2));
+    eprintln!("N={n}: a controller starting with {n} APIs has a new dataplane serving them in {restart:?}");
+
     let metric = |name: &'static str| {
         let ctl = &ctl;
         async move { ctl.metric(name).await }
@@ -157,7 +167,7 @@ async fn run(n: usize) -> String {
     let delta = if count1 > count0 { (bytes1 - bytes0) / (count1 - count0) } else { 0.0 };
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
     let row = format!(
-        "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} / {} | {delta:.0} B | {:.1} s ({:.1} s creating) | {:.1} s |",
+        "| {n} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} / {} | {delta:.0} B | {:.1} s ({:.1} s creating) | {:.1} s | {:.1} s |",
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         latencies[latencies.len() - 1].as_secs_f64() * 1e3,
@@ -167,6 +177,7 @@ async fn run(n: usize) -> String {
         initial.as_secs_f64(),
         created.as_secs_f64(),
         join.as_secs_f64(),
+        restart.as_secs_f64(),
     );
     eprintln!("{row}");
     row
