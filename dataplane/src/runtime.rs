@@ -116,14 +116,6 @@ impl ApiReports {
     pub fn get(&self, id: &str) -> Option<&ApiReport> {
         self.0.get(id).map(|r| &**r)
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl Serialize for ApiReports {
@@ -246,9 +238,14 @@ impl Runtime {
             }
         };
         // Certificates and client CAs depend on every API that uses them: when one of those
-        // is decided again, all of them are, and their TLS is built afresh.
+        // is decided again, or a certificate's validity started or ended since they were
+        // checked (their reports would say otherwise now), all of them are, and their TLS is
+        // built afresh.
+        let now = jiff::Timestamp::now();
         let was_tls = |id: &String| prev.and_then(|p| p.apis.get(id.as_str())).is_some_and(|a| uses_tls(&a.entry));
-        let tls_touched = full || decide.iter().any(|id| snapshot.apis.get(id).is_some_and(uses_tls) || was_tls(id));
+        let tls_touched = full
+            || prev.is_some_and(|p| p.certificates.validity_changed(p.certificates_checked, now))
+            || decide.iter().any(|id| snapshot.apis.get(id).is_some_and(uses_tls) || was_tls(id));
         if tls_touched && !full {
             decide.extend(snapshot.apis.iter().filter(|(_, e)| uses_tls(e)).map(|(id, _)| id.clone()));
         }
@@ -329,11 +326,8 @@ impl Runtime {
         }
         // Certificates, for the APIs that are routed: an API with a TLS problem still
         // serves plain HTTP (and its hosts keep the certificate they had, if any).
-        let now = jiff::Timestamp::now();
         let (certificates, certificate_reports, certificates_checked) = match prev {
-            Some(p) if !tls_touched && !p.certificates.validity_changed(p.certificates_checked, now) => {
-                (p.certificates.clone(), p.report.certificates.clone(), p.certificates_checked)
-            }
+            Some(p) if !tls_touched => (p.certificates.clone(), p.report.certificates.clone(), p.certificates_checked),
             _ => {
                 let empty = CertTable::default();
                 let served = snapshot
