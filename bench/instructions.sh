@@ -6,6 +6,7 @@
 #   bash bench/instructions.sh            # 10 s of 1 KiB keep-alive requests each
 #   DURATION=20s CONNS=16 bash bench/instructions.sh
 #   KEEP=1 bash bench/instructions.sh     # keep the callgrind files for callgrind_annotate
+#   BIN=/tmp/before/target/release/gatehouse-dataplane bash bench/instructions.sh  # another build
 #
 # Each proxy runs alone under valgrind (one worker), warmed up, counters zeroed, then
 # driven by wrk; the count is divided by the requests wrk completed.
@@ -15,8 +16,11 @@ CONNS=${CONNS:-8}
 . bench/lib.sh
 apt_install valgrind
 
-echo "==> building gatehouse-dataplane (release)"
-cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+if [ -z "${BIN:-}" ]; then
+  echo "==> building gatehouse-dataplane (release)"
+  cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+fi
+BIN=${BIN:-target/release/gatehouse-dataplane}
 NGX=127.0.0.1:28082 GH=127.0.0.1:28083
 out=${KEEP:+bench-callgrind}
 out=${out:-$work}
@@ -48,8 +52,8 @@ taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$out/ngi
 pids+=($!)
 count nginx "http://$NGX/" "callgrind-out-file=$out/nginx.out"
 
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" valgrind --tool=callgrind \
-  --callgrind-out-file="$out/gatehouse.out" target/release/gatehouse-dataplane --listen "$GH" \
+RUST_LOG=warn TOKIO_WORKER_THREADS=1 GATEHOUSE_WORKERS=1 taskset -c "$PROXY_CPU" valgrind --tool=callgrind \
+  --callgrind-out-file="$out/gatehouse.out" "$BIN" --listen "$GH" \
   --admin-listen 127.0.0.1:28093 --config "$work/gh" --plugin-dir "$work/plugin-cache" >"$work/vg-gh.log" 2>&1 &
 pids+=($!)
 count gatehouse "http://$GH/" "callgrind-out-file=$out/gatehouse.out"

@@ -66,7 +66,7 @@ start_upstream() {
 # start_gatehouse LISTEN ADMIN CONFIG-DIR [BINARY [FLAG...]]: one worker thread, on the
 # proxy CPU.
 start_gatehouse() {
-  RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c "$PROXY_CPU" "${4:-target/release/gatehouse-dataplane}" \
+  RUST_LOG=warn TOKIO_WORKER_THREADS=1 GATEHOUSE_WORKERS=1 taskset -c "$PROXY_CPU" "${4:-target/release/gatehouse-dataplane}" \
     --listen "$1" --admin-listen "$2" --config "$3" --plugin-dir "$work/plugin-cache-${1##*:}" "${@:5}" &
   pids+=($!)
   for _ in $(seq 100); do curl -fs "http://$2/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done

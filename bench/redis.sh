@@ -6,13 +6,17 @@
 #
 #   bash bench/redis.sh
 #   ROUNDS=5 DURATION=10s bash bench/redis.sh
+#   BIN=OTHER-BUILD bash bench/redis.sh     # another build; nothing is built
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 apt_install redis-server
 
-echo "==> building gatehouse-dataplane (release)"
-cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+if [ -z "${BIN:-}" ]; then
+  echo "==> building gatehouse-dataplane (release)"
+  cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+fi
+BIN=${BIN:-target/release/gatehouse-dataplane}
 MEM=127.0.0.1:28086 RED=127.0.0.1:28087 REDIS_PORT=28379
 
 taskset -c "$LOAD_CPU" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
@@ -42,9 +46,9 @@ stringData:
     accessRights: [bench]
 YAML
 printf 'a benchmark key id secret' > "$work/key-id-secret"
-start_gatehouse "$MEM" 127.0.0.1:28096 "$work/gh" target/release/gatehouse-dataplane \
+start_gatehouse "$MEM" 127.0.0.1:28096 "$work/gh" "$BIN" \
   --key-id-secret-file "$work/key-id-secret"
-start_gatehouse "$RED" 127.0.0.1:28097 "$work/gh" target/release/gatehouse-dataplane \
+start_gatehouse "$RED" 127.0.0.1:28097 "$work/gh" "$BIN" \
   --key-id-secret-file "$work/key-id-secret" --counters "redis://127.0.0.1:$REDIS_PORT"
 WRK_ARGS=(-H "X-Api-Key: bench-token")
 for a in "$MEM" "$RED"; do

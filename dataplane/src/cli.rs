@@ -71,6 +71,11 @@ pub struct Cli {
     pub dev_go_runtimes: u16,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Threads serving clients, each with its own listener on `--listen` and
+    /// `--tls-listen` (the kernel spreads connections over them) and its own idle upstream
+    /// connections. Default: one per CPU this process may use (its CPU quota included).
+    #[arg(long, env = "GATEHOUSE_WORKERS", value_name = "N")]
+    pub workers: Option<std::num::NonZeroUsize>,
     #[command(flatten)]
     pub limits: Limits,
     /// Upstream addresses to allow that are refused by default, comma-separated:

@@ -34,6 +34,7 @@ pub mod standalone;
 pub mod subscriber;
 pub mod tls;
 pub mod tunnel;
+pub mod workers;
 
 use std::sync::Arc;
 
@@ -41,7 +42,7 @@ use anyhow::Context;
 pub use cli::{AnalyticsSink, Cli, Limits, LogFormat};
 /// Request-path normalisation, shared with the plugin host (`request_set_path`).
 pub use gatehouse_path as path;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 
 use crate::{analytics::Analytics, gateway::Gateway, metrics::Metrics, standalone::Standalone, subscriber::Subscriber};
 
@@ -71,18 +72,19 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// Serves until SIGTERM or Ctrl-C, then drains. Called on worker 0's runtime (a
+/// current-thread one: see `workers`); the other workers get threads of their own.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let plain = match cli.plain_listen() {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?),
-        None => None,
+    let n = cli.workers.map_or_else(workers::default_count, std::num::NonZeroUsize::get);
+    workers::set_count(n);
+    let bind = |addr: Option<std::net::SocketAddr>, flag: &str| match addr {
+        Some(addr) => workers::listeners(addr, n).with_context(|| format!("{flag} {addr}")),
+        None => Ok(Vec::new()),
     };
-    let secure = match cli.tls_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("--tls-listen {addr}"))?),
-        None => None,
-    };
-    let admin =
-        TcpListener::bind(cli.admin_listen).await.with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
-    let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let (plain, secure) = (bind(cli.plain_listen(), "--listen")?, bind(cli.tls_listen, "--tls-listen")?);
+    let admin = std::net::TcpListener::bind(cli.admin_listen)
+        .with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
+    let local = |l: &[std::net::TcpListener]| l.first().and_then(|l| l.local_addr().ok());
     let (plain_addr, tls_addr) = (local(&plain), local(&secure));
     let metrics = Metrics::new();
     let analytics = Analytics::start(&cli.analytics, metrics.analytics_dropped.clone()).await?;
@@ -115,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         listen = %shown(plain_addr),
         tls_listen = %shown(tls_addr),
         admin = %admin.local_addr()?,
+        workers = n,
         config = %from,
         "gatehouse dataplane starting"
     );
@@ -142,18 +145,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             async move { gw.handle(req, conn).await }
         }
     };
-    let mut servers = Vec::new();
-    for (listener, tls) in [(plain, None), (secure, Some(tls::Acceptor::new(gw.certificates.clone())?))] {
-        let Some(listener) = listener else { continue };
-        servers.push(tokio::spawn(server::serve(
-            listener,
-            proxy_handler.clone(),
-            stop.clone(),
-            cli.limits.clone(),
-            Some(open_connections.clone()),
-            tls,
-        )));
-    }
+    // One connection cap per listener address, shared by its workers.
+    let caps = || Arc::new(tokio::sync::Semaphore::new(cli.limits.max_connections as usize));
+    let (plain_cap, tls_cap) = (caps(), caps());
+    let acceptor = tls::Acceptor::new(gw.certificates.clone())?;
+    let serve_clients = {
+        let (stop, limits) = (stop.clone(), cli.limits.clone());
+        move |_: usize, (plain, secure): (Option<std::net::TcpListener>, Option<std::net::TcpListener>)| {
+            let (handler, stop, limits, open) =
+                (proxy_handler.clone(), stop.clone(), limits.clone(), open_connections.clone());
+            let listeners = [(plain, plain_cap.clone(), None), (secure, tls_cap.clone(), Some(acceptor.clone()))];
+            async move {
+                let mut servers = Vec::new();
+                for (listener, cap, tls) in listeners {
+                    let Some(listener) = listener else { continue };
+                    let serving = server::serve(
+                        listener,
+                        handler.clone(),
+                        stop.clone(),
+                        limits.clone(),
+                        cap,
+                        Some(open.clone()),
+                        tls,
+                    );
+                    servers.push(tokio::spawn(serving));
+                }
+                for s in servers {
+                    let _ = s.await;
+                }
+            }
+        }
+    };
+    let mut per_worker: Vec<_> = {
+        let (mut plain, mut secure) = (plain.into_iter(), secure.into_iter());
+        (0..n).map(|_| (plain.next(), secure.next())).collect()
+    };
+    let mine = per_worker.remove(0);
+    let others = workers::spawn(per_worker, serve_clients.clone()).context("starting the workers")?;
+    let mut servers = vec![tokio::spawn(serve_clients(0, mine))];
     servers.push(tokio::spawn(server::serve(
         admin,
         {
@@ -166,6 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         stop,
         cli.limits.clone(),
+        caps(),
         None,
         None,
     )));
@@ -177,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     for s in servers {
         let _ = s.await;
     }
+    let _ = tokio::task::spawn_blocking(move || others.into_iter().for_each(|t| drop(t.join()))).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -8,6 +8,10 @@
 //! has been read to its end. A body dropped half-read takes its connection with it: what
 //! is left of the response would be read as the next one's.
 //!
+//! Idle connections are kept per worker (`workers`): a connection's task runs on the
+//! worker that made it, so a request on another worker would hand every read and write
+//! across threads. A worker with none idle connects anew rather than borrow one.
+//!
 //! Connections idle for `IDLE_TIMEOUT` are closed by one task per pool that ticks a few
 //! times per timeout; a connection records the tick it was put back at, so the request
 //! path reads no clock.
@@ -30,7 +34,7 @@ use hyper::{
 };
 use tower_service::Service;
 
-use crate::egress::GuardedConnector;
+use crate::{egress::GuardedConnector, workers};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,9 +79,9 @@ struct Inner<B> {
     reaper: AtomicBool,
 }
 
-/// One target's idle connections, most recently used last.
+/// One target's idle connections, per worker, most recently used last.
 pub struct TargetPool<B> {
-    idle: Mutex<Vec<Idle<B>>>,
+    idle: Box<[PerWorker<IdleList<B>>]>,
     tick: Arc<AtomicU32>,
     /// `http://host:port` for the connector, which reads scheme, host and port from it.
     dial: Uri,
@@ -88,12 +92,20 @@ struct Idle<B> {
     since: u32,
 }
 
+type IdleList<B> = Mutex<Vec<Idle<B>>>;
+
+/// One worker's share, on cache lines of its own: workers never write each other's.
+#[repr(align(128))]
+struct PerWorker<T>(T);
+
 /// A connection on loan to one request, back in its pool when the response body ends
 /// (where it is handed out again once hyper is done sending the request too); dropped
 /// instead, it closes.
 pub struct Lease<B> {
     sender: SendRequest<B>,
     pool: Arc<TargetPool<B>>,
+    /// The worker whose runtime drives the connection.
+    worker: usize,
 }
 
 impl<B> std::fmt::Debug for Lease<B> {
@@ -105,7 +117,7 @@ impl<B> std::fmt::Debug for Lease<B> {
 impl<B: SendBody> Lease<B> {
     /// The response body reached its end: the connection can carry the next request.
     pub fn release(self) {
-        self.pool.checkin(self.sender);
+        self.pool.checkin(self.sender, self.worker);
     }
 }
 
@@ -135,7 +147,8 @@ impl<B: SendBody> Pool<B> {
                     .path_and_query("/")
                     .build()
                     .unwrap_or_default();
-                Arc::new(TargetPool { idle: Mutex::default(), tick: self.0.tick.clone(), dial })
+                let idle = (0..workers::count()).map(|_| PerWorker(Mutex::default())).collect();
+                Arc::new(TargetPool { idle, tick: self.0.tick.clone(), dial })
             })
             .clone()
     }
@@ -155,11 +168,12 @@ impl<B: SendBody> Pool<B> {
         target: &Arc<TargetPool<B>>,
         mut req: Request<B>,
     ) -> Result<(Response<Incoming>, Lease<B>), SendError> {
+        let worker = workers::index();
         loop {
-            let picked = std::future::poll_fn(|cx| Poll::Ready(target.checkout(cx))).await;
+            let picked = std::future::poll_fn(|cx| Poll::Ready(target.checkout(cx, worker))).await;
             let Some(mut sender) = picked else { break };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease { sender, pool: target.clone() })),
+                Ok(resp) => return Ok((resp, Lease { sender, pool: target.clone(), worker })),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(SendError::Request(e.into_error())),
@@ -168,7 +182,7 @@ impl<B: SendBody> Pool<B> {
         }
         let mut sender = self.connect(target).await?;
         let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-        Ok((resp, Lease { sender, pool: target.clone() }))
+        Ok((resp, Lease { sender, pool: target.clone(), worker }))
     }
 
     async fn connect(&self, target: &TargetPool<B>) -> Result<SendRequest<B>, SendError> {
@@ -204,8 +218,8 @@ impl<B: SendBody> Pool<B> {
                 let now = inner.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
                 let targets: Vec<Arc<TargetPool<B>>> = lock(&inner.by_target).values().cloned().collect();
                 drop(inner);
-                for t in targets {
-                    lock(&t.idle).retain(|i| now.wrapping_sub(i.since) < TICKS && !i.sender.is_closed());
+                for list in targets.iter().flat_map(|t| t.idle.iter()) {
+                    lock(&list.0).retain(|i| now.wrapping_sub(i.since) < TICKS && !i.sender.is_closed());
                 }
             }
         });
@@ -213,7 +227,7 @@ impl<B: SendBody> Pool<B> {
 
     #[cfg(test)]
     pub(crate) fn idle(&self, authority: &Authority) -> usize {
-        lock(&self.0.by_target).get(authority).map_or(0, |t| lock(&t.idle).len())
+        lock(&self.0.by_target).get(authority).map_or(0, |t| t.idle.iter().map(|l| lock(&l.0).len()).sum())
     }
 }
 
@@ -222,8 +236,8 @@ impl<B: SendBody> TargetPool<B> {
     /// response ended while its request body is still going up (an upstream that answered
     /// early) is busy until the upload ends: it is put back at the far end, to be handed
     /// out once its dispatcher wants a request again, rather than waited on.
-    fn checkout(&self, cx: &mut Context<'_>) -> Option<SendRequest<B>> {
-        let mut idle = lock(&self.idle);
+    fn checkout(&self, cx: &mut Context<'_>, worker: usize) -> Option<SendRequest<B>> {
+        let mut idle = lock(self.list(worker));
         let mut busy = Vec::new();
         let mut found = None;
         while let Some(mut i) = idle.pop() {
@@ -242,12 +256,19 @@ impl<B: SendBody> TargetPool<B> {
         found
     }
 
-    fn checkin(&self, sender: SendRequest<B>) {
+    /// `worker`'s idle list; a thread that is not a worker of this pool's count uses the first.
+    fn list(&self, worker: usize) -> &IdleList<B> {
+        let list = self.idle.get(worker).or_else(|| self.idle.first());
+        // `Pool::target` makes at least one list: `workers::count()` is never 0.
+        &list.expect("a target pool has a list per worker").0
+    }
+
+    fn checkin(&self, sender: SendRequest<B>, worker: usize) {
         if sender.is_closed() {
             return;
         }
         let since = self.tick.load(Ordering::Relaxed);
-        let mut idle = lock(&self.idle);
+        let mut idle = lock(self.list(worker));
         if idle.len() < MAX_IDLE_PER_TARGET {
             idle.push(Idle { sender, since });
         }
@@ -408,6 +429,44 @@ mod tests {
             }
             assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "one connection for five requests");
             assert_eq!(pool.idle(&up.authority), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_reuses_only_the_connections_its_own_runtime_drives() {
+        crate::workers::set_count(2);
+        let up = upstream(Answer::Fixed).await;
+        let pool = pool(IDLE_TIMEOUT);
+        let t = pool.target(&up.authority);
+        let (to_worker, go) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (done, mut from_worker) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let copy =
+            Upstream { authority: up.authority.clone(), accepted: up.accepted.clone(), closed: up.closed.clone() };
+        let worker =
+            crate::workers::spawn(vec![(pool.clone(), t.clone(), copy, go)], move |i, (pool, t, up, mut go)| {
+                let done = done.clone();
+                async move {
+                    assert_eq!((i, crate::workers::index()), (1, 1));
+                    for _ in 0..2 {
+                        let _ = done.send(get(&pool, &t, &up).await);
+                        let _ = go.recv().await;
+                    }
+                }
+            })
+            .expect("worker 1");
+        // Worker 1 made one connection; worker 0 (this thread) cannot borrow it, and makes
+        // its own; worker 1 then finds its first one idle.
+        assert_eq!(from_worker.recv().await.as_deref(), Some("hello"));
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(get(&pool, &t, &up).await, "hello");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+        let _ = to_worker.send(());
+        assert_eq!(from_worker.recv().await.as_deref(), Some("hello"));
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "worker 1 reused the connection it drives");
+        assert_eq!(pool.idle(&up.authority), 2);
+        let _ = to_worker.send(());
+        for w in worker {
+            w.join().expect("worker 1 ran its requests");
         }
     }
 

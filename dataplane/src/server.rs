@@ -2,8 +2,9 @@
 //! ALPN), bounding what each client may hold, and draining connections on shutdown.
 //!
 //! Bounds, per connection unless said otherwise (the flags are in `cli::Limits`):
-//! - connections at once: a semaphore taken before `accept`, so past the cap new clients
-//!   wait in the kernel's backlog and open connections are untouched;
+//! - connections at once: a semaphore the workers of one address share, taken right after
+//!   `accept`, so past the cap each worker holds one new client unread and the others
+//!   wait in the kernel's backlogs, while open connections are untouched;
 //! - the time to the first request, the wait for each next request's head, and idle time
 //!   (`Watched`, one timer per connection rather than hyper's timer per request); a TLS
 //!   handshake falls within the time to the first request;
@@ -71,36 +72,42 @@ impl Conn {
 }
 
 /// Serves `listener` with `handler` until `stop` turns true, then drains connections for
-/// up to `limits.drain_timeout`. `open` counts the connections being served. With `tls`,
+/// up to `limits.drain_timeout`. A connection holds one of `slots` (`--max-connections`,
+/// shared by the workers serving one address) while it is open; `open` counts them. With `tls`,
 /// every connection starts with a TLS handshake, on the connection's own task: it holds a
 /// connection slot, and it must end within the header-read timeout, which also bounds the
 /// first request (one deadline from `accept` to the first request's head).
 pub async fn serve<H, F>(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     handler: H,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
+    slots: Arc<Semaphore>,
     open: Option<IntGauge>,
     tls: Option<Acceptor>,
 ) where
     H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    let listener = match listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve a listener");
+            return;
+        }
+    };
     let builder = Arc::new(builder(&limits));
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     let mut conns = JoinSet::new();
     let (header_read, idle) = (limits.header_read_timeout, limits.idle_timeout);
     loop {
         // Finished connections leave the set here, so it holds only live ones.
         while conns.try_join_next().is_some() {}
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-            _ = stop.changed() => break,
-        };
+        // A client first, then a slot. Workers share the cap, and each has its own backlog:
+        // a worker that took a slot first would hold it while the client waiting for it
+        // sits in another worker's backlog. So past the cap each worker holds at most one
+        // accepted client, unread, until a slot frees (first come, first served); the rest
+        // wait in the backlogs.
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -110,6 +117,13 @@ pub async fn serve<H, F>(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            _ = stop.changed() => break,
+        };
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
             },
             _ = stop.changed() => break,
         };

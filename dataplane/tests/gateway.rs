@@ -121,7 +121,9 @@ async fn upstream_connections_carry_the_next_request_only_once_a_response_was_re
     let up = Upstream::start("up").await;
     let cfg = ConfigDir::new();
     cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
-    let gw = Gatehouse::start(cfg.path(), &[]).await;
+    // One worker: idle upstream connections are kept per worker, and a client connection
+    // the test's client opens anew could land on another one.
+    let gw = Gatehouse::start(cfg.path(), &["--workers", "1"]).await;
 
     // Fixed-length, chunked and empty answers, one after another: one upstream connection.
     for _ in 0..5 {
@@ -141,6 +143,31 @@ async fn upstream_connections_carry_the_next_request_only_once_a_response_was_re
     let r = gw.get("/a/after").await;
     assert_eq!((r.status, r.json()["path"].as_str()), (StatusCode::OK, Some("/after")));
     assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_the_workers_and_each_keeps_its_own_upstream_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
+    let gw = Gatehouse::start(cfg.path(), &["--workers", "2"]).await;
+    let addr = gw.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    // One request per new client connection, one at a time: a worker finds the upstream
+    // connection it used before idle, so the upstream sees one connection per worker
+    // that served. The kernel spreads 32 connections over both listeners (all on one:
+    // a chance of 2^-31).
+    for i in 0..32 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!("GET /a/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(PATIENCE, s.read_to_string(&mut answer)).await.expect("answered").unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(&format!("\"/{i}\"")), "{answer}");
+    }
+    assert_eq!(up.hits(), 32);
+    assert_eq!(up.connections(), 2, "one upstream connection per worker, each reused by its own worker only");
 }
 
 /// Sends a request and returns the response unread, for tests that read it frame by frame.

@@ -174,6 +174,29 @@ async fn past_the_connection_cap_new_clients_wait_and_open_ones_keep_working() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_is_shared_by_the_workers_and_a_freed_slot_serves_whichever_one_has_a_client() {
+    let up = Upstream::start("up").await;
+    let args = ["--workers", "2", "--max-connections", "1", "--header-read-timeout", "60s"];
+    let (_cfg, gw) = gateway(&up, &args).await;
+    let mut first = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(get_on(&mut first, "/a/0").await.0, "HTTP/1.1 200 OK");
+    // Eight more clients, spread by the kernel over both workers' listeners, each asking
+    // once and closing: served one at a time as slots free, on whichever worker holds them.
+    let mut waiting = Vec::new();
+    for i in 1..=8 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(format!("GET /a/{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        waiting.push(s);
+    }
+    assert_eq!(gw.metric("gatehouse_client_connections").await, 1.0, "one served: the cap is for all workers");
+    drop(first);
+    for (i, s) in waiting.iter_mut().enumerate() {
+        let answer = String::from_utf8_lossy(&read_until_closed(s, "a client past the cap").await).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "client {}: {answer}", i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_and_too_many_headers_get_431_on_http1_and_http2() {
     let up = Upstream::start("up").await;
     let (_cfg, gw) = gateway(&up, &["--max-header-bytes", "8192", "--max-headers", "20"]).await;

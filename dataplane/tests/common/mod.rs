@@ -270,7 +270,7 @@ impl Gatehouse {
         let mut child = cmd
             .args(extra)
             .env("RUST_LOG", "info")
-            .env("TOKIO_WORKER_THREADS", "2")
+            .env("GATEHOUSE_WORKERS", "2")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
