@@ -74,7 +74,7 @@ pub struct Cli {
     /// Threads serving clients, each with its own listener on `--listen` and
     /// `--tls-listen` (the kernel spreads connections over them) and its own idle upstream
     /// connections. Default: one per CPU this process may use (its CPU quota included).
-    #[arg(long, env = "GATEHOUSE_WORKERS", value_name = "N")]
+    #[arg(long, env = "GATEHOUSE_WORKERS", value_name = "N", value_parser = parse_workers)]
     pub workers: Option<std::num::NonZeroUsize>,
     #[command(flatten)]
     pub limits: Limits,
@@ -276,5 +276,14 @@ fn parse_positive(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err(format!("{s:?}: must be more than zero")),
         d => Ok(d),
+    }
+}
+
+/// 1 to 1024: past that it is a mistake, not a machine.
+fn parse_workers(s: &str) -> Result<std::num::NonZeroUsize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=1024) => std::num::NonZeroUsize::new(n).ok_or_else(|| "must be at least 1".to_owned()),
+        Ok(_) => Err("must be between 1 and 1024".to_owned()),
+        Err(e) => Err(format!("not a number: {e}")),
     }
 }

@@ -81,6 +81,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(addr) => workers::listeners(addr, n).with_context(|| format!("{flag} {addr}")),
         None => Ok(Vec::new()),
     };
+    if let (Some(plain), Some(tls)) = (cli.plain_listen(), cli.tls_listen) {
+        // With SO_REUSEPORT both would bind, as one group, and clients of either protocol
+        // would land on both listeners.
+        let overlap = plain.port() == tls.port()
+            && (plain.ip() == tls.ip() || plain.ip().is_unspecified() || tls.ip().is_unspecified());
+        anyhow::ensure!(plain.port() == 0 || !overlap, "--tls-listen {tls}: the same address as --listen {plain}");
+    }
     let (plain, secure) = (bind(cli.plain_listen(), "--listen")?, bind(cli.tls_listen, "--tls-listen")?);
     let admin = std::net::TcpListener::bind(cli.admin_listen)
         .with_context(|| format!("--admin-listen {}", cli.admin_listen))?;
@@ -181,9 +188,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (0..n).map(|_| (plain.next(), secure.next())).collect()
     };
     let mine = per_worker.remove(0);
-    let others = workers::spawn(per_worker, serve_clients.clone()).context("starting the workers")?;
-    let mut servers = vec![tokio::spawn(serve_clients(0, mine))];
-    servers.push(tokio::spawn(server::serve(
+    let mut workers = workers::spawn(per_worker, serve_clients.clone()).context("--workers: starting the workers")?;
+    tokio::spawn(workers.track(0, serve_clients(0, mine)));
+    let admin_server = tokio::spawn(server::serve(
         admin,
         {
             let gw = gw.clone();
@@ -198,18 +205,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         caps(),
         None,
         None,
-    )));
+    ));
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: draining requests in flight");
+    // A worker stops serving only when told to, or when it failed: its listener is closed
+    // then, and the process would serve on with fewer. Better to exit, and be restarted.
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        i = workers.stopped() => Some(i),
+    };
+    match failed {
+        Some(i) => tracing::error!(worker = i, "a worker stopped serving; shutting down"),
+        None => tracing::info!("shutting down: draining requests in flight"),
+    }
     let _ = stop_tx.send(true);
     watcher.abort();
-    for s in servers {
-        let _ = s.await;
+    if let Err(e) = admin_server.await {
+        tracing::error!(error = %e, "the admin server failed");
     }
-    let _ = tokio::task::spawn_blocking(move || others.into_iter().for_each(|t| drop(t.join()))).await;
+    workers.finish(cli.limits.drain_timeout + std::time::Duration::from_secs(1)).await;
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        Some(i) => anyhow::bail!("worker {i} stopped serving"),
+        None => Ok(()),
+    }
 }
 
 async fn counters(cli: &Cli, metrics: &Metrics) -> anyhow::Result<limits::Counters> {

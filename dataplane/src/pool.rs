@@ -465,9 +465,7 @@ mod tests {
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "worker 1 reused the connection it drives");
         assert_eq!(pool.idle(&up.authority), 2);
         let _ = to_worker.send(());
-        for w in worker {
-            w.join().expect("worker 1 ran its requests");
-        }
+        worker.finish(Duration::from_secs(20)).await;
     }
 
     #[tokio::test]

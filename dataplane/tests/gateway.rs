@@ -494,3 +494,27 @@ async fn a_missing_config_path_is_a_clear_startup_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--config /nonexistent/gatehouse"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_address_for_plain_and_tls_and_a_silly_worker_count_are_startup_errors() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = ConfigDir::new();
+    let start = |extra: &[&str]| {
+        let out = std::process::Command::new(binary())
+            .args(["--admin-listen", "127.0.0.1:0", "--config"])
+            .arg(cfg.path())
+            .args(extra)
+            .env("GATEHOUSE_WORKERS", "2")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let (plain, any) = (format!("127.0.0.1:{free}"), format!("0.0.0.0:{free}"));
+    let err = start(&["--listen", &plain, "--tls-listen", &plain]);
+    assert!(err.contains(&format!("--tls-listen {plain}: the same address as --listen {plain}")), "{err}");
+    let err = start(&["--listen", &any, "--tls-listen", &plain]);
+    assert!(err.contains("the same address as --listen"), "{err}");
+    let err = start(&["--listen", &plain, "--workers", "0"]);
+    assert!(err.contains("--workers") && err.contains("between 1 and 1024"), "{err}");
+}

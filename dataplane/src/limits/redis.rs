@@ -282,7 +282,7 @@ impl RedisStore {
     }
 }
 
-/// The batcher task's state.
+/// What sends batches: the batcher task, and a request that filled one.
 struct Batches {
     pool: Pool,
     script: Arc<Script>,
