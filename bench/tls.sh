@@ -8,6 +8,7 @@
 #
 #   bash bench/tls.sh                  # 3 rounds of 10 s each per proxy and scenario
 #   ROUNDS=5 DURATION=20s CONNS=128 bash bench/tls.sh
+#   BIN=OTHER-BUILD bash bench/tls.sh  # another build; nothing is built
 #
 # Layout as bench/proxy.sh: the proxy under test alone on CPU 0; the upstream and wrk on
 # CPU 1; rounds alternate nginx / Gatehouse; medians are reported.
@@ -16,8 +17,11 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 apt_install openssl
 
-echo "==> building gatehouse-dataplane (release)"
-cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+if [ -z "${BIN:-}" ]; then
+  echo "==> building gatehouse-dataplane (release)"
+  cargo build --release -q -p gatehouse-dataplane --bin gatehouse-dataplane
+fi
+BIN=${BIN:-target/release/gatehouse-dataplane}
 NGX=127.0.0.1:28182 GH_PLAIN=127.0.0.1:28183 GH=127.0.0.1:28184
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -39,7 +43,7 @@ plain_api "$work/gh"
   printf 'stringData:\n  tls.crt: |\n'; sed 's/^/    /' "$work/cert.pem"
   printf '  tls.key: |\n'; sed 's/^/    /' "$work/key.pem"
 } > "$work/gh/cert.yaml"
-start_gatehouse "$GH_PLAIN" 127.0.0.1:28193 "$work/gh" target/release/gatehouse-dataplane --tls-listen "$GH"
+start_gatehouse "$GH_PLAIN" 127.0.0.1:28193 "$work/gh" "$BIN" --tls-listen "$GH"
 
 for url in "https://$NGX/" "https://$GH/"; do
   for _ in $(seq 50); do curl -fsk "$url" >/dev/null 2>&1 && break; sleep 0.1; done
