@@ -281,9 +281,6 @@ fn parse_positive(s: &str) -> Result<Duration, String> {
 
 /// 1 to 1024: past that it is a mistake, not a machine.
 fn parse_workers(s: &str) -> Result<std::num::NonZeroUsize, String> {
-    match s.parse::<usize>() {
-        Ok(n @ 1..=1024) => std::num::NonZeroUsize::new(n).ok_or_else(|| "must be at least 1".to_owned()),
-        Ok(_) => Err("must be between 1 and 1024".to_owned()),
-        Err(e) => Err(format!("not a number: {e}")),
-    }
+    let n: usize = s.parse().map_err(|e| format!("not a number: {e}"))?;
+    std::num::NonZeroUsize::new(n).filter(|n| n.get() <= 1024).ok_or_else(|| "must be between 1 and 1024".to_owned())
 }
