@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Memory per open keep-alive connection, Gatehouse against nginx: N client connections held
 # open, the first half after one proxied request each, the other half before any; each
-# proxy's resident memory (VmRSS) before and after, divided by N.
+# proxy's resident memory (VmRSS) before and after, divided by N. Gatehouse is measured
+# once its idle connections have parked (its gauge says all ASKED of them are). Each proxy
+# holds two waves of N connections, one after the other: the first wave's figure includes
+# the buffers its requests used, freed since but kept by the allocator for reuse; the second
+# wave reuses them, so its figure is what one more idle connection costs.
 #
 #   bash bench/connections.sh            # 8,000 connections
 #   N=2000 bash bench/connections.sh
@@ -40,10 +44,11 @@ gh_pid=${pids[-1]}
 
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 
-# hold NAME ADDR PID: warms the proxy up, holds N connections, prints its RSS before and
-# after and the bytes per connection.
+# hold NAME ADDR PID WAVE [ADMIN]: warms the proxy up, holds N connections, prints its RSS
+# before and after and the bytes per connection. With ADMIN (Gatehouse's admin address),
+# "after" is read once every connection that asked has parked.
 hold() {
-  local before after line
+  local before after line parked=""
   for _ in $(seq 100); do curl -fs "http://$2/" >/dev/null 2>&1 && break; sleep 0.1; done
   expect_1k "http://$2/"
   taskset -c "$LOAD_CPU" wrk -t1 -c64 -d2s "http://$2/" >/dev/null
@@ -51,13 +56,24 @@ hold() {
   coproc HOLD { taskset -c "$LOAD_CPU" python3 bench/hold_connections.py "$2" "$N" "$ASKED"; }
   read -r line <&"${HOLD[0]}"
   [ "$line" = "held $N" ] || { echo "$1: the client did not hold $N connections: $line" >&2; exit 1; }
+  if [ -n "${5:-}" ]; then
+    for _ in $(seq 600); do
+      parked=$(curl -fs "http://$5/metrics" | awk '/^gatehouse_client_connections_parked / { print $2 }')
+      [ "${parked:-0}" -ge "$ASKED" ] && break
+      sleep 0.1
+    done
+    [ "${parked:-0}" -ge "$ASKED" ] || { echo "$1: only ${parked:-0} of $ASKED connections parked" >&2; exit 1; }
+    parked=" ($parked parked)"
+  fi
   after=$(rss_kb "$3")
   eval "exec ${HOLD[1]}>&-"
   wait "$HOLD_PID" || true
-  printf '%-10s %8d kB -> %8d kB   %6d bytes per connection\n' "$1" "$before" "$after" \
-    $(((after - before) * 1024 / N))
+  printf '%-10s wave %d %8d kB -> %8d kB   %6d bytes per connection%s\n' "$1" "$4" "$before" "$after" \
+    $(((after - before) * 1024 / N)) "$parked"
 }
 
 echo "==> $N connections, $ASKED of them after one request (VmRSS of the proxy process)"
-hold nginx "$NGX" "$ngx_pid"
-hold gatehouse "$GH" "$gh_pid"
+for wave in 1 2; do
+  hold nginx "$NGX" "$ngx_pid" "$wave"
+  hold gatehouse "$GH" "$gh_pid" "$wave" "$GH_ADMIN"
+done

@@ -23,6 +23,7 @@ pub mod limits;
 pub mod metrics;
 pub mod middleware;
 pub mod model;
+pub mod park;
 pub mod pool;
 pub mod proxy;
 pub mod reply;
@@ -108,6 +109,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let open_connections = prometheus::IntGauge::new("gatehouse_client_connections", "Client connections open now")?;
     gw.metrics.registry().register(Box::new(open_connections.clone()))?;
+    let parked = prometheus::IntGauge::new(
+        "gatehouse_client_connections_parked",
+        "Client connections open with no request for a second or more, holding no HTTP buffers",
+    )?;
+    gw.metrics.registry().register(Box::new(parked.clone()))?;
+    let gauges = server::Gauges { open: open_connections, parked };
 
     let source = match (&cli.config, &cli.controller) {
         (Some(path), _) => Source::Standalone(Standalone::new(path.clone())?),
@@ -159,8 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let serve_clients = {
         let (stop, limits) = (stop.clone(), cli.limits.clone());
         move |_: usize, (plain, secure): (Option<std::net::TcpListener>, Option<std::net::TcpListener>)| {
-            let (handler, stop, limits, open) =
-                (proxy_handler.clone(), stop.clone(), limits.clone(), open_connections.clone());
+            let (handler, stop, limits, open) = (proxy_handler.clone(), stop.clone(), limits.clone(), gauges.clone());
             let listeners = [(plain, plain_cap.clone(), None), (secure, tls_cap.clone(), Some(acceptor.clone()))];
             async move {
                 let mut servers = Vec::new();

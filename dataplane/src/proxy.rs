@@ -105,12 +105,12 @@ pub async fn forward(
         }
     };
     let path = upstream_path(api, target, req.uri())?;
-    // A WebSocket: the client's half of the upgrade, and where to leave the tunnel. Over
+    // A WebSocket: where to leave the tunnel, and the key its handshake answers. Over
     // HTTP/2 to the upstream there is no Upgrade: the request goes as a plain one.
     let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
         Some(to) if !api.http2 && tunnel::is_websocket(req.method(), req.version(), req.headers()) => {
             let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
-            Some((to, hyper::upgrade::on(&mut req), key))
+            Some((to, key))
         }
         _ => None,
     };
@@ -170,7 +170,7 @@ pub async fn forward(
     let took = started.elapsed();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only the upgrade the client asked for, and the gateway passed on, may happen.
-        let Some((to, client, key)) = upgrade else {
+        let Some((to, key)) = upgrade else {
             tracing::warn!(api = %api.id, "upstream switched protocols on a request that did not ask to");
             return Err(GatewayError::UpstreamUnreachable);
         };
@@ -185,7 +185,7 @@ pub async fn forward(
         // The tunnel holds the target's slot for as long as it is open; the upgraded
         // connection is the tunnel's, never the pool's again.
         drop(lease);
-        to.0.leave(Tunnel { client, upstream, slot });
+        to.0.leave(Tunnel { upstream, slot });
         return Ok((resp.map(ProxyBody::Stream), took));
     }
     // The slot stays taken, and the connection out of the pool, until the body has been

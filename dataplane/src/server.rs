@@ -11,27 +11,28 @@
 //! - header size and count (hyper: 431), HTTP/2 streams and resets (h2: GOAWAY);
 //! - the drain on shutdown: past it, connections still open are dropped (a WebSocket
 //!   runs on its connection's task, so the drain waits for it too).
+//!
+//! Memory: a connection holds hyper's buffers only while it is in use. Before its first
+//! byte, and (HTTP/1.1) once idle through a tick of [`crate::park`], it is a small task
+//! waiting for the client's next bytes.
 
 use std::{
     convert::Infallible,
-    future::Future,
+    future::{Future, poll_fn},
     io,
     net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, Weak, atomic::Ordering},
-    task::{Context, Poll},
+    pin::{Pin, pin},
+    sync::{Arc, Weak},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
 use http::{Request, Response};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http2},
 };
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -45,8 +46,9 @@ use crate::{
     body::ProxyBody,
     cli::Limits,
     client_auth::ClientCert,
+    park::{Activity, Idle, Rewind, Ticks, Tracked},
     tls::Acceptor,
-    tunnel::{ConnState, UpgradeSlot},
+    tunnel::{ConnState, UpgradeSlot, has_token},
 };
 
 /// hyper's own default; any other value makes it allocate the header array per request.
@@ -71,9 +73,25 @@ impl Conn {
     }
 }
 
+/// The gauges a listener keeps: connections open, and those of them parked (HTTP/1.1, no
+/// request for a second or more, holding no HTTP buffers).
+#[derive(Clone)]
+pub struct Gauges {
+    pub open: IntGauge,
+    pub parked: IntGauge,
+}
+
+/// What every connection task of one listener shares.
+struct Shared {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    ticks: Arc<Ticks>,
+    gauges: Option<Gauges>,
+}
+
 /// Serves `listener` with `handler` until `stop` turns true, then drains connections for
 /// up to `limits.drain_timeout`. A connection holds one of `slots` (`--max-connections`,
-/// shared by the workers serving one address) while it is open; `open` counts them. With `tls`,
+/// shared by the workers serving one address) while it is open; `gauges` count them. With `tls`,
 /// every connection starts with a TLS handshake, on the connection's own task: it holds a
 /// connection slot, and it must end within the header-read timeout, which also bounds the
 /// first request (one deadline from `accept` to the first request's head).
@@ -83,7 +101,7 @@ pub async fn serve<H, F>(
     mut stop: watch::Receiver<bool>,
     limits: Limits,
     slots: Arc<Semaphore>,
-    open: Option<IntGauge>,
+    gauges: Option<Gauges>,
     tls: Option<Acceptor>,
 ) where
     H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
@@ -96,8 +114,9 @@ pub async fn serve<H, F>(
             return;
         }
     };
-    let builder = Arc::new(builder(&limits));
-    let graceful = GracefulShutdown::new();
+    let (h1, h2) = builders(&limits);
+    let shared = Arc::new(Shared { h1, h2, ticks: Arc::default(), gauges });
+    let ticking = tokio::spawn(shared.ticks.clone().run());
     let mut conns = JoinSet::new();
     let (header_read, idle) = (limits.header_read_timeout, limits.idle_timeout);
     loop {
@@ -129,14 +148,13 @@ pub async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let first_request_by = Instant::now() + header_read;
-        let (handler, builder, watcher, open, tls) =
-            (handler.clone(), builder.clone(), graceful.watcher(), open.clone(), tls.clone());
+        let (handler, shared, tls) = (handler.clone(), shared.clone(), tls.clone());
         let timing = Timing { first_request_by, header_read, idle };
         let mut draining = stop.clone();
         conns.spawn(async move {
             let _slot = slot;
-            if let Some(g) = &open {
-                g.inc();
+            if let Some(g) = &shared.gauges {
+                g.open.inc();
             }
             // Nothing of hyper's (or rustls's) is made before the client's first byte: its
             // buffers and state, several KiB, would sit on every connection a client or a
@@ -148,21 +166,19 @@ pub async fn serve<H, F>(
                 _ = draining.changed() => false,
             };
             if first_byte {
-                Box::pin(serve_accepted(&builder, watcher, stream, peer, tls, timing, handler)).await;
+                Box::pin(serve_accepted(&shared, draining, stream, peer, tls, timing, handler)).await;
             } else {
                 tracing::debug!(%peer, "closed before its first byte: by the client, the header-read timeout, or draining");
             }
-            if let Some(g) = &open {
-                g.dec();
+            if let Some(g) = &shared.gauges {
+                g.open.dec();
             }
         });
     }
     drop(listener);
-    let drained = async {
-        graceful.shutdown().await;
-        // Upgraded connections left hyper's watch; their tasks end with the tunnel.
-        while conns.join_next().await.is_some() {}
-    };
+    // Each connection sees `stop` too: an idle or parked one closes, a busy one after its
+    // response (HTTP/2: GOAWAY, then its streams finish). A WebSocket ends with its tunnel.
+    let drained = async { while conns.join_next().await.is_some() {} };
     tokio::select! {
         () = drained => tracing::debug!("connections drained"),
         () = tokio::time::sleep(limits.drain_timeout) => {
@@ -170,6 +186,7 @@ pub async fn serve<H, F>(
         }
     }
     conns.shutdown().await;
+    ticking.abort();
 }
 
 /// A connection's time limits: `Watched`'s first check falls on `first_request_by`.
@@ -181,10 +198,10 @@ struct Timing {
 }
 
 /// A connection whose first byte came: its TLS handshake, if it is on the TLS listener
-/// (within what is left of the header-read timeout), then hyper.
+/// (within what is left of the header-read timeout), then HTTP.
 async fn serve_accepted<H, F>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    shared: &Shared,
+    draining: watch::Receiver<bool>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     tls: Option<Acceptor>,
@@ -196,21 +213,25 @@ async fn serve_accepted<H, F>(
 {
     let Some(acceptor) = tls else {
         let conn = Conn::new(peer, false, ClientCert::default());
-        return serve_one(builder, watcher, stream, timing, handler, conn).await;
+        return serve_one(shared, draining, stream, timing, handler, conn).await;
     };
-    match tokio::time::timeout_at(timing.first_request_by, acceptor.accept(stream)).await {
+    // Boxed, like the HTTP/2 connection and the tunnel below: a task is as large as its
+    // largest state, and a parked HTTP/1.1 connection would otherwise carry the room
+    // for them all.
+    match tokio::time::timeout_at(timing.first_request_by, Box::pin(acceptor.accept(stream))).await {
         Ok(Ok((stream, cert))) => {
-            serve_one(builder, watcher, stream, timing, handler, Conn::new(peer, true, cert)).await
+            Box::pin(serve_one(shared, draining, stream, timing, handler, Conn::new(peer, true, cert))).await
         }
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
     }
 }
 
-/// Serves one connection (plain, or TLS once the handshake is done) with hyper.
+/// Serves one connection (plain, or TLS once the handshake is done): HTTP/2 if it starts
+/// with HTTP/2's preface (prior knowledge, or ALPN `h2`), HTTP/1.1 otherwise.
 async fn serve_one<S, H, F>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    shared: &Shared,
+    mut draining: watch::Receiver<bool>,
     stream: S,
     timing: Timing,
     handler: H,
@@ -221,47 +242,285 @@ async fn serve_one<S, H, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let peer = conn.peer;
-    let (io, busy) = Watched::new(stream, timing);
-    let state = busy.clone();
-    let svc = service_fn(move |mut req: Request<Incoming>| {
+    let (mut io, state) = Watched::new(Rewind::new(stream), timing);
+    let h2 = tokio::select! {
+        h2 = sniff(&mut io) => match h2 {
+            Ok(h2) => h2,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no request");
+                return;
+            }
+        },
+        _ = draining.changed() => return,
+    };
+    let svc = Svc { handler, conn, busy: state.clone(), activity: io.activity.clone() };
+    if h2 {
+        io.protocol = Protocol::Http2;
+        let c = shared.h2.serve_connection(TokioIo::new(io), svc);
+        if let Err(e) = Box::pin(until_drained(c, draining, |c| c.graceful_shutdown())).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        return;
+    }
+    io.protocol = Protocol::Http1;
+    serve_http1(shared, draining, io, state, svc, timing).await;
+}
+
+/// Polls `conn` to its end; once `draining` turns, tells it to finish (`shutdown`).
+async fn until_drained<C: Future>(
+    conn: C,
+    mut draining: watch::Receiver<bool>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    let mut conn = pin!(conn);
+    tokio::select! {
+        out = conn.as_mut() => return out,
+        _ = draining.changed() => shutdown(conn.as_mut()),
+    }
+    conn.await
+}
+
+/// The first bytes of a connection, read into `io`'s front until they tell HTTP/2's
+/// preface from anything else: whether it is HTTP/2.
+async fn sniff<S: AsyncRead + Unpin>(io: &mut Watched<S>) -> io::Result<bool> {
+    loop {
+        let front = io.stream.front();
+        let undecided = front.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(front);
+        if !undecided {
+            return Ok(front.starts_with(H2_PREFACE_START));
+        }
+        if read_more(io).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Waits for the client's next bytes (under `Watched`'s time limits) and adds them to
+/// `io`'s front; 0 at the end of the stream. The buffer lives only while bytes are there
+/// to copy, so a connection waiting here holds none.
+async fn read_more<S: AsyncRead + Unpin>(io: &mut Watched<S>) -> io::Result<usize> {
+    poll_fn(|cx| {
+        let mut buf = [0u8; 2048];
+        let mut read = ReadBuf::new(&mut buf);
+        ready!(io.poll_behind_front(cx, &mut read))?;
+        io.stream.append(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
+/// How hyper's HTTP/1.1 connection ended.
+enum Ended {
+    /// By hyper: the client closed, keep-alive ended, or an upgrade (hyper hands the
+    /// socket back in every case).
+    Closed,
+    /// Idle, closed at the server's asking; the socket goes on.
+    Parked,
+    Failed(hyper::Error),
+}
+
+/// HTTP/1.1: hyper serves until the connection closes, or parks it when idle ([`park`]):
+/// then this task holds just the socket, reads the client's next bytes, and starts a new
+/// hyper connection with them in front.
+///
+/// [`park`]: crate::park
+async fn serve_http1<S, H, F>(
+    shared: &Shared,
+    mut draining: watch::Receiver<bool>,
+    mut io: Watched<S>,
+    state: Weak<ConnState>,
+    svc: Svc<H>,
+    timing: Timing,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let peer = svc.conn.peer;
+    loop {
+        // Boxed: hyper's state, several hundred bytes, would otherwise stay in this task
+        // while the connection is parked.
+        let mut c = Box::new(shared.h1.serve_connection(TokioIo::new(io), svc.clone()));
+        let ended = drive_http1(&mut c, &mut draining, &shared.ticks, &state, &svc.activity).await;
+        let parts = c.into_parts();
+        io = parts.io.into_inner();
+        io.stream.put_back(parts.read_buf);
+        match ended {
+            Ended::Failed(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                return;
+            }
+            Ended::Closed => {
+                // hyper handed an upgraded connection back: join it to its upstream here,
+                // holding the connection's slot. `state` counts as a request in flight for
+                // `Watched`, whose own checks stop: the tunnel has its idle timeout.
+                if let Some(state) = state.upgrade()
+                    && let Some(tunnel) = state.take()
+                {
+                    Box::pin(tunnel.run(io, timing.idle, peer)).await;
+                    return;
+                }
+                // hyper has flushed and shut the socket down.
+                return;
+            }
+            Ended::Parked => {}
+        }
+        let gauge = shared.gauges.as_ref().map(|g| &g.parked);
+        if let Some(g) = gauge {
+            g.inc();
+        }
+        let more = tokio::select! {
+            more = read_more(&mut io) => more,
+            _ = draining.changed() => Ok(0),
+        };
+        if let Some(g) = gauge {
+            g.dec();
+        }
+        match more {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "parked connection closed");
+                return;
+            }
+        }
+    }
+}
+
+/// Polls hyper's HTTP/1.1 connection until it ends, telling it to finish when `draining`
+/// turns, and parking it once it has been idle through a tick.
+async fn drive_http1<I, H, F>(
+    c: &mut http1::Connection<I, Svc<H>>,
+    draining: &mut watch::Receiver<bool>,
+    ticks: &Ticks,
+    state: &Weak<ConnState>,
+    activity: &Activity,
+) -> Ended
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let mut drain = pin!(draining.changed());
+    let mut closing = false;
+    let mut idle = Idle::default();
+    poll_fn(|cx| {
+        if !closing && drain.as_mut().poll(cx).is_ready() {
+            Pin::new(&mut *c).graceful_shutdown();
+            closing = true;
+        }
+        // Polled as a future: when hyper ends the connection it flushes what it has
+        // buffered, then shuts the socket down (an upgrade ends before that, leaving the
+        // socket to the tunnel).
+        match Pin::new(&mut *c).poll(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Ended::Closed),
+            Poll::Ready(Err(e)) => return Poll::Ready(Ended::Failed(e)),
+            Poll::Pending => {}
+        }
+        // No request being answered (the service holds `state` while it answers one, and
+        // an upgrade's slot holds it too), no body left, nothing unflushed, and no request
+        // after which hyper may close on its own.
+        let quiet = activity.parkable() && Weak::strong_count(state) == 1 && activity.quiet();
+        if closing || !idle.due(ticks, cx, quiet, activity.requests()) {
+            return Poll::Pending;
+        }
+        // hyper closes at once only if it is idle; one busy after all (a request body
+        // still arriving for a request already answered) closes after it instead, and the
+        // socket is not kept: its place in the byte stream is hyper's to know. Without
+        // shutdown: the socket goes on. Nothing is left unflushed (`quiet`).
+        Pin::new(&mut *c).graceful_shutdown();
+        match c.poll_without_shutdown(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ended::Parked),
+            Poll::Ready(Err(e)) => Poll::Ready(Ended::Failed(e)),
+            Poll::Pending => {
+                closing = true;
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+/// The service hyper calls per request: counts it, marks it in flight while it is being
+/// answered, and tracks its response body.
+struct Svc<H> {
+    handler: H,
+    conn: Conn,
+    busy: Weak<ConnState>,
+    activity: Arc<Activity>,
+}
+
+// Nothing of a `Svc` is ever pinned in place (hyper asks for `Unpin` to hand it back).
+impl<H> Unpin for Svc<H> {}
+
+impl<H: Clone> Clone for Svc<H> {
+    fn clone(&self) -> Self {
+        Self {
+            handler: self.handler.clone(),
+            conn: self.conn.clone(),
+            busy: self.busy.clone(),
+            activity: self.activity.clone(),
+        }
+    }
+}
+
+impl<H, F> hyper::service::Service<Request<Incoming>> for Svc<H>
+where
+    H: Fn(Request<Incoming>, Conn) -> F,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    type Response = Response<Tracked<ProxyBody>>;
+    type Error = Infallible;
+    type Future = Answer<F>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Answer<F> {
+        self.activity.started();
         // Held while the request is being answered, so an idle check never closes a
         // connection that waits on its upstream.
-        let in_flight = busy.upgrade();
-        if let Some(b) = &in_flight {
-            b.requests.fetch_add(1, Ordering::Relaxed);
-            // Only a request that may upgrade is told where to leave its tunnel.
-            if req.version() == http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE) {
-                req.extensions_mut().insert(UpgradeSlot(b.clone()));
-            }
+        let in_flight = self.busy.upgrade();
+        let http11 = req.version() == http::Version::HTTP_11;
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        if !http11 || upgrade || has_token(req.headers(), &http::header::CONNECTION, "close") {
+            self.activity.never_park();
+        }
+        // Only a request that may upgrade is told where to leave its tunnel.
+        if let Some(b) = &in_flight
+            && http11
+            && upgrade
+        {
+            req.extensions_mut().insert(UpgradeSlot(b.clone()));
         }
         // Boxed where it is made: the request's future is large (the whole chain), and
         // hyper moves the future it gets into its own slot. Inline, every move copied all
         // of it (a quarter of the user-space instructions per proxied request, measured
         // with callgrind); boxed, hyper moves a pointer.
-        let fut = Box::pin(handler(req, conn.clone()));
-        async move {
-            let resp = fut.await;
-            drop(in_flight);
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
-    if let Err(e) = watcher.watch(c).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
-    }
-    // hyper handed an upgraded connection back: join it to its upstream here, holding
-    // the connection's slot. `state` counts as a request in flight for `Watched`, whose
-    // own checks stop: the tunnel has its idle timeout.
-    if let Some(state) = state.upgrade()
-        && let Some(tunnel) = state.take()
-    {
-        tunnel.run(timing.idle, peer).await;
+        let answer = Box::pin((self.handler)(req, self.conn.clone()));
+        Answer { answer, in_flight, activity: Some(self.activity.clone()) }
     }
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    let mut h1 = b.http1();
+/// A request being answered.
+pub struct Answer<F> {
+    answer: Pin<Box<F>>,
+    in_flight: Option<Arc<ConnState>>,
+    activity: Option<Arc<Activity>>,
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for Answer<F> {
+    type Output = Result<Response<Tracked<ProxyBody>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = ready!(self.answer.as_mut().poll(cx));
+        // The body counts before the request stops counting: never a moment with neither.
+        let activity = self.activity.take().unwrap_or_default();
+        let resp = resp.map(|b| Tracked::new(b, activity));
+        self.in_flight = None;
+        Poll::Ready(Ok(resp))
+    }
+}
+
+fn builders(limits: &Limits) -> (http1::Builder, http2::Builder<TokioExecutor>) {
+    let mut h1 = http1::Builder::new();
     // `Watched` bounds the wait for a request head, with one timer per connection: hyper's
     // own timer costs an allocation, a clock read and a timer-wheel insert per request.
     h1.header_read_timeout(None)
@@ -271,13 +530,13 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     if limits.max_headers != HYPER_MAX_HEADERS {
         h1.max_headers(limits.max_headers as usize);
     }
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes)
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.http2_max_pending_accept_reset_streams)
         .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams);
-    b
+    (h1, h2)
 }
 
 /// A client connection that closes itself when it stalls, checked by one timer per
@@ -294,13 +553,15 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// hyper 1.12 has no idle timeout (HTTP/2 has none at all), and its header-read timer
 /// starts only once it knows the protocol, after the first bytes.
 struct Watched<S> {
-    stream: S,
+    stream: Rewind<S>,
     timer: Pin<Box<Sleep>>,
     header_read: Duration,
     idle: Duration,
-    /// Requests started (the service counts them); alive while requests are in flight
-    /// (`Weak::upgrade` in the service) or a tunnel runs.
+    /// Alive beyond this one while requests are in flight (`Weak::upgrade` in the
+    /// service) or a tunnel runs.
     state: Arc<ConnState>,
+    /// Requests started (the service counts them), and writes flushed (counted here).
+    activity: Arc<Activity>,
     /// `requests` when the timer last fired, and whether one was in flight then.
     seen: u32,
     was_in_flight: bool,
@@ -321,7 +582,7 @@ enum Protocol {
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
 impl<S> Watched<S> {
-    fn new(stream: S, timing: Timing) -> (Self, Weak<ConnState>) {
+    fn new(stream: Rewind<S>, timing: Timing) -> (Self, Weak<ConnState>) {
         let Timing { first_request_by, header_read, idle } = timing;
         let state = Arc::new(ConnState::default());
         let weak = Arc::downgrade(&state);
@@ -333,6 +594,7 @@ impl<S> Watched<S> {
             header_read,
             idle,
             state,
+            activity: Arc::default(),
             seen: 0,
             was_in_flight: false,
             read: false,
@@ -357,7 +619,7 @@ impl<S> Watched<S> {
 
     /// Polled while the connection waits to read: whether it has stalled for good.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        if !self.serving && self.state.requests.load(Ordering::Relaxed) > 0 {
+        if !self.serving && self.activity.requests() > 0 {
             // The first request came: from now on the protocol's period applies. Once per
             // connection.
             self.serving = true;
@@ -365,7 +627,7 @@ impl<S> Watched<S> {
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             let in_flight = Arc::strong_count(&self.state) > 1;
-            let requests = self.state.requests.load(Ordering::Relaxed);
+            let requests = self.activity.requests();
             if requests == 0 && !in_flight {
                 return Some(io::Error::new(io::ErrorKind::TimedOut, "no request within the header-read timeout"));
             }
@@ -381,32 +643,39 @@ impl<S> Watched<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+impl<S: AsyncRead + Unpin> Watched<S> {
+    /// Reads from the stream behind the bytes put in front, under the same checks.
+    fn poll_behind_front(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let new = &buf.filled()[before..];
-                if !new.is_empty() {
-                    self.read = true;
-                    if self.protocol == Protocol::Unknown && new.len() >= H2_PREFACE_START.len() {
-                        let h2 = new.starts_with(H2_PREFACE_START);
-                        self.protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
+        let r = Pin::new(&mut self.stream.stream).poll_read(cx, buf);
+        self.checked(cx, r, buf.filled().len() > before)
+    }
+
+    fn checked(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<()>>, got: bool) -> Poll<io::Result<()>> {
+        match r {
             Poll::Pending => match self.stalled(cx) {
                 Some(e) => Poll::Ready(Err(e)),
                 None => Poll::Pending,
             },
-            other => other,
+            ready => {
+                self.read |= got;
+                ready
+            }
         }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.checked(cx, r, buf.filled().len() > before)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.activity.wrote();
         let r = Pin::new(&mut self.stream).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
@@ -421,6 +690,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.activity.wrote();
         let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r
             && n > 0
@@ -435,7 +705,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let r = Pin::new(&mut self.stream).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            self.activity.flushed();
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

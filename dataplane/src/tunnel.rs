@@ -14,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -30,12 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::slots::Slot;
 
 /// What one client connection shares between the server, which watches it, and the
-/// requests on it: how many requests started (`server::Watched` counts them, and treats
-/// a live `Arc` of this beyond its own as a request in flight), and the tunnel an upgrade
-/// request left to run once hyper hands the connection back.
+/// requests on it: the tunnel an upgrade request left to run once hyper hands the
+/// connection back. `server::Watched` treats a live `Arc` of this beyond its own as a
+/// request in flight.
 #[derive(Default)]
 pub struct ConnState {
-    pub requests: AtomicU32,
     tunnel: Mutex<Option<Tunnel>>,
 }
 
@@ -56,9 +55,9 @@ impl ConnState {
 #[derive(Clone)]
 pub struct UpgradeSlot(pub std::sync::Arc<ConnState>);
 
-/// Both ends of an upgraded exchange, and the upstream target's slot.
+/// The upstream's end of an upgraded exchange (the client's is the connection the server
+/// holds), and the upstream target's slot.
 pub struct Tunnel {
-    pub client: OnUpgrade,
     pub upstream: OnUpgrade,
     pub slot: Option<Slot>,
 }
@@ -66,17 +65,16 @@ pub struct Tunnel {
 impl Tunnel {
     /// Copies both ways until either side closes, or nothing has moved for a whole
     /// `idle` period (checked once per period: closed after one to two of them).
-    pub async fn run(self, idle: Duration, peer: std::net::SocketAddr) {
-        let (client, upstream) = match tokio::join!(self.client, self.upstream) {
-            (Ok(c), Ok(u)) => (c, u),
-            (c, u) => {
-                let error = c.err().or(u.err()).map(|e| e.to_string()).unwrap_or_default();
-                tracing::debug!(%peer, %error, "upgrade did not complete");
+    pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(self, client: C, idle: Duration, peer: std::net::SocketAddr) {
+        let upstream = match self.upstream.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "upgrade did not complete");
                 return;
             }
         };
         let moved = AtomicBool::new(false);
-        let mut client = Active { io: TokioIo::new(client), moved: &moved };
+        let mut client = Active { io: client, moved: &moved };
         let mut upstream = TokioIo::new(upstream);
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
@@ -169,7 +167,7 @@ pub fn completes_handshake(request_key: Option<&HeaderValue>, response: &HeaderM
         && response.get(header::SEC_WEBSOCKET_ACCEPT).is_some_and(|a| a.as_bytes() == accept.as_bytes())
 }
 
-fn has_token(h: &HeaderMap, name: &header::HeaderName, token: &str) -> bool {
+pub fn has_token(h: &HeaderMap, name: &header::HeaderName, token: &str) -> bool {
     h.get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
