@@ -73,10 +73,12 @@ impl Activity {
         self.flushed.store(true, Ordering::Relaxed);
     }
 
-    /// The connection is never to be parked: hyper closes one whose request asked it to
-    /// (HTTP/1.0, `Connection: close`) or that upgrades as soon as it has answered, even
-    /// while that request's body is still arriving. What follows on the socket is then no
-    /// next request, and a new hyper connection must never read it as one.
+    /// The connection is never to be parked. hyper may end a connection whose request
+    /// turned keep-alive off (HTTP/1.0, `Connection: close`, `Transfer-Encoding` with
+    /// `Content-Length`) as soon as it has answered, with that request's body still
+    /// arriving: what follows on the socket is then no next request, and a new hyper
+    /// connection must never read it as one. And after a request that asked for an upgrade
+    /// (or a `CONNECT`), hyper's end of a connection is no longer an idle one.
     pub fn never_park(&self) {
         self.parkable.store(false, Ordering::Relaxed);
     }

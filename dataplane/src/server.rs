@@ -29,13 +29,13 @@ use std::{
 
 use http::{Request, Response};
 use hyper::{
-    body::Incoming,
+    body::{Body as _, Incoming},
     server::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpListener,
     sync::{Semaphore, watch},
     task::JoinSet,
@@ -360,22 +360,21 @@ async fn serve_http1<S, H, F>(
                     Box::pin(tunnel.run(io, timing.idle, peer)).await;
                     return;
                 }
-                // hyper has flushed and shut the socket down.
+                // hyper has flushed and shut the socket down, except when a request of the
+                // connection asked for an upgrade it did not get: hyper then returns
+                // before that. Bounded: a client that reads nothing can hold a TLS
+                // close_notify up.
+                let _ = tokio::time::timeout(timing.header_read, io.shutdown()).await;
                 return;
             }
             Ended::Parked => {}
         }
-        let gauge = shared.gauges.as_ref().map(|g| &g.parked);
-        if let Some(g) = gauge {
-            g.inc();
-        }
+        let parked = shared.gauges.as_ref().map(|g| Counted::new(&g.parked));
         let more = tokio::select! {
             more = read_more(&mut io) => more,
             _ = draining.changed() => Ok(0),
         };
-        if let Some(g) = gauge {
-            g.dec();
-        }
+        drop(parked);
         match more {
             Ok(0) => return,
             Ok(_) => {}
@@ -384,6 +383,22 @@ async fn serve_http1<S, H, F>(
                 return;
             }
         }
+    }
+}
+
+/// One on a gauge while it lives, however the task holding it ends (an abort included).
+struct Counted<'a>(&'a IntGauge);
+
+impl<'a> Counted<'a> {
+    fn new(g: &'a IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -480,7 +495,7 @@ where
         let in_flight = self.busy.upgrade();
         let http11 = req.version() == http::Version::HTTP_11;
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        if !http11 || upgrade || has_token(req.headers(), &http::header::CONNECTION, "close") {
+        if upgrade || req.method() == http::Method::CONNECT || (!req.body().is_end_stream() && may_close_early(&req)) {
             self.activity.never_park();
         }
         // Only a request that may upgrade is told where to leave its tunnel.
@@ -497,6 +512,17 @@ where
         let answer = Box::pin((self.handler)(req, self.conn.clone()));
         Answer { answer, in_flight, activity: Some(self.activity.clone()) }
     }
+}
+
+/// Whether hyper may end the connection of `req`, a request with a body still to come, as
+/// soon as it has answered, with the rest of the body unread: keep-alive is off for it
+/// (HTTP/1.0, `Connection: close`, or `Transfer-Encoding` beside a `Content-Length`
+/// hyper has already taken out of the headers).
+fn may_close_early(req: &Request<Incoming>) -> bool {
+    let h = req.headers();
+    req.version() != http::Version::HTTP_11
+        || h.contains_key(http::header::TRANSFER_ENCODING)
+        || has_token(h, &http::header::CONNECTION, "close")
 }
 
 /// A request being answered.
