@@ -95,13 +95,14 @@ expect_1k() {
 # cpu_ticks N: busy and total jiffies of CPU N so far, from /proc/stat.
 cpu_ticks() { awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat; }
 
-# measure URL: prints "rps p50_ms p99_ms proxy_cpu_%" for one wrk run (the last: how busy
-# the proxy's CPU was: under 100, the proxy was not what limited the run); fails on any
-# non-2xx answer. WRK_ARGS (an array) adds wrk options, e.g. a header.
+# measure URL: prints "rps p50_ms p99_ms proxy_cpu_% load_cpu_%" for one wrk run (how busy
+# the proxy's CPU and the load CPU were: with the proxy's under 100 and the load's at 100,
+# wrk and the upstream set the pace, not the proxy); fails on any non-2xx answer. WRK_ARGS
+# (an array) adds wrk options, e.g. a header.
 WRK_ARGS=()
 measure() {
-  local before after out
-  before=$(cpu_ticks "$PROXY_CPU")
+  local before after lbefore lafter out
+  before=$(cpu_ticks "$PROXY_CPU") lbefore=$(cpu_ticks "$LOAD_CPU")
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$1" | awk '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /Requests\/sec/ { rps = $2 }
@@ -109,9 +110,12 @@ measure() {
     $1 == "99%" { p99 = ms($2) }
     / Non-2xx/ { bad = $NF }
     END { if (bad) { print "wrk saw non-2xx answers" > "/dev/stderr"; exit 1 } printf "%.0f %.3f %.3f\n", rps, p50, p99 }')
-  after=$(cpu_ticks "$PROXY_CPU")
-  echo "$out $(echo "$before $after" | awk '{ t = $4 - $2; printf "%.0f", (t > 0 ? 100 * ($3 - $1) / t : 0) }')"
+  after=$(cpu_ticks "$PROXY_CPU") lafter=$(cpu_ticks "$LOAD_CPU")
+  echo "$out $(busy "$before" "$after") $(busy "$lbefore" "$lafter")"
 }
+
+# busy BEFORE AFTER: the busy % between two cpu_ticks readings.
+busy() { echo "$1 $2" | awk '{ t = $4 - $2; printf "%.0f", (t > 0 ? 100 * ($3 - $1) / t : 0) }'; }
 
 # col N FILE: the median of column N.
 col() { awk -v c="$1" '{ print $c }' "$2" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
@@ -123,14 +127,16 @@ compare() {
   : > "$work/a.txt"; : > "$work/b.txt"
   for r in $(seq "$ROUNDS"); do
     a=$(measure "$2"); b=$(measure "$4")
-    echo "round $r: $1 $a | $3 $b   (rps p50_ms p99_ms proxy_cpu_%)"
+    echo "round $r: $1 $a | $3 $b   (rps p50_ms p99_ms proxy_cpu_% load_cpu_%)"
     echo "$a" >> "$work/a.txt"; echo "$b" >> "$work/b.txt"
   done
   echo
-  echo "| $5 | requests/s | p50 ms | p99 ms | CPU $PROXY_CPU busy % |"
-  echo "| --- | --- | --- | --- | --- |"
-  echo "| $1 | $(col 1 "$work/a.txt") | $(col 2 "$work/a.txt") | $(col 3 "$work/a.txt") | $(col 4 "$work/a.txt") |"
-  echo "| $3 | $(col 1 "$work/b.txt") | $(col 2 "$work/b.txt") | $(col 3 "$work/b.txt") | $(col 4 "$work/b.txt") |"
+  echo "| $5 | requests/s | p50 ms | p99 ms | CPU $PROXY_CPU busy % | load CPU $LOAD_CPU busy % |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  for f in a:"$1" b:"$3"; do
+    local t="$work/${f%%:*}.txt"
+    echo "| ${f#*:} | $(col 1 "$t") | $(col 2 "$t") | $(col 3 "$t") | $(col 4 "$t") | $(col 5 "$t") |"
+  done
   echo
   awk -v a="$(col 1 "$work/a.txt")" -v b="$(col 1 "$work/b.txt")" -v n="$ROUNDS" -v d="$DURATION" -v c="$CONNS" -v an="$1" -v bn="$3" \
     'BEGIN { printf "ratio %s/%s: %.3f (median of %d rounds, %s each, %d connections)\n", bn, an, b / a, n, d, c }'

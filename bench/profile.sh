@@ -30,7 +30,7 @@ start_gatehouse "$GH" 127.0.0.1:28093 "$work/gh"
 gh_pid=${pids[-1]}
 expect_1k "http://$NGX/"
 expect_1k "http://$GH/"
-echo "without perf (rps p50_ms p99_ms proxy_cpu_%): nginx $(measure "http://$NGX/") | gatehouse $(measure "http://$GH/")"
+echo "without perf (rps p50_ms p99_ms proxy_cpu_% load_cpu_%): nginx $(measure "http://$NGX/") | gatehouse $(measure "http://$GH/")"
 
 # syscalls NAME PID URL: system calls per request over a 5 s run.
 syscalls() {
