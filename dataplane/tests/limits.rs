@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
+use common::{raw::*, *};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::{
@@ -29,36 +29,6 @@ async fn read_until_closed(s: &mut TcpStream, what: &str) -> Vec<u8> {
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
         }
     }
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length body; returns its status line and body.
-async fn read_response(s: &mut TcpStream) -> (String, String) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).into_owned();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                .unwrap_or(0);
-            if got.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + len]).into_owned();
-                return (head.lines().next().unwrap_or_default().to_owned(), body);
-            }
-        }
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => panic!("no full response within {PATIENCE:?}; got {:?}", String::from_utf8_lossy(&got)),
-            Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed mid-response: {:?}", String::from_utf8_lossy(&got)),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-async fn get_on(s: &mut TcpStream, path: &str) -> (String, String) {
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.unwrap();
-    read_response(s).await
 }
 
 /// An API whose upstream has a `timeout`.

@@ -7,54 +7,13 @@
 
 mod common;
 
-use common::*;
+use common::{raw::*, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
 const PARKED: &str = "gatehouse_client_connections_parked";
-
-/// Reads one HTTP/1.1 response, Content-Length or chunked; returns its status line and body.
-async fn read_response(s: &mut TcpStream) -> (String, String) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).into_owned();
-            let lower = head.to_ascii_lowercase();
-            let rest = &got[end + 4..];
-            let body = if lower.contains("transfer-encoding: chunked") {
-                rest.windows(5).position(|w| w == b"0\r\n\r\n").map(|_| dechunk(rest))
-            } else {
-                let len: usize = lower
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                    .unwrap_or(0);
-                (rest.len() >= len).then(|| String::from_utf8_lossy(&rest[..len]).into_owned())
-            };
-            if let Some(body) = body {
-                got.drain(..end + 4);
-                return (head.lines().next().unwrap_or_default().to_owned(), body);
-            }
-        }
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => panic!("no full response within {PATIENCE:?}; got {:?}", String::from_utf8_lossy(&got)),
-            Ok(Ok(0)) | Ok(Err(_)) => panic!("connection closed mid-response: {:?}", String::from_utf8_lossy(&got)),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-fn dechunk(b: &[u8]) -> String {
-    String::from_utf8(dechunk_bytes(b)).unwrap()
-}
-
-async fn get_on(s: &mut TcpStream, path: &str) -> (String, String) {
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.unwrap();
-    read_response(s).await
-}
 
 async fn gateway(up: &Upstream, extra: &[&str]) -> (ConfigDir, Gatehouse) {
     let cfg = ConfigDir::new();

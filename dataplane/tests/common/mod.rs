@@ -26,6 +26,7 @@ use hyper_util::{
 use tokio::sync::Notify;
 
 pub mod certs;
+pub mod raw;
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
