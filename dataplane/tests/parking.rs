@@ -175,6 +175,51 @@ async fn the_rest_of_a_body_after_a_closing_answer_is_never_read_as_a_request() 
     assert_eq!(up.hits(), 3, "only the control connection's requests reached the upstream");
 }
 
+/// Requests that turn keep-alive off (`Transfer-Encoding` beside `Content-Length`,
+/// `Connection: close`, HTTP/1.0) answered by an upstream that goes on reading their
+/// bodies: each connection stays open for its body, idle, and is never parked, so the body's
+/// end and what follows it are never read as a next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_still_coming_after_a_keep_alive_off_answer_is_never_read_as_a_request() {
+    let up = Upstream::start("up").await;
+    let (_cfg, gw) = gateway(&up, &["--workers", "1"]).await;
+
+    let smuggled = "GET /a/smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let chunked = ("Transfer-Encoding: chunked\r\n", "4\r\nabcd\r\n", format!("0\r\n\r\n{smuggled}"));
+    let variants = [
+        ("HTTP/1.1", format!("{}Content-Length: 3\r\n", chunked.0), chunked.1, chunked.2.clone()),
+        (
+            "HTTP/1.1",
+            format!("Connection: close\r\nContent-Length: {}\r\n", 4 + smuggled.len()),
+            "abcd",
+            smuggled.to_owned(),
+        ),
+        ("HTTP/1.0", format!("Content-Length: {}\r\n", 4 + smuggled.len()), "abcd", smuggled.to_owned()),
+    ];
+    let mut suspects = Vec::new();
+    for (version, headers, first, rest) in variants {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(format!("POST /a/early {version}\r\nHost: a\r\n{headers}\r\n{first}").as_bytes()).await.unwrap();
+        let (status, body) = read_response(&mut s).await;
+        assert!(status.ends_with(" 200 OK") && body == "early", "{version} {headers:?}: {status} {body}");
+        suspects.push((s, rest));
+    }
+    // Ticks enough for an idle connection to park pass (another one parks, twice), and
+    // only that one is parked.
+    let mut control = TcpStream::connect(gw.addr).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(get_on(&mut control, "/a/control").await.0, "HTTP/1.1 200 OK");
+        parked(&gw, 1.0).await;
+    }
+    for (mut s, rest) in suspects {
+        let _ = s.write_all(rest.as_bytes()).await;
+        let mut after = Vec::new();
+        let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut after)).await.expect("the connection closes");
+        assert!(end.is_err() || after.is_empty(), "nothing more is answered: {:?}", String::from_utf8_lossy(&after));
+    }
+    assert_eq!(up.hits(), 5, "the three early requests and the control connection's two");
+}
+
 /// A closing response larger than the socket can hold, to a client that reads slowly:
 /// hyper's buffered tail is flushed before the socket is shut down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

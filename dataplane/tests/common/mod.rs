@@ -42,6 +42,7 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// - `/echo`: reads the request body, sends it back
 /// - `/gate`: streams "one", waits for the test to open the gate, then "two"
 /// - `/empty`: 204, no body
+/// - `/early`: answers "early" at once and goes on reading the request body after
 /// - anything else: JSON with the method, path, query, headers and the upstream's name
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -143,6 +144,11 @@ async fn upstream_route(
                 }
             });
             Response::new(body.boxed())
+        }
+        "/early" => {
+            let mut body = req.into_body();
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+            text("early".to_owned())
         }
         "/empty" => {
             let mut r = Response::new(Full::new(Bytes::new()).boxed());
