@@ -197,8 +197,10 @@ struct Timing {
     idle: Duration,
 }
 
-/// A connection whose first byte came: its TLS handshake, if it is on the TLS listener
-/// (within what is left of the header-read timeout), then HTTP.
+/// A connection whose first byte came: its TLS handshake, if it is on the TLS listener,
+/// then HTTP. Each way is boxed: a task is as large as its largest state, and a parked
+/// plain HTTP/1.1 connection would otherwise carry room for rustls's connection too
+/// (measured: 3.3 KB of future per connection, 1.3 KB boxed).
 async fn serve_accepted<H, F>(
     shared: &Shared,
     draining: watch::Receiver<bool>,
@@ -211,20 +213,35 @@ async fn serve_accepted<H, F>(
     H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let Some(acceptor) = tls else {
-        let conn = Conn::new(peer, false, ClientCert::default());
-        return serve_one(shared, draining, stream, timing, handler, conn).await;
-    };
-    // Boxed, like the HTTP/2 connection and the tunnel below: a task is as large as its
-    // largest state, and a parked HTTP/1.1 connection would otherwise carry the room
-    // for them all.
-    match tokio::time::timeout_at(timing.first_request_by, Box::pin(acceptor.accept(stream))).await {
-        Ok(Ok((stream, cert))) => {
-            Box::pin(serve_one(shared, draining, stream, timing, handler, Conn::new(peer, true, cert))).await
+    match tls {
+        None => {
+            let conn = Conn::new(peer, false, ClientCert::default());
+            Box::pin(serve_one(shared, draining, stream, timing, handler, conn)).await
         }
-        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-        Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
+        Some(acceptor) => Box::pin(serve_tls(shared, draining, stream, peer, acceptor, timing, handler)).await,
     }
+}
+
+/// The TLS handshake, within what is left of the header-read timeout, then HTTP.
+async fn serve_tls<H, F>(
+    shared: &Shared,
+    draining: watch::Receiver<bool>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: Acceptor,
+    timing: Timing,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let accepted = tokio::time::timeout_at(timing.first_request_by, Box::pin(acceptor.accept(stream))).await;
+    let (stream, cert) = match accepted {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake not done within the header-read timeout"),
+    };
+    Box::pin(serve_one(shared, draining, stream, timing, handler, Conn::new(peer, true, cert))).await
 }
 
 /// Serves one connection (plain, or TLS once the handshake is done): HTTP/2 if it starts
@@ -342,9 +359,11 @@ async fn serve_http1<S, H, F>(
         // while the connection is parked.
         let mut c = Box::new(shared.h1.serve_connection(TokioIo::new(io), svc.clone()));
         let ended = drive_http1(&mut c, &mut draining, &shared.ticks, &state, &svc.activity).await;
-        let parts = c.into_parts();
-        io = parts.io.into_inner();
-        io.stream.put_back(parts.read_buf);
+        // Taken apart at once: the service hyper hands back is a clone of `svc`, and
+        // kept it would sit in this task while parked.
+        let http1::Parts { io: taken, read_buf, .. } = c.into_parts();
+        io = taken.into_inner();
+        io.stream.put_back(read_buf);
         match ended {
             Ended::Failed(e) => {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -740,5 +759,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        limits: Limits,
+    }
+
+    /// A connection's task is as large as its largest state, for as long as it lives: a
+    /// parked plain HTTP/1.1 connection must not carry room for rustls's connection, an
+    /// HTTP/2 connection or a tunnel (they are boxed where they start).
+    #[tokio::test]
+    async fn a_plain_connection_s_futures_stay_small() {
+        let (h1, h2) = builders(&Flags::parse_from(["gatehouse"]).limits);
+        let shared = Shared { h1, h2, ticks: Arc::default(), gauges: None };
+        let (_stop, draining) = watch::channel(false);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let connect = || tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let peer = listener.local_addr().unwrap();
+        let timing = Timing {
+            first_request_by: Instant::now(),
+            header_read: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+        };
+        let handler = |_: Request<Incoming>, _: Conn| async { Response::new(ProxyBody::empty()) };
+        let accepted = serve_accepted(&shared, draining.clone(), connect().await.unwrap(), peer, None, timing, handler);
+        let conn = Conn::new(peer, false, ClientCert::default());
+        let one = serve_one(&shared, draining.clone(), connect().await.unwrap(), timing, handler, conn);
+        // Measured: 192 and 1,480 B (3,296 B in one piece before the boxing).
+        assert!(std::mem::size_of_val(&accepted) <= 512, "{} B", std::mem::size_of_val(&accepted));
+        assert!(std::mem::size_of_val(&one) <= 2048, "{} B", std::mem::size_of_val(&one));
     }
 }
