@@ -153,9 +153,7 @@ pub async fn serve<H, F>(
         let mut draining = stop.clone();
         conns.spawn(async move {
             let _slot = slot;
-            if let Some(g) = &shared.gauges {
-                g.open.inc();
-            }
+            let _open = shared.gauges.as_ref().map(|g| Counted::new(&g.open));
             // Nothing of hyper's (or rustls's) is made before the client's first byte: its
             // buffers and state, several KiB, would sit on every connection a client or a
             // load balancer opens ahead of use. Until then the connection is this task.
@@ -169,9 +167,6 @@ pub async fn serve<H, F>(
                 Box::pin(serve_accepted(&shared, draining, stream, peer, tls, timing, handler)).await;
             } else {
                 tracing::debug!(%peer, "closed before its first byte: by the client, the header-read timeout, or draining");
-            }
-            if let Some(g) = &shared.gauges {
-                g.open.dec();
             }
         });
     }
@@ -200,7 +195,7 @@ struct Timing {
 /// A connection whose first byte came: its TLS handshake, if it is on the TLS listener,
 /// then HTTP. Each way is boxed: a task is as large as its largest state, and a parked
 /// plain HTTP/1.1 connection would otherwise carry room for rustls's connection too
-/// (measured: 3.3 KB of future per connection, 1.3 KB boxed).
+/// (measured: 3,296 B of futures per connection in one piece, 192 + 1,480 B boxed).
 async fn serve_accepted<H, F>(
     shared: &Shared,
     draining: watch::Receiver<bool>,

@@ -38,13 +38,6 @@ fn timed_api(name: &str, listen_path: &str, url: &str, timeout: &str) -> String 
     )
 }
 
-async fn gateway(up: &Upstream, extra: &[&str]) -> (ConfigDir, Gatehouse) {
-    let cfg = ConfigDir::new();
-    cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
-    let gw = Gatehouse::start(cfg.path(), extra).await;
-    (cfg, gw)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_before_their_headers_end_are_closed_while_others_are_served() {
     let up = Upstream::start("up").await;

@@ -15,13 +15,6 @@ use tokio::{
 
 const PARKED: &str = "gatehouse_client_connections_parked";
 
-async fn gateway(up: &Upstream, extra: &[&str]) -> (ConfigDir, Gatehouse) {
-    let cfg = ConfigDir::new();
-    cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
-    let gw = Gatehouse::start(cfg.path(), extra).await;
-    (cfg, gw)
-}
-
 async fn parked(gw: &Gatehouse, n: f64) {
     gw.wait_until(&format!("{n} connections parked"), async || gw.metric(PARKED).await == n).await;
 }

@@ -484,6 +484,14 @@ pub fn api(name: &str, listen_path: &str, upstream: &str, extra: &str) -> String
     )
 }
 
+/// A gateway (run with `extra` flags) with one API, `/a/`, in front of `up`.
+pub async fn gateway(up: &Upstream, extra: &[&str]) -> (ConfigDir, Gatehouse) {
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
+    let gw = Gatehouse::start(cfg.path(), extra).await;
+    (cfg, gw)
+}
+
 pub fn key(name: &str, token: &str, session: &str) -> String {
     let session: String = session.lines().map(|l| format!("    {l}\n")).collect();
     format!(
