@@ -429,7 +429,7 @@ where
                     // connection asked for an upgrade it did not get: hyper then returns
                     // before that. Bounded: a client that reads nothing can hold a TLS
                     // close_notify up.
-                    let _ = Box::pin(tokio::time::timeout(timing.header_read, io.shutdown())).await;
+                    let _ = tokio::time::timeout(timing.header_read, io.shutdown()).await;
                     return;
                 }
                 Ended::Parked => {}
@@ -468,7 +468,6 @@ where
 {
     let mut c = shared.h1.serve_connection(TokioIo::new(io), svc.clone());
     let ended = drive_http1(&mut c, draining, &shared.ticks, state, &svc.activity).await;
-    // Taken apart at once: the service hyper hands back is a clone of `svc`.
     let http1::Parts { io, read_buf, .. } = c.into_parts();
     let mut io = io.into_inner();
     io.stream.put_back(read_buf);
