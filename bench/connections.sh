@@ -5,7 +5,10 @@
 # once its idle connections have parked (its gauge says all ASKED of them are). Each proxy
 # holds two waves of N connections, one after the other: the first wave's figure includes
 # the buffers its requests used, freed since but kept by the allocator for reuse; the second
-# wave reuses them, so its figure is what one more idle connection costs.
+# wave reuses them, so its figure is what one more idle connection costs. Each reading is
+# taken SETTLE seconds (default 20) after the proxy went quiet: Gatehouse's allocator gives
+# pages freed for ~10 s back to the kernel, and the figure before that ("at once") is
+# printed too.
 #
 #   bash bench/connections.sh            # 8,000 connections
 #   N=2000 bash bench/connections.sh
@@ -17,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-8000}
 ASKED=${ASKED:-$((N / 2))}
+SETTLE=${SETTLE:-20}
 export NGINX_WORKER_CONNECTIONS=$((2 * N + 1024))
 . bench/lib.sh
 apt_install python3
@@ -45,13 +49,15 @@ gh_pid=${pids[-1]}
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 
 # hold NAME ADDR PID WAVE [ADMIN]: warms the proxy up, holds N connections, prints its RSS
-# before and after and the bytes per connection. With ADMIN (Gatehouse's admin address),
-# "after" is read once every connection that asked has parked.
+# before and after (each SETTLE seconds after the proxy went quiet) and the bytes per
+# connection. With ADMIN (Gatehouse's admin address), "after" is read once every connection
+# that asked has parked.
 hold() {
-  local before after line parked=""
+  local before at_once after line parked=""
   for _ in $(seq 100); do curl -fs "http://$2/" >/dev/null 2>&1 && break; sleep 0.1; done
   expect_1k "http://$2/"
   taskset -c "$LOAD_CPU" wrk -t1 -c64 -d2s "http://$2/" >/dev/null
+  sleep "$SETTLE"
   before=$(rss_kb "$3")
   coproc HOLD { taskset -c "$LOAD_CPU" python3 bench/hold_connections.py "$2" "$N" "$ASKED"; }
   read -r line <&"${HOLD[0]}"
@@ -65,11 +71,13 @@ hold() {
     [ "${parked:-0}" -ge "$ASKED" ] || { echo "$1: only ${parked:-0} of $ASKED connections parked" >&2; exit 1; }
     parked=" ($parked parked)"
   fi
+  at_once=$(rss_kb "$3")
+  sleep "$SETTLE"
   after=$(rss_kb "$3")
   eval "exec ${HOLD[1]}>&-"
   wait "$HOLD_PID" || true
-  printf '%-10s wave %d %8d kB -> %8d kB   %6d bytes per connection%s\n' "$1" "$4" "$before" "$after" \
-    $(((after - before) * 1024 / N)) "$parked"
+  printf '%-10s wave %d %8d kB -> %8d kB   %6d bytes per connection (at once: %d)%s\n' "$1" "$4" \
+    "$before" "$after" $(((after - before) * 1024 / N)) $(((at_once - before) * 1024 / N)) "$parked"
 }
 
 echo "==> $N connections, $ASKED of them after one request (VmRSS of the proxy process)"

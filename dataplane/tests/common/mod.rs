@@ -387,6 +387,10 @@ impl Gatehouse {
         panic!("timed out waiting for {what}; logs:\n{}", self.logs());
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         self.sigterm();
