@@ -12,12 +12,24 @@
 //! worker that made it, so a request on another worker would hand every read and write
 //! across threads. A worker with none idle connects anew rather than borrow one.
 //!
-//! Connections idle for `IDLE_TIMEOUT` are closed by one task per pool that ticks a few
-//! times per timeout; a connection records the tick it was put back at, so the request
-//! path reads no clock.
+//! One task per pool ticks every second (`park::TICK`); a connection records the tick it
+//! was put back at, so the request path reads no clock. A connection idle through a whole
+//! tick is parked, as the server parks its idle clients: hyper's connection, with its read
+//! and write buffers and its request channel (about 50 KiB together, measured), hands its
+//! socket back and ends, and the pool keeps just the socket. The next request on it starts
+//! a new hyper connection on the same socket once a peek shows the upstream neither closed
+//! it nor sent anything unasked. A connection idle for `IDLE_TIMEOUT` is closed.
+//!
+//! Only a connection the pool parked from its idle list is ever reused that way: one whose
+//! hyper connection ended for any other reason (the upstream closed it, a body was dropped
+//! half-read, an error) may stop mid-message and is closed. An upgrade request (WebSocket)
+//! gets a connection of its own, never pooled: hyper hands an upgraded socket to the
+//! tunnel only when it drives the connection for upgrades, which cannot park.
 
 use std::{
     collections::HashMap,
+    io,
+    mem::MaybeUninit,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, Weak,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -32,9 +44,12 @@ use hyper::{
     body::Incoming,
     client::conn::http1::{self, SendRequest},
 };
+use hyper_util::rt::TokioIo;
+use socket2::SockRef;
+use tokio::{io::Interest, net::TcpStream};
 use tower_service::Service;
 
-use crate::{egress::GuardedConnector, workers};
+use crate::{egress::GuardedConnector, park, workers};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,10 +60,13 @@ impl<B: Body<Data: Send, Error: Into<BoxError>> + Send + Unpin + 'static> SendBo
 
 /// An idle connection older than this is closed (hyper-util's pool used 90 s too).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Ticks per idle timeout: a connection lives between 2/3 and all of it once idle.
-const TICKS: u32 = 3;
+/// Ticks an idle connection stays live: it is parked once idle through a whole tick.
+const PARK_AFTER: u32 = 2;
 /// Idle connections kept per target; more are closed when they come back.
 const MAX_IDLE_PER_TARGET: usize = 1024;
+
+/// What the connector dials.
+type Io = TokioIo<TcpStream>;
 
 /// Why a request did not get a response.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +94,8 @@ struct Inner<B> {
     /// Advanced by the reaper; what idle connections are stamped with.
     tick: Arc<AtomicU32>,
     tick_every: Duration,
+    /// `IDLE_TIMEOUT` in ticks.
+    idle_ticks: u32,
     reaper: AtomicBool,
 }
 
@@ -87,9 +107,39 @@ pub struct TargetPool<B> {
     dial: Uri,
 }
 
-struct Idle<B> {
-    sender: SendRequest<B>,
-    since: u32,
+enum Idle<B> {
+    /// hyper's connection runs in its task, buffers and all.
+    Live { sender: SendRequest<B>, parking: Arc<Parking>, since: u32 },
+    /// Just the socket, which hyper's connection gave back when the pool parked it.
+    Parked { io: Io, since: u32 },
+}
+
+impl<B> Idle<B> {
+    fn since(&self) -> u32 {
+        match self {
+            Self::Live { since, .. } | Self::Parked { since, .. } => *since,
+        }
+    }
+}
+
+/// What a pooled connection's task and the pool share: the tick the connection has been
+/// idle since, set once the pool parks it (by dropping its sender).
+struct Parking(AtomicU32);
+
+/// `Parking`'s value before the pool parks the connection; a tick that would wrap to it is
+/// 136 years away.
+const NOT_PARKED: u32 = u32::MAX;
+
+impl Default for Parking {
+    fn default() -> Self {
+        Self(AtomicU32::new(NOT_PARKED))
+    }
+}
+
+/// A connection taken off an idle list.
+enum Picked<B> {
+    Live(SendRequest<B>, Arc<Parking>),
+    Parked(Io),
 }
 
 type IdleList<B> = Mutex<Vec<Idle<B>>>;
@@ -106,6 +156,8 @@ pub struct Lease<B> {
     pool: Arc<TargetPool<B>>,
     /// The worker whose runtime drives the connection.
     worker: usize,
+    /// `None` on an upgrade request's connection, which is never pooled.
+    parking: Option<Arc<Parking>>,
 }
 
 impl<B> std::fmt::Debug for Lease<B> {
@@ -117,7 +169,9 @@ impl<B> std::fmt::Debug for Lease<B> {
 impl<B: SendBody> Lease<B> {
     /// The response body reached its end: the connection can carry the next request.
     pub fn release(self) {
-        self.pool.checkin(self.sender, self.worker);
+        if let Some(parking) = self.parking {
+            self.pool.checkin(self.sender, parking, self.worker);
+        }
     }
 }
 
@@ -126,12 +180,21 @@ impl<B: SendBody> Pool<B> {
         Self::with_idle_timeout(connector, IDLE_TIMEOUT)
     }
 
+    /// Idle connections closed after `idle`, parked after a tick of `park::TICK` (or a
+    /// third of `idle`, if that is shorter).
     pub fn with_idle_timeout(connector: GuardedConnector, idle: Duration) -> Self {
+        Self::with_tick(connector, idle, park::TICK.min(idle / 3))
+    }
+
+    fn with_tick(connector: GuardedConnector, idle: Duration, tick: Duration) -> Self {
+        let tick = tick.max(Duration::from_millis(1));
+        let idle_ticks = u32::try_from(idle.as_nanos().div_ceil(tick.as_nanos())).unwrap_or(u32::MAX - 1);
         Self(Arc::new(Inner {
             connector,
             by_target: Mutex::default(),
             tick: Arc::default(),
-            tick_every: idle / TICKS,
+            tick_every: tick,
+            idle_ticks: idle_ticks.max(1),
             reaper: AtomicBool::new(false),
         }))
     }
@@ -162,41 +225,53 @@ impl<B: SendBody> Pool<B> {
     /// Sends `req` (origin form, `Host` set) on an idle connection of `target`, else on a
     /// new one. A pooled connection that closed before taking the request (the upstream
     /// ended it while idle) hands the request back and the next one is tried: the request
-    /// never reached the upstream, so this is not a retry of anything it saw.
+    /// never reached the upstream, so this is not a retry of anything it saw. An
+    /// `upgrade` request goes on a new connection that is never pooled.
     pub async fn send(
         &self,
         target: &Arc<TargetPool<B>>,
         mut req: Request<B>,
+        upgrade: bool,
     ) -> Result<(Response<Incoming>, Lease<B>), SendError> {
         let worker = workers::index();
+        if upgrade {
+            let (mut sender, conn) = http1::handshake(self.dial(target).await?).await.map_err(SendError::Handshake)?;
+            // Ends when the upstream closes or the sender is dropped, or hands the socket to
+            // the tunnel; an error was already the request's.
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+            return Ok((resp, Lease { sender, pool: target.clone(), worker, parking: None }));
+        }
         loop {
             let picked = std::future::poll_fn(|cx| Poll::Ready(target.checkout(cx, worker))).await;
-            let Some(mut sender) = picked else { break };
+            let (mut sender, parking) = match picked {
+                None => break,
+                Some(Picked::Live(sender, parking)) => (sender, parking),
+                Some(Picked::Parked(io)) => match target.drive(io, worker).await {
+                    Ok(driven) => driven,
+                    Err(_) => continue,
+                },
+            };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease { sender, pool: target.clone(), worker })),
+                Ok(resp) => return Ok((resp, Lease { sender, pool: target.clone(), worker, parking: Some(parking) })),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(SendError::Request(e.into_error())),
                 },
             }
         }
-        let mut sender = self.connect(target).await?;
+        let (mut sender, parking) = target.drive(self.dial(target).await?, worker).await?;
         let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-        Ok((resp, Lease { sender, pool: target.clone(), worker }))
+        Ok((resp, Lease { sender, pool: target.clone(), worker, parking: Some(parking) }))
     }
 
-    async fn connect(&self, target: &TargetPool<B>) -> Result<SendRequest<B>, SendError> {
+    async fn dial(&self, target: &TargetPool<B>) -> Result<Io, SendError> {
         self.start_reaper();
         let mut connector = self.0.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await.map_err(SendError::Connect)?;
-        let io = connector.call(target.dial.clone()).await.map_err(SendError::Connect)?;
-        let (sender, conn) = http1::handshake(io).await.map_err(SendError::Handshake)?;
-        tokio::spawn(async move {
-            // Ends when the upstream closes, the sender is dropped, or the connection is
-            // upgraded (the tunnel then owns it); an error was already the request's.
-            let _ = conn.with_upgrades().await;
-        });
-        Ok(sender)
+        connector.call(target.dial.clone()).await.map_err(SendError::Connect)
     }
 
     /// One reaper per pool, started with its first connection (inside the runtime), and
@@ -206,7 +281,7 @@ impl<B: SendBody> Pool<B> {
             return;
         }
         let weak: Weak<Inner<B>> = Arc::downgrade(&self.0);
-        let every = self.0.tick_every;
+        let (every, idle_ticks) = (self.0.tick_every, self.0.idle_ticks);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             // After a stall, one tick, not a burst that would age every idle connection at once.
@@ -219,7 +294,21 @@ impl<B: SendBody> Pool<B> {
                 let targets: Vec<Arc<TargetPool<B>>> = lock(&inner.by_target).values().cloned().collect();
                 drop(inner);
                 for list in targets.iter().flat_map(|t| t.idle.iter()) {
-                    lock(&list.0).retain(|i| now.wrapping_sub(i.since) < TICKS && !i.sender.is_closed());
+                    lock(&list.0).retain(|i| {
+                        let idle = now.wrapping_sub(i.since());
+                        match i {
+                            _ if idle >= idle_ticks => false,
+                            Idle::Live { sender, .. } if sender.is_closed() => false,
+                            // Out of the list, the sender is dropped: hyper's connection ends
+                            // and its task puts the socket back.
+                            Idle::Live { sender, parking, since } if idle >= PARK_AFTER && sender.is_ready() => {
+                                parking.0.store(*since, Ordering::Relaxed);
+                                false
+                            }
+                            Idle::Live { .. } => true,
+                            Idle::Parked { io, .. } => clean(io, Peek::IfReadable),
+                        }
+                    });
                 }
             }
         });
@@ -227,7 +316,18 @@ impl<B: SendBody> Pool<B> {
 
     #[cfg(test)]
     pub(crate) fn idle(&self, authority: &Authority) -> usize {
-        lock(&self.0.by_target).get(authority).map_or(0, |t| t.idle.iter().map(|l| lock(&l.0).len()).sum())
+        self.count(authority, |_| true)
+    }
+
+    #[cfg(test)]
+    fn parked(&self, authority: &Authority) -> usize {
+        self.count(authority, |i| matches!(i, Idle::Parked { .. }))
+    }
+
+    #[cfg(test)]
+    fn count(&self, authority: &Authority, which: impl Fn(&Idle<B>) -> bool) -> usize {
+        let map = lock(&self.0.by_target);
+        map.get(authority).map_or(0, |t| t.idle.iter().map(|l| lock(&l.0).iter().filter(|i| which(i)).count()).sum())
     }
 }
 
@@ -236,24 +336,54 @@ impl<B: SendBody> TargetPool<B> {
     /// response ended while its request body is still going up (an upstream that answered
     /// early) is busy until the upload ends: it is put back at the far end, to be handed
     /// out once its dispatcher wants a request again, rather than waited on.
-    fn checkout(&self, cx: &mut Context<'_>, worker: usize) -> Option<SendRequest<B>> {
+    fn checkout(&self, cx: &mut Context<'_>, worker: usize) -> Option<Picked<B>> {
         let mut idle = lock(self.list(worker));
         let mut busy = Vec::new();
         let mut found = None;
-        while let Some(mut i) = idle.pop() {
-            match i.sender.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    found = Some(i.sender);
+        while let Some(i) = idle.pop() {
+            match i {
+                Idle::Live { mut sender, parking, since } => match sender.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        found = Some(Picked::Live(sender, parking));
+                        break;
+                    }
+                    Poll::Ready(Err(_)) => {}
+                    Poll::Pending => busy.push(Idle::Live { sender, parking, since }),
+                },
+                Idle::Parked { io, .. } if clean(&io, Peek::Now) => {
+                    found = Some(Picked::Parked(io));
                     break;
                 }
-                Poll::Ready(Err(_)) => {}
-                Poll::Pending => busy.push(i),
+                Idle::Parked { .. } => {}
             }
         }
         if !busy.is_empty() {
             idle.splice(0..0, busy);
         }
         found
+    }
+
+    /// Starts hyper's connection on `io`, driven by a task on this worker; once the pool
+    /// parks it, the task puts the socket back.
+    async fn drive(self: &Arc<Self>, io: Io, worker: usize) -> Result<(SendRequest<B>, Arc<Parking>), SendError> {
+        let (sender, conn) = http1::handshake(io).await.map_err(SendError::Handshake)?;
+        let parking = Arc::new(Parking::default());
+        let (asked, pool) = (parking.clone(), Arc::downgrade(self));
+        tokio::spawn(async move {
+            // Ends when the upstream closes, the sender is dropped (with a lease, or by the
+            // pool to park it), or on an error, which was already the request's.
+            let Ok(parts) = conn.without_shutdown().await else { return };
+            let since = asked.0.load(Ordering::Relaxed);
+            // Parked from the idle list, hyper's connection ended between two messages;
+            // anything it read past the last one was not asked for.
+            if since != NOT_PARKED
+                && parts.read_buf.is_empty()
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.put_parked(parts.io, since, worker);
+            }
+        });
+        Ok((sender, parking))
     }
 
     /// `worker`'s idle list; a thread that is not a worker of this pool's count uses the first.
@@ -263,16 +393,48 @@ impl<B: SendBody> TargetPool<B> {
         &list.expect("a target pool has a list per worker").0
     }
 
-    fn checkin(&self, sender: SendRequest<B>, worker: usize) {
+    fn checkin(&self, sender: SendRequest<B>, parking: Arc<Parking>, worker: usize) {
         if sender.is_closed() {
             return;
         }
         let since = self.tick.load(Ordering::Relaxed);
         let mut idle = lock(self.list(worker));
         if idle.len() < MAX_IDLE_PER_TARGET {
-            idle.push(Idle { sender, since });
+            idle.push(Idle::Live { sender, parking, since });
         }
     }
+
+    /// A parked socket goes among the idle connections by age, most recent last, so that
+    /// live ones are handed out first.
+    fn put_parked(&self, io: Io, since: u32, worker: usize) {
+        let mut idle = lock(self.list(worker));
+        if idle.len() < MAX_IDLE_PER_TARGET {
+            let at = idle.partition_point(|i| i.since() <= since);
+            idle.insert(at, Idle::Parked { io, since });
+        }
+    }
+}
+
+/// When a parked socket's peek costs a system call.
+#[derive(Clone, Copy)]
+enum Peek {
+    /// Always: before a request goes on it, whatever the runtime has seen of the socket.
+    Now,
+    /// Only once the runtime has seen it readable: the reaper's sweep, once a tick.
+    IfReadable,
+}
+
+/// Whether a parked socket is still open with nothing unread: an upstream may close an
+/// idle connection, and what it sent unasked must never be read as the next request's
+/// response.
+fn clean(io: &Io, when: Peek) -> bool {
+    let stream = io.inner();
+    let peek = || SockRef::from(stream).peek(&mut [MaybeUninit::uninit(); 1]);
+    let peeked = match when {
+        Peek::Now => peek(),
+        Peek::IfReadable => stream.try_io(Interest::READABLE, peek),
+    };
+    matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// The `Host` an upstream request carries: the target's host, and its port unless it is
@@ -302,6 +464,7 @@ mod tests {
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
+        sync::Notify,
     };
 
     use super::*;
@@ -325,27 +488,39 @@ mod tests {
     }
 
     /// A real HTTP/1.1 upstream on loopback that counts the connections it accepted and
-    /// the ones it saw closed by the gateway.
+    /// the ones it saw closed by the gateway. Told to, a connection waiting for a request
+    /// closes (`hang_up`), or sends a response nobody asked for (`unasked`).
+    #[derive(Clone)]
     struct Upstream {
         authority: Authority,
         accepted: Arc<AtomicUsize>,
         closed: Arc<AtomicUsize>,
+        hang_up: Arc<Notify>,
+        unasked: Arc<Notify>,
     }
 
     async fn upstream(answer: Answer) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (a, c) = (accepted.clone(), closed.clone());
+        let (hang_up, unasked) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (a, c, h, u) = (accepted.clone(), closed.clone(), hang_up.clone(), unasked.clone());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                let c = c.clone();
+                let (c, h, u) = (c.clone(), h.clone(), u.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
                     loop {
-                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        let n = tokio::select! {
+                            n = s.read(&mut chunk) => n.unwrap_or(0),
+                            () = h.notified() => 0,
+                            () = u.notified() => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwrong").await;
+                                continue;
+                            }
+                        };
                         if n == 0 {
                             c.fetch_add(1, Ordering::SeqCst);
                             return;
@@ -383,14 +558,31 @@ mod tests {
                 });
             }
         });
-        Upstream { authority: addr.to_string().parse().expect("authority"), accepted, closed }
+        Upstream { authority: addr.to_string().parse().expect("authority"), accepted, closed, hang_up, unasked }
     }
 
-    fn pool(idle: Duration) -> TestPool {
+    fn connector() -> GuardedConnector {
         let connector = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
             crate::egress::GuardedResolver::default(),
         );
-        Pool::with_idle_timeout(GuardedConnector::new(connector), idle)
+        GuardedConnector::new(connector)
+    }
+
+    /// A pool that ticks thrice per idle timeout, so that a test shorter than two thirds
+    /// of it sees no connection parked.
+    fn pool(idle: Duration) -> TestPool {
+        Pool::with_tick(connector(), idle, idle / 3)
+    }
+
+    /// A pool that parks a connection within a tenth of a second idle.
+    fn parking_pool() -> TestPool {
+        Pool::with_tick(connector(), IDLE_TIMEOUT, Duration::from_millis(50))
+    }
+
+    /// Until the pool's reaper has ticked `n` more times.
+    async fn ticks(pool: &TestPool, n: u32) {
+        let from = pool.0.tick.load(Ordering::Relaxed);
+        wait_until("the reaper ticks", || pool.0.tick.load(Ordering::Relaxed).wrapping_sub(from) >= n).await;
     }
 
     fn request(up: &Upstream) -> Request<TestBody> {
@@ -404,7 +596,7 @@ mod tests {
     /// Sends one request, reads the whole body and gives the connection back, as the
     /// gateway's `body::ProxyBody` does when an upstream body ends.
     async fn get(pool: &TestPool, t: &Arc<TargetPool<TestBody>>, up: &Upstream) -> String {
-        let (resp, lease) = pool.send(t, request(up)).await.expect("answered");
+        let (resp, lease) = pool.send(t, request(up), false).await.expect("answered");
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         lease.release();
         String::from_utf8_lossy(&bytes).into_owned()
@@ -440,8 +632,7 @@ mod tests {
         let t = pool.target(&up.authority);
         let (to_worker, go) = tokio::sync::mpsc::unbounded_channel::<()>();
         let (done, mut from_worker) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let copy =
-            Upstream { authority: up.authority.clone(), accepted: up.accepted.clone(), closed: up.closed.clone() };
+        let copy = up.clone();
         let worker =
             crate::workers::spawn(vec![(pool.clone(), t.clone(), copy, go)], move |i, (pool, t, up, mut go)| {
                 let done = done.clone();
@@ -471,15 +662,18 @@ mod tests {
     #[tokio::test]
     async fn a_lease_dropped_with_its_body_half_read_closes_the_connection() {
         let up = upstream(Answer::Stalled).await;
-        let pool = pool(IDLE_TIMEOUT);
+        let pool = parking_pool();
         let t = pool.target(&up.authority);
-        let (resp, lease) = pool.send(&t, request(&up)).await.expect("answered");
+        let (resp, lease) = pool.send(&t, request(&up), false).await.expect("answered");
         let mut body = resp.into_body();
         let first = body.frame().await.expect("a frame").expect("data");
         assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
         drop((body, lease));
         wait_until("the upstream sees the connection closed", || up.closed.load(Ordering::SeqCst) == 1).await;
         assert_eq!(pool.idle(&up.authority), 0, "the rest of that response is never read as the next one");
+        // hyper's connection ended with the lease; its socket is not parked either.
+        ticks(&pool, 3).await;
+        assert_eq!(pool.idle(&up.authority), 0);
     }
 
     #[tokio::test]
@@ -503,7 +697,7 @@ mod tests {
         let (mut upload, body) = Channel::<Bytes, Infallible>::new(1);
         let req =
             Request::post("/").header(http::header::HOST, up.authority.as_str()).body(body.boxed()).expect("request");
-        let (resp, lease) = pool.send(&t, req).await.expect("answered before the upload ended");
+        let (resp, lease) = pool.send(&t, req, false).await.expect("answered before the upload ended");
         assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "hello");
         lease.release();
         upload.send_data(Bytes::from_static(b"part of it")).await.expect("still uploading");
@@ -537,6 +731,83 @@ mod tests {
         drop(t);
         pool.prune();
         wait_until("the idle connection is closed", || up.closed.load(Ordering::SeqCst) == 1).await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_parks_and_the_next_request_goes_on_its_socket() {
+        let up = upstream(Answer::Fixed).await;
+        let pool = parking_pool();
+        let t = pool.target(&up.authority);
+        for _ in 0..3 {
+            assert_eq!(get(&pool, &t, &up).await, "hello");
+            wait_until("the idle connection is parked", || pool.parked(&up.authority) == 1).await;
+        }
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "one socket for the three requests");
+        assert_eq!(up.closed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_the_upstream_closed_is_dropped() {
+        let up = upstream(Answer::Fixed).await;
+        let pool = parking_pool();
+        let t = pool.target(&up.authority);
+        assert_eq!(get(&pool, &t, &up).await, "hello");
+        wait_until("the idle connection is parked", || pool.parked(&up.authority) == 1).await;
+        up.hang_up.notify_one();
+        wait_until("the upstream closed it", || up.closed.load(Ordering::SeqCst) == 1).await;
+        wait_until("the pool dropped it", || pool.idle(&up.authority) == 0).await;
+        assert_eq!(get(&pool, &t, &up).await, "hello", "a new connection serves");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_the_upstream_answered_unasked_is_dropped() {
+        let up = upstream(Answer::Fixed).await;
+        let pool = parking_pool();
+        let t = pool.target(&up.authority);
+        assert_eq!(get(&pool, &t, &up).await, "hello");
+        wait_until("the idle connection is parked", || pool.parked(&up.authority) == 1).await;
+        up.unasked.notify_one();
+        wait_until("the pool dropped it", || pool.idle(&up.authority) == 0).await;
+        assert_eq!(get(&pool, &t, &up).await, "hello", "the unasked answer is never read as one");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// The peek a parked socket gets before it carries a request is a system call of its
+    /// own: it sees what came even before the runtime has.
+    #[tokio::test]
+    async fn a_peek_tells_a_quiet_socket_from_one_closed_or_written_to() {
+        for closed in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let dialled = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            let io = TokioIo::new(dialled);
+            let (mut peer, _) = listener.accept().await.expect("accept");
+            assert!(clean(&io, Peek::Now) && clean(&io, Peek::IfReadable));
+            let _open = if closed {
+                drop(peer);
+                None
+            } else {
+                peer.write_all(b"x").await.expect("write");
+                Some(peer)
+            };
+            wait_until("the peek sees it", || !clean(&io, Peek::Now)).await;
+            wait_until("the runtime sees it", || !clean(&io, Peek::IfReadable)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_goes_on_a_connection_of_its_own() {
+        let up = upstream(Answer::Fixed).await;
+        let pool = pool(IDLE_TIMEOUT);
+        let t = pool.target(&up.authority);
+        assert_eq!(get(&pool, &t, &up).await, "hello");
+        let (resp, lease) = pool.send(&t, request(&up), true).await.expect("answered");
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "not on the idle connection");
+        // The upstream answered without upgrading; the connection is still never pooled.
+        assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "hello");
+        lease.release();
+        wait_until("the upgrade's connection is closed", || up.closed.load(Ordering::SeqCst) == 1).await;
+        assert_eq!(pool.idle(&up.authority), 1);
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub async fn forward(
         *req.uri_mut() = Uri::from(path);
         req.headers_mut().insert(header::HOST, target.host.clone());
         let pooled = target.pool.get_or_init(|| pool.target(&target.authority));
-        match tokio::time::timeout(timeout, pool.send(pooled, req)).await {
+        match tokio::time::timeout(timeout, pool.send(pooled, req, upgrade.is_some())).await {
             Err(_) => return Err(GatewayError::UpstreamTimeout),
             Ok(Err(e)) => return Err(failed(api, target, &e, matches!(e, SendError::Connect(_)))),
             Ok(Ok((resp, lease))) => (resp, Some(lease)),
