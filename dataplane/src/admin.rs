@@ -35,6 +35,12 @@ pub fn serve(gw: &Gateway, req: &Request<Incoming>, peer: SocketAddr, access: Co
     match req.uri().path() {
         "/metrics" => {
             gw.metrics.buffered_body_bytes.set(i64::try_from(gw.bodies.held()).unwrap_or(i64::MAX));
+            let (live, parked) = gw.pool.idle();
+            let gauge = |state: &str, n: usize| {
+                gw.metrics.upstream_idle.with_label_values(&[state]).set(i64::try_from(n).unwrap_or(i64::MAX));
+            };
+            gauge("live", live);
+            gauge("parked", parked);
             let mut r = Response::new(ProxyBody::from(Bytes::from(gw.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static(prometheus::TEXT_FORMAT));
             r

@@ -2,7 +2,8 @@
 //! path only touches atomics: no label lookup, no lock, no allocation.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
     proto::{Counter, Metric, MetricFamily, MetricType},
 };
 
@@ -22,6 +23,9 @@ pub struct Metrics {
     pub analytics_dropped: IntCounter,
     /// Set when metrics are rendered, from the body budget.
     pub buffered_body_bytes: IntGauge,
+    /// Set when metrics are rendered, from the upstream pool: `state` is `live` (hyper's
+    /// connection running, buffers held) or `parked` (the socket alone).
+    pub upstream_idle: IntGaugeVec,
     pub plugin_duration: HistogramVec,
     pub plugin_failures: IntCounterVec,
     /// Handles for requests that matched no API.
@@ -98,6 +102,13 @@ impl Metrics {
             "gatehouse_buffered_body_bytes",
             "Bytes of request bodies held for plugins now, out of --buffered-body-budget-bytes",
         ));
+        let upstream_idle = must(IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_upstream_connections_idle",
+                "Pooled upstream connections idle now: live (buffers held) or parked (only the socket)",
+            ),
+            &["state"],
+        ));
         let hook_labels = &["plugin", "symbol", "phase", "event"];
         let plugin_duration = must(HistogramVec::new(
             HistogramOpts::new(PLUGIN_DURATION, "Time spent in plugin hooks")
@@ -121,6 +132,7 @@ impl Metrics {
         reg(Box::new(config_reloads.clone()));
         reg(Box::new(analytics_dropped.clone()));
         reg(Box::new(buffered_body_bytes.clone()));
+        reg(Box::new(upstream_idle.clone()));
         Self {
             unrouted: ApiMetrics::resolve(&requests, &duration, &upstream, &rejections, ""),
             registry,
@@ -132,6 +144,7 @@ impl Metrics {
             config_reloads,
             analytics_dropped,
             buffered_body_bytes,
+            upstream_idle,
             plugin_duration,
             plugin_failures,
         }

@@ -314,8 +314,23 @@ impl<B: SendBody> Pool<B> {
         });
     }
 
+    /// Idle connections of every target: live ones and parked ones.
+    pub fn idle(&self) -> (usize, usize) {
+        let targets: Vec<Arc<TargetPool<B>>> = lock(&self.0.by_target).values().cloned().collect();
+        let mut counts = (0, 0);
+        for list in targets.iter().flat_map(|t| t.idle.iter()) {
+            for i in lock(&list.0).iter() {
+                match i {
+                    Idle::Live { .. } => counts.0 += 1,
+                    Idle::Parked { .. } => counts.1 += 1,
+                }
+            }
+        }
+        counts
+    }
+
     #[cfg(test)]
-    pub(crate) fn idle(&self, authority: &Authority) -> usize {
+    fn idle_at(&self, authority: &Authority) -> usize {
         self.count(authority, |_| true)
     }
 
@@ -620,7 +635,7 @@ mod tests {
                 assert_eq!(get(&pool, &t, &up).await, "hello");
             }
             assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "one connection for five requests");
-            assert_eq!(pool.idle(&up.authority), 1);
+            assert_eq!(pool.idle_at(&up.authority), 1);
         }
     }
 
@@ -654,7 +669,7 @@ mod tests {
         let _ = to_worker.send(());
         assert_eq!(from_worker.recv().await.as_deref(), Some("hello"));
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2, "worker 1 reused the connection it drives");
-        assert_eq!(pool.idle(&up.authority), 2);
+        assert_eq!(pool.idle_at(&up.authority), 2);
         let _ = to_worker.send(());
         worker.finish(Duration::from_secs(20)).await;
     }
@@ -670,10 +685,10 @@ mod tests {
         assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
         drop((body, lease));
         wait_until("the upstream sees the connection closed", || up.closed.load(Ordering::SeqCst) == 1).await;
-        assert_eq!(pool.idle(&up.authority), 0, "the rest of that response is never read as the next one");
+        assert_eq!(pool.idle_at(&up.authority), 0, "the rest of that response is never read as the next one");
         // hyper's connection ended with the lease; its socket is not parked either.
         ticks(&pool, 3).await;
-        assert_eq!(pool.idle(&up.authority), 0);
+        assert_eq!(pool.idle_at(&up.authority), 0);
     }
 
     #[tokio::test]
@@ -705,7 +720,7 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(20), get(&pool, &t, &up)).await;
         assert_eq!(next.expect("not queued behind the upload"), "hello");
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(pool.idle(&up.authority), 2, "the busy one waits in the pool for its upload to end");
+        assert_eq!(pool.idle_at(&up.authority), 2, "the busy one waits in the pool for its upload to end");
         drop(upload);
     }
 
@@ -716,7 +731,7 @@ mod tests {
         let t = pool.target(&up.authority);
         assert_eq!(get(&pool, &t, &up).await, "hello");
         wait_until("the idle connection is closed", || up.closed.load(Ordering::SeqCst) == 1).await;
-        assert_eq!(pool.idle(&up.authority), 0);
+        assert_eq!(pool.idle_at(&up.authority), 0);
         assert_eq!(get(&pool, &t, &up).await, "hello", "a new connection serves after it");
     }
 
@@ -727,7 +742,7 @@ mod tests {
         let t = pool.target(&up.authority);
         assert_eq!(get(&pool, &t, &up).await, "hello");
         pool.prune();
-        assert_eq!(pool.idle(&up.authority), 1, "a compiled target still holds it");
+        assert_eq!(pool.idle_at(&up.authority), 1, "a compiled target still holds it");
         drop(t);
         pool.prune();
         wait_until("the idle connection is closed", || up.closed.load(Ordering::SeqCst) == 1).await;
@@ -755,7 +770,7 @@ mod tests {
         wait_until("the idle connection is parked", || pool.parked(&up.authority) == 1).await;
         up.hang_up.notify_one();
         wait_until("the upstream closed it", || up.closed.load(Ordering::SeqCst) == 1).await;
-        wait_until("the pool dropped it", || pool.idle(&up.authority) == 0).await;
+        wait_until("the pool dropped it", || pool.idle_at(&up.authority) == 0).await;
         assert_eq!(get(&pool, &t, &up).await, "hello", "a new connection serves");
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
     }
@@ -768,7 +783,7 @@ mod tests {
         assert_eq!(get(&pool, &t, &up).await, "hello");
         wait_until("the idle connection is parked", || pool.parked(&up.authority) == 1).await;
         up.unasked.notify_one();
-        wait_until("the pool dropped it", || pool.idle(&up.authority) == 0).await;
+        wait_until("the pool dropped it", || pool.idle_at(&up.authority) == 0).await;
         assert_eq!(get(&pool, &t, &up).await, "hello", "the unasked answer is never read as one");
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
     }
@@ -807,7 +822,7 @@ mod tests {
         assert_eq!(resp.into_body().collect().await.expect("body").to_bytes(), "hello");
         lease.release();
         wait_until("the upgrade's connection is closed", || up.closed.load(Ordering::SeqCst) == 1).await;
-        assert_eq!(pool.idle(&up.authority), 1);
+        assert_eq!(pool.idle_at(&up.authority), 1);
     }
 
     #[test]

@@ -146,6 +146,20 @@ async fn upstream_connections_carry_the_next_request_only_once_a_response_was_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upstream_connection_keeps_only_its_socket_and_carries_the_next_request() {
+    let up = Upstream::start("up").await;
+    let cfg = ConfigDir::new();
+    cfg.write("apis.yaml", &api("a", "/a/", &up.url(), ""));
+    let gw = Gatehouse::start(cfg.path(), &["--workers", "1"]).await;
+    assert_eq!(gw.get("/a/x").await.json()["path"], "/x");
+    let parked = r#"gatehouse_upstream_connections_idle{state="parked"}"#;
+    gw.wait_until("the idle upstream connection parks", async || gw.metric(parked).await == 1.0).await;
+    assert_eq!(gw.metric(r#"gatehouse_upstream_connections_idle{state="live"}"#).await, 0.0);
+    assert_eq!(gw.get("/a/y").await.json()["path"], "/y");
+    assert_eq!((up.connections(), up.closed()), (1, 0), "the parked socket carried the next request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_spread_over_the_workers_and_each_keeps_its_own_upstream_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start("up").await;
