@@ -274,51 +274,72 @@ fn absolute(target: &Target, path: PathAndQuery) -> Result<Uri, GatewayError> {
         .map_err(|_| GatewayError::UpstreamUnreachable)
 }
 
-/// Whether `name` is one of the hop-by-hop headers `strip_hop_by_hop` always removes.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+/// The hop-by-hop headers `strip_hop_by_hop` always removes; `Connection` first.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Where a (lowercase) name is in `HOP_BY_HOP`. The length rules out most names before
+/// a comparison: this runs for every header of every request and response.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    let i = match name.len() {
+        10 if name.as_bytes()[0] == b'k' => 7,
+        10 => 0,
+        18 => 1,
+        19 => 2,
+        2 => 3,
+        7 if name.as_bytes()[0] == b'u' => 6,
+        7 => 4,
+        17 => 5,
+        16 => 8,
+        _ => return None,
+    };
+    (name == HOP_BY_HOP[i].as_str()).then_some(i)
 }
 
 /// Headers meant for one hop only (RFC 9110 7.6.1), and any the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names finds most messages clean (a name the Connection header
-    // lists only counts when there is one), where removing each of nine names hashes nine.
-    if !h.keys().any(is_hop_by_hop) {
+    // One pass over the names tells which of the nine are there, so only those are
+    // removed: most messages have none, and an upstream's usual `Connection: keep-alive`
+    // costs one removal, not nine lookups (each a hash and a probe) and a name parsed.
+    let mut present = 0u16;
+    for name in h.keys() {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Every `Connection` field, not only the first: a name in a second one is as
-    // hop-by-hop as one in the first. One field (the usual case) costs no allocation.
-    let mut fields = h.get_all(header::CONNECTION).iter();
-    let first = fields.next().cloned();
-    let more: Vec<HeaderValue> = fields.cloned().collect();
-    if let Some(first) = first {
+    if present & 1 != 0 {
+        // Every `Connection` field, not only the first: a name in a second one is as
+        // hop-by-hop as one in the first. One field (the usual case) costs no allocation.
+        let mut fields = h.get_all(header::CONNECTION).iter();
+        let first = fields.next().cloned();
+        let more: Vec<HeaderValue> = fields.cloned().collect();
         h.remove(header::CONNECTION);
-        for v in std::iter::once(&first).chain(&more) {
-            for name in v.to_str().unwrap_or("").split(',') {
-                h.remove(name.trim());
+        for v in first.iter().chain(&more) {
+            for name in v.to_str().unwrap_or("").split(',').map(str::trim) {
+                // The nine are removed below if they are there at all.
+                if !name.is_empty() && !HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n.as_str())) {
+                    h.remove(name);
+                }
             }
         }
     }
-    for name in [
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        h.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
 }
 
 /// Appends the client's address (`ip`, made once per connection) to `X-Forwarded-For`; a
@@ -377,7 +398,7 @@ mod tests {
     fn hop_by_hop_headers_go_including_those_connection_names() {
         let mut h = HeaderMap::new();
         for (k, v) in [
-            ("connection", "close, x-secret"),
+            ("connection", "close, X-Secret"),
             ("connection", "x-second"),
             ("x-secret", "1"),
             ("x-second", "1"),
@@ -389,6 +410,29 @@ mod tests {
         }
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_name_is_found_and_no_other() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
+        }
+        for name in
+            ["user-agent", "keepalive", "tk", "trailers", "upgrade2", "x-forwarded-for", "", "proxy-authorizatio"]
+        {
+            assert_eq!(hop_by_hop_index(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_upstreams_keep_alive_goes_and_the_rest_stays() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [("content-length", "5"), ("connection", "Keep-Alive, Upgrade"), ("keep-alive", "timeout=5")] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h.append(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["content-length"]);
     }
 
     #[test]
