@@ -49,18 +49,8 @@ spec:
   upstream: {url: "http://$UP"}
   middleware:
     pre: [{plugin: foo-bar, symbol: AddFooBarHeader}]
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-key, labels: {gatehouse.dev/key: "true"}}
-stringData:
-  key: bench-token
-  session.yaml: |
-    rate: 1000000000
-    per: 1s
-    accessRights: [auth]
 YAML
-printf 'a benchmark key id secret' > "$work/key-id-secret"
+bench_key auth > "$work/gh/key.yaml"
 start_gatehouse "$GH" "$ADMIN" "$work/gh" target/release/gatehouse-dataplane \
   --key-id-secret-file "$work/key-id-secret"
 WRK_ARGS=(-H "X-Api-Key: bench-token")

@@ -141,3 +141,21 @@ compare() {
   awk -v a="$(col 1 "$work/a.txt")" -v b="$(col 1 "$work/b.txt")" -v n="$ROUNDS" -v d="$DURATION" -v c="$CONNS" -v an="$1" -v bn="$3" \
     'BEGIN { printf "ratio %s/%s: %.3f (median of %d rounds, %s each, %d connections)\n", bn, an, b / a, n, d, c }'
 }
+
+# bench_key API: on stdout, the manifest of a token key (`bench-token`, sent as X-Api-Key)
+# for API with a per-key rate limit no run reaches; writes the key id secret Gatehouse
+# needs for it to $work/key-id-secret (pass --key-id-secret-file).
+bench_key() {
+  printf 'a benchmark key id secret' > "$work/key-id-secret"
+  cat <<YAML
+apiVersion: v1
+kind: Secret
+metadata: {name: bench-key, labels: {gatehouse.dev/key: "true"}}
+stringData:
+  key: bench-token
+  session.yaml: |
+    rate: 1000000000
+    per: 1s
+    accessRights: [$1]
+YAML
+}

@@ -34,18 +34,8 @@ spec:
   listenPath: /
   upstream: {url: "http://$UP"}
   auth: {type: authToken, authToken: {header: X-Api-Key}}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-key, labels: {gatehouse.dev/key: "true"}}
-stringData:
-  key: bench-token
-  session.yaml: |
-    rate: 1000000000
-    per: 1s
-    accessRights: [bench]
 YAML
-printf 'a benchmark key id secret' > "$work/key-id-secret"
+bench_key bench > "$work/gh/key.yaml"
 start_gatehouse "$MEM" 127.0.0.1:28096 "$work/gh" "$BIN" \
   --key-id-secret-file "$work/key-id-secret"
 start_gatehouse "$RED" 127.0.0.1:28097 "$work/gh" "$BIN" \
