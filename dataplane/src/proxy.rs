@@ -287,22 +287,23 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// Where a (lowercase) name is in `HOP_BY_HOP`. The length rules out most names before
+/// Where a name, in any case, is in `HOP_BY_HOP`. The length rules out most names before
 /// a comparison: this runs for every header of every request and response.
 fn hop_by_hop_index(name: &str) -> Option<usize> {
+    let first = name.as_bytes().first().map(u8::to_ascii_lowercase);
     let i = match name.len() {
-        10 if name.as_bytes()[0] == b'k' => 7,
+        10 if first == Some(b'k') => 7,
         10 => 0,
         18 => 1,
         19 => 2,
         2 => 3,
-        7 if name.as_bytes()[0] == b'u' => 6,
+        7 if first == Some(b'u') => 6,
         7 => 4,
         17 => 5,
         16 => 8,
         _ => return None,
     };
-    (name == HOP_BY_HOP[i].as_str()).then_some(i)
+    name.eq_ignore_ascii_case(HOP_BY_HOP[i].as_str()).then_some(i)
 }
 
 /// Headers meant for one hop only (RFC 9110 7.6.1), and any the Connection header names.
@@ -329,7 +330,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         for v in first.iter().chain(&more) {
             for name in v.to_str().unwrap_or("").split(',').map(str::trim) {
                 // The nine are removed below if they are there at all.
-                if !name.is_empty() && !HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n.as_str())) {
+                if !name.is_empty() && hop_by_hop_index(name).is_none() {
                     h.remove(name);
                 }
             }
@@ -416,6 +417,7 @@ mod tests {
     fn each_hop_by_hop_name_is_found_and_no_other() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
+            assert_eq!(hop_by_hop_index(&name.as_str().to_ascii_uppercase()), Some(i), "{name}");
         }
         for name in
             ["user-agent", "keepalive", "tk", "trailers", "upgrade2", "x-forwarded-for", "", "proxy-authorizatio"]
