@@ -57,11 +57,19 @@ static RATE_LIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-r
 
 impl Gateway {
     /// Serves one request. Never fails: every failure becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<ProxyBody> {
-        let peer = conn.peer;
+    ///
+    /// Written as a function returning an `async move` block, as are the steps it awaits
+    /// (`run`, `proxy::forward`, `Pool::send`): an `async fn` keeps each argument twice for
+    /// as long as it runs (the argument, and the local it is moved into), and every byte of
+    /// a future is copied each time it is moved into the one that awaits it and, here, into
+    /// its box. The steps before the first await run before the block, which keeps only
+    /// what they produce.
+    pub fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Conn,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let started = Instant::now();
-        let rt = self.runtime();
-        let mut ex = Exchange::default();
         // A gRPC client reads the gateway's own refusals as gRPC statuses only.
         let grpc = req.version() == http::Version::HTTP_2 && crate::reply::is_grpc(req.headers());
         let mut req = req.map(ProxyBody::Stream);
@@ -73,179 +81,201 @@ impl Gateway {
             .analytics
             .enabled()
             .then(|| (req.method().to_string(), req.uri().path().to_owned(), content_length(req.headers())));
-        let result = match normal {
-            Ok(()) => self.run(&rt, &mut ex, req, conn).await,
-            Err(e) => Err(e),
-        };
-        let response = match result {
-            Ok(resp) => resp,
-            Err(e) => {
-                ex.error = Some(e);
-                let mut resp = if grpc { e.into_grpc_response() } else { e.into_response() };
-                carry_headers(&ex.reply.headers, resp.headers_mut());
-                resp
-            }
-        };
-        self.record(&ex, response, started, peer, seen)
+        async move {
+            let peer = conn.peer;
+            let rt = self.runtime();
+            let mut ex = Exchange::default();
+            let result = match normal {
+                Ok(()) => self.run(&rt, &mut ex, req, conn).await,
+                Err(e) => Err(e),
+            };
+            let response = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    ex.error = Some(e);
+                    let mut resp = if grpc { e.into_grpc_response() } else { e.into_response() };
+                    carry_headers(&ex.reply.headers, resp.headers_mut());
+                    resp
+                }
+            };
+            self.record(&ex, response, started, peer, seen)
+        }
     }
 
-    async fn run(
+    fn run(
         &self,
         rt: &Runtime,
         ex: &mut Exchange,
         req: Request<ProxyBody>,
         conn: Conn,
-    ) -> Result<Response<ProxyBody>, GatewayError> {
-        let peer = conn.peer;
-        // 1. Route: the request-target's authority (absolute form, HTTP/2 `:authority`)
-        // wins over Host (RFC 9112 3.2.2); then the longest listen path.
-        let host = req.uri().host().or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()));
-        let api = rt.router.route(host, req.uri().path()).ok_or(GatewayError::NoRoute)?;
-        ex.api = Some(api.clone());
-        // A server that drops `;parameters` must land on the same API (see `path`).
-        if let Some(bare) = path::without_parameters(req.uri().path())
-            && !rt.router.route(host, &bare).is_some_and(|b| Arc::ptr_eq(b, api))
-        {
-            return Err(GatewayError::BadPath(PathError::ParametersChangeRoute));
-        }
-        // Plain HTTP for an API that asks for TLS only: send the client there first, before
-        // anything reads (or a plugin sees) what it sent in the clear.
-        if !conn.tls
-            && let Some(tls) = &api.entry.spec.tls
-            && tls.redirect_http
-        {
-            return Ok(self.redirect_to_https(host, req.uri()));
-        }
-        let plugins = &api.plugins;
-        if plugins.unavailable.is_some() {
-            return Err(GatewayError::PluginFailure);
-        }
-
-        let (parts, mut body) = req.into_parts();
-        if plugins.detailed_recording && self.analytics.enabled() {
-            let capture = Arc::new(Capture::default());
-            body = Tee::wrap(body, capture.clone(), BODY_CAP, None);
-            ex.request_capture = Some(capture);
-        }
+    ) -> impl Future<Output = Result<Response<ProxyBody>, GatewayError>> + Send {
+        // Taken apart before the block, which then works on these in place: taken apart
+        // inside it, the request would be kept twice, whole and in parts.
+        let (parts, body) = req.into_parts();
         let mut req = RequestState { parts, body: None, body_set: false };
         let mut body = Some(body);
-        if plugins.request_body {
-            req.body = Some(self.buffer(body.take(), GatewayError::BadBody, &mut ex.held).await?);
-        }
-        macro_rules! hooks {
-            ($hooks:expr) => {{
-                let mut x =
-                    PluginExchange { req: &mut req, resp: &mut ex.reply, session: &mut ex.session, api: &**api, peer };
-                if let Next::Respond = plugins::run_phase($hooks, &mut x)? {
-                    ex.plugin_answered = true;
-                    return Ok(into_response(std::mem::take(&mut ex.reply), None));
-                }
-            }};
-        }
-
-        // 2. `pre` plugins.
-        hooks!(&plugins.pre);
-
-        // 3. API-wide rate limit, before any key lookup so floods stay cheap.
-        if let Some(rl) = api.entry.spec.rate_limit {
-            let d = self.counters.rate(&api.rate_key, rl.rate, rl.per.as_std()).await.map_err(auth::store_down)?;
-            if let Decision::Denied { retry_after } = d {
-                return Err(GatewayError::ApiRateLimited { retry_after });
+        async move {
+            let peer = conn.peer;
+            let uri = &req.parts.uri;
+            // 1. Route: the request-target's authority (absolute form, HTTP/2 `:authority`)
+            // wins over Host (RFC 9112 3.2.2); then the longest listen path.
+            let host = uri.host().or_else(|| req.parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+            let api = rt.router.route(host, uri.path()).ok_or(GatewayError::NoRoute)?;
+            ex.api = Some(api.clone());
+            // A server that drops `;parameters` must land on the same API (see `path`).
+            if let Some(bare) = path::without_parameters(uri.path())
+                && !rt.router.route(host, &bare).is_some_and(|b| Arc::ptr_eq(b, api))
+            {
+                return Err(GatewayError::BadPath(PathError::ParametersChangeRoute));
             }
-        }
+            // Plain HTTP for an API that asks for TLS only: send the client there first, before
+            // anything reads (or a plugin sees) what it sent in the clear.
+            if !conn.tls
+                && let Some(tls) = &api.entry.spec.tls
+                && tls.redirect_http
+            {
+                return Ok(self.redirect_to_https(host, uri));
+            }
+            let plugins = &api.plugins;
+            if plugins.unavailable.is_some() {
+                return Err(GatewayError::PluginFailure);
+            }
 
-        // 4. Auth. Keyless APIs skip 4-6.
-        match api.entry.spec.auth.kind {
-            AuthType::Keyless => {}
-            AuthType::AuthToken => {
-                let cfg = &api.entry.spec.auth.auth_token;
-                ex.session = Some(auth::authenticate(rt, cfg, &req.parts)?);
-                if cfg.strip_credentials {
-                    auth::strip_credentials(cfg, &mut req.parts);
+            if plugins.detailed_recording
+                && self.analytics.enabled()
+                && let Some(b) = body.take()
+            {
+                let capture = Arc::new(Capture::default());
+                body = Some(Tee::wrap(b, capture.clone(), BODY_CAP, None));
+                ex.request_capture = Some(capture);
+            }
+            // Boxed: only hooks that read bodies wait here, and inline this wait would be
+            // the largest state of every request's future.
+            if plugins.request_body {
+                req.body = Some(Box::pin(self.buffer(body.take(), GatewayError::BadBody, &mut ex.held)).await?);
+            }
+            macro_rules! hooks {
+                ($hooks:expr) => {{
+                    let mut x = PluginExchange {
+                        req: &mut req,
+                        resp: &mut ex.reply,
+                        session: &mut ex.session,
+                        api: &**api,
+                        peer,
+                    };
+                    if let Next::Respond = plugins::run_phase($hooks, &mut x)? {
+                        ex.plugin_answered = true;
+                        return Ok(into_response(std::mem::take(&mut ex.reply), None));
+                    }
+                }};
+            }
+
+            // 2. `pre` plugins.
+            hooks!(&plugins.pre);
+
+            // 3. API-wide rate limit, before any key lookup so floods stay cheap.
+            if let Some(rl) = api.entry.spec.rate_limit {
+                let d = self.counters.rate(&api.rate_key, rl.rate, rl.per.as_std()).await.map_err(auth::store_down)?;
+                if let Decision::Denied { retry_after } = d {
+                    return Err(GatewayError::ApiRateLimited { retry_after });
                 }
             }
-            AuthType::Mtls => ex.session = Some(client_certificate_session(rt, api, &conn.client_cert)?),
-            AuthType::Plugin => {
-                // The hook creates the session (or answers itself); none means refused.
-                hooks!(plugins.auth_check.as_slice());
-                if ex.session.is_none() {
-                    return Err(GatewayError::UnknownKey);
+
+            // 4. Auth. Keyless APIs skip 4-6.
+            match api.entry.spec.auth.kind {
+                AuthType::Keyless => {}
+                AuthType::AuthToken => {
+                    let cfg = &api.entry.spec.auth.auth_token;
+                    ex.session = Some(auth::authenticate(rt, cfg, &req.parts)?);
+                    if cfg.strip_credentials {
+                        auth::strip_credentials(cfg, &mut req.parts);
+                    }
+                }
+                AuthType::Mtls => ex.session = Some(client_certificate_session(rt, api, &conn.client_cert)?),
+                AuthType::Plugin => {
+                    // The hook creates the session (or answers itself); none means refused.
+                    hooks!(plugins.auth_check.as_slice());
+                    if ex.session.is_none() {
+                        return Err(GatewayError::UnknownKey);
+                    }
                 }
             }
-        }
 
-        // 5. `postKeyAuth` plugins.
-        hooks!(&plugins.post_key_auth);
+            // 5. `postKeyAuth` plugins.
+            hooks!(&plugins.post_key_auth);
 
-        // 6. Key checks: expiry, access rights, per-key rate limit, quota.
-        let mut quota: Option<QuotaLeft> = None;
-        if let Some(s) = &ex.session {
-            quota = auth::check_key(&self.counters, api, s).await?;
-        }
+            // 6. Key checks: expiry, access rights, per-key rate limit, quota.
+            let mut quota: Option<QuotaLeft> = None;
+            if let Some(s) = &ex.session {
+                quota = auth::check_key(&self.counters, api, s).await?;
+            }
 
-        // 6b. Endpoint plugins (Tyk's per-endpoint plugins): the first entry, in declared
-        // order, whose method and path after the listen path match.
-        if !plugins.endpoints.is_empty()
-            && let Some(e) = endpoints::find(
-                &plugins.endpoints,
-                &api.entry.spec.listen_path,
-                &req.parts.method,
-                req.parts.uri.path(),
+            // 6b. Endpoint plugins (Tyk's per-endpoint plugins): the first entry, in declared
+            // order, whose method and path after the listen path match.
+            if !plugins.endpoints.is_empty()
+                && let Some(e) = endpoints::find(
+                    &plugins.endpoints,
+                    &api.entry.spec.listen_path,
+                    &req.parts.method,
+                    req.parts.uri.path(),
+                )
+            {
+                hooks!(&e.hooks);
+            }
+
+            // 7. `post` plugins.
+            hooks!(&plugins.post);
+
+            // 8. Upstream. Response hooks see the request too, so they get a copy of it.
+            let seen_by_response_hooks = (!plugins.response.is_empty()).then(|| copy_request(&req.parts));
+            let body = match (req.body, body) {
+                (Some(b), _) => {
+                    fix_length(&mut req.parts.headers, b.len());
+                    ProxyBody::from(b)
+                }
+                (None, Some(stream)) => stream,
+                (None, None) => ProxyBody::empty(),
+            };
+            let (mut resp, took) = proxy::forward(
+                &self.pool,
+                &self.target_slots,
+                api,
+                Request::from_parts(req.parts, body),
+                &conn.forwarded_for,
+                conn.tls,
             )
-        {
-            hooks!(&e.hooks);
-        }
+            .await?;
+            ex.upstream_latency = Some(took);
+            carry_headers(&ex.reply.headers, resp.headers_mut());
 
-        // 7. `post` plugins.
-        hooks!(&plugins.post);
-
-        // 8. Upstream. Response hooks see the request too, so they get a copy of it.
-        let seen_by_response_hooks = (!plugins.response.is_empty()).then(|| copy_request(&req.parts));
-        let body = match (req.body, body) {
-            (Some(b), _) => {
-                fix_length(&mut req.parts.headers, b.len());
-                ProxyBody::from(b)
+            // 9. `response` plugins, then the answer. A `101` has no body to change, and what
+            // follows it is no longer HTTP.
+            if let Some(parts) = seen_by_response_hooks
+                && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                let (head, body) = resp.into_parts();
+                let mut upstream =
+                    ResponseState { status: head.status, headers: head.headers, body: None, body_set: false };
+                let mut body = Some(body);
+                if plugins.response_body {
+                    upstream.body = Some(
+                        Box::pin(self.buffer(body.take(), GatewayError::UpstreamUnreachable, &mut ex.held)).await?,
+                    );
+                }
+                let mut req = RequestState { parts, body: None, body_set: false };
+                let mut x =
+                    PluginExchange { req: &mut req, resp: &mut upstream, session: &mut ex.session, api: &**api, peer };
+                // A response hook cannot answer instead of the upstream: it already answered.
+                let _ = plugins::run_phase(&plugins.response, &mut x)?;
+                resp = into_response(upstream, body);
             }
-            (None, Some(stream)) => stream,
-            (None, None) => ProxyBody::empty(),
-        };
-        let (mut resp, took) = proxy::forward(
-            &self.pool,
-            &self.target_slots,
-            api,
-            Request::from_parts(req.parts, body),
-            &conn.forwarded_for,
-            conn.tls,
-        )
-        .await?;
-        ex.upstream_latency = Some(took);
-        carry_headers(&ex.reply.headers, resp.headers_mut());
-
-        // 9. `response` plugins, then the answer. A `101` has no body to change, and what
-        // follows it is no longer HTTP.
-        if let Some(parts) = seen_by_response_hooks
-            && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-        {
-            let (head, body) = resp.into_parts();
-            let mut upstream =
-                ResponseState { status: head.status, headers: head.headers, body: None, body_set: false };
-            let mut body = Some(body);
-            if plugins.response_body {
-                upstream.body = Some(self.buffer(body.take(), GatewayError::UpstreamUnreachable, &mut ex.held).await?);
+            if let Some(q) = quota {
+                let h = resp.headers_mut();
+                h.insert(RATE_LIMIT_LIMIT.clone(), HeaderValue::from(q.limit));
+                h.insert(RATE_LIMIT_REMAINING.clone(), HeaderValue::from(q.remaining));
             }
-            let mut req = RequestState { parts, body: None, body_set: false };
-            let mut x =
-                PluginExchange { req: &mut req, resp: &mut upstream, session: &mut ex.session, api: &**api, peer };
-            // A response hook cannot answer instead of the upstream: it already answered.
-            let _ = plugins::run_phase(&plugins.response, &mut x)?;
-            resp = into_response(upstream, body);
+            Ok(resp)
         }
-        if let Some(q) = quota {
-            let h = resp.headers_mut();
-            h.insert(RATE_LIMIT_LIMIT.clone(), HeaderValue::from(q.limit));
-            h.insert(RATE_LIMIT_REMAINING.clone(), HeaderValue::from(q.remaining));
-        }
-        Ok(resp)
     }
 
     /// Step 10: metrics always; an analytics record when a sink is on. With

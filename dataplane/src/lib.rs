@@ -154,10 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let proxy_handler = {
         let gw = gw.clone();
-        move |req, conn| {
-            let gw = gw.clone();
-            async move { gw.handle(req, conn).await }
-        }
+        move |req, conn| gw.clone().handle(req, conn)
     };
     // One connection cap per listener address, shared by its workers.
     let caps = || Arc::new(tokio::sync::Semaphore::new(cli.limits.max_connections as usize));

@@ -226,45 +226,52 @@ impl<B: SendBody> Pool<B> {
     /// new one. A pooled connection that closed before taking the request (the upstream
     /// ended it while idle) hands the request back and the next one is tried: the request
     /// never reached the upstream, so this is not a retry of anything it saw. An
-    /// `upgrade` request goes on a new connection that is never pooled.
-    pub async fn send(
+    /// `upgrade` request goes on a new connection that is never pooled. (An `async move`
+    /// block, so that the request is kept once: see `Gateway::handle`.)
+    #[expect(clippy::manual_async_fn, reason = "an async fn would keep the request twice")]
+    pub fn send(
         &self,
         target: &Arc<TargetPool<B>>,
         mut req: Request<B>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, Lease<B>), SendError> {
-        let worker = workers::index();
-        if upgrade {
-            let (mut sender, conn) = http1::handshake(self.dial(target).await?).await.map_err(SendError::Handshake)?;
-            // Ends when the upstream closes or the sender is dropped, or hands the socket to
-            // the tunnel; an error was already the request's.
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-            let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-            return Ok((resp, Lease { sender, pool: target.clone(), worker, parking: None }));
-        }
-        loop {
-            let picked = std::future::poll_fn(|cx| Poll::Ready(target.checkout(cx, worker))).await;
-            let (mut sender, parking) = match picked {
-                None => break,
-                Some(Picked::Live(sender, parking)) => (sender, parking),
-                Some(Picked::Parked(io)) => match target.drive(io, worker).await {
-                    Ok(driven) => driven,
-                    Err(_) => continue,
-                },
-            };
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease { sender, pool: target.clone(), worker, parking: Some(parking) })),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(SendError::Request(e.into_error())),
-                },
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease<B>), SendError>> + Send {
+        async move {
+            let worker = workers::index();
+            if upgrade {
+                let (mut sender, conn) =
+                    http1::handshake(self.dial(target).await?).await.map_err(SendError::Handshake)?;
+                // Ends when the upstream closes or the sender is dropped, or hands the socket to
+                // the tunnel; an error was already the request's.
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+                return Ok((resp, Lease { sender, pool: target.clone(), worker, parking: None }));
             }
+            loop {
+                let picked = std::future::poll_fn(|cx| Poll::Ready(target.checkout(cx, worker))).await;
+                let (mut sender, parking) = match picked {
+                    None => break,
+                    Some(Picked::Live(sender, parking)) => (sender, parking),
+                    Some(Picked::Parked(io)) => match target.drive(io, worker).await {
+                        Ok(driven) => driven,
+                        Err(_) => continue,
+                    },
+                };
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        return Ok((resp, Lease { sender, pool: target.clone(), worker, parking: Some(parking) }));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Err(SendError::Request(e.into_error())),
+                    },
+                }
+            }
+            let (mut sender, parking) = target.drive(self.dial(target).await?, worker).await?;
+            let resp = sender.send_request(req).await.map_err(SendError::Request)?;
+            Ok((resp, Lease { sender, pool: target.clone(), worker, parking: Some(parking) }))
         }
-        let (mut sender, parking) = target.drive(self.dial(target).await?, worker).await?;
-        let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-        Ok((resp, Lease { sender, pool: target.clone(), worker, parking: Some(parking) }))
     }
 
     async fn dial(&self, target: &TargetPool<B>) -> Result<Io, SendError> {

@@ -82,120 +82,126 @@ impl TargetSlots {
 /// upstream's response and how long its headers took. `forwarded_for` (the client's
 /// address as an `X-Forwarded-For` entry) and `tls` describe the client's connection
 /// (`server::Conn`), taken apart so this layer imports no entry point.
-pub async fn forward(
+///
+/// An `async move` block rather than an `async fn`, so that the request is kept once, not
+/// twice (see `Gateway::handle`).
+#[expect(clippy::manual_async_fn, reason = "an async fn would keep the request twice")]
+pub fn forward(
     pool: &Pool<ProxyBody>,
     slots: &TargetSlots,
     api: &Api,
     mut req: Request<ProxyBody>,
     forwarded_for: &HeaderValue,
     tls: bool,
-) -> Result<(Response<ProxyBody>, Duration), GatewayError> {
-    let target = api.pick_target();
-    let mut timeout = api.timeout;
-    let slot = match slots.try_take(target) {
-        Ok(s) => s,
-        Err(slots) => {
-            // Every slot is taken: only now is the clock worth reading.
-            let waiting = std::time::Instant::now();
-            let Ok(s) = tokio::time::timeout(timeout, slots.take()).await else {
-                return Err(GatewayError::UpstreamBusy);
-            };
-            timeout = timeout.saturating_sub(waiting.elapsed());
-            Some(s)
+) -> impl Future<Output = Result<(Response<ProxyBody>, Duration), GatewayError>> + Send {
+    async move {
+        let target = api.pick_target();
+        let mut timeout = api.timeout;
+        let slot = match slots.try_take(target) {
+            Ok(s) => s,
+            Err(slots) => {
+                // Every slot is taken: only now is the clock worth reading.
+                let waiting = std::time::Instant::now();
+                let Ok(s) = tokio::time::timeout(timeout, slots.take()).await else {
+                    return Err(GatewayError::UpstreamBusy);
+                };
+                timeout = timeout.saturating_sub(waiting.elapsed());
+                Some(s)
+            }
+        };
+        let path = upstream_path(api, target, req.uri())?;
+        // A WebSocket: where to leave the tunnel, and the key its handshake answers. Over
+        // HTTP/2 to the upstream there is no Upgrade: the request goes as a plain one.
+        let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
+            Some(to) if !api.http2 && tunnel::is_websocket(req.method(), req.version(), req.headers()) => {
+                let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+                Some((to, key))
+            }
+            _ => None,
+        };
+        // gRPC needs `te: trailers` to reach an HTTP/2 upstream; it is the one TE value HTTP/2
+        // allows, and hop-by-hop otherwise.
+        let te_trailers =
+            api.http2 && req.headers().get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        let host_header = req.headers_mut().remove(header::HOST);
+        // The host the request was routed by: the request-target's authority (absolute form,
+        // HTTP/2 `:authority`) wins over Host, as in chain step 1.
+        let original_host = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or("")).ok())
+            .or(host_header);
+        *req.version_mut() = if api.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if upgrade.is_some() {
+            tunnel::set_upgrade_headers(headers);
         }
-    };
-    let path = upstream_path(api, target, req.uri())?;
-    // A WebSocket: where to leave the tunnel, and the key its handshake answers. Over
-    // HTTP/2 to the upstream there is no Upgrade: the request goes as a plain one.
-    let upgrade = match req.extensions_mut().remove::<UpgradeSlot>() {
-        Some(to) if !api.http2 && tunnel::is_websocket(req.method(), req.version(), req.headers()) => {
-            let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
-            Some((to, key))
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        _ => None,
-    };
-    // gRPC needs `te: trailers` to reach an HTTP/2 upstream; it is the one TE value HTTP/2
-    // allows, and hop-by-hop otherwise.
-    let te_trailers =
-        api.http2 && req.headers().get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let host_header = req.headers_mut().remove(header::HOST);
-    // The host the request was routed by: the request-target's authority (absolute form,
-    // HTTP/2 `:authority`) wins over Host, as in chain step 1.
-    let original_host = req
-        .uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str().rsplit('@').next().unwrap_or("")).ok())
-        .or(host_header);
-    *req.version_mut() = if api.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
-    if upgrade.is_some() {
-        tunnel::set_upgrade_headers(headers);
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    append_forwarded_for(headers, forwarded_for);
-    // Always set, never passed on: what a client sends here is its own claim.
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
-    if let Some(host) = original_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
-    }
+        append_forwarded_for(headers, forwarded_for);
+        // Always set, never passed on: what a client sends here is its own claim.
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
+        if let Some(host) = original_host {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
 
-    let started = std::time::Instant::now();
-    let (resp, lease) = if target.https || api.h2c.is_some() {
-        // hyper-util's clients take the absolute form, and set `Host` from it.
-        *req.uri_mut() = absolute(target, path)?;
-        let sent = match (target.https, &api.tls, &api.h2c) {
-            (true, Some((tls, _)), _) => tls.request(req),
-            (false, _, Some(h2c)) => h2c.request(req),
-            // An `https://` target always has its API's TLS client (`Api::compile`).
-            _ => return Err(GatewayError::UpstreamUnreachable),
+        let started = std::time::Instant::now();
+        let (resp, lease) = if target.https || api.h2c.is_some() {
+            // hyper-util's clients take the absolute form, and set `Host` from it.
+            *req.uri_mut() = absolute(target, path)?;
+            let sent = match (target.https, &api.tls, &api.h2c) {
+                (true, Some((tls, _)), _) => tls.request(req),
+                (false, _, Some(h2c)) => h2c.request(req),
+                // An `https://` target always has its API's TLS client (`Api::compile`).
+                _ => return Err(GatewayError::UpstreamUnreachable),
+            };
+            match tokio::time::timeout(timeout, sent).await {
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Err(e)) => return Err(failed(api, target, &e, e.is_connect())),
+                Ok(Ok(resp)) => (resp, None),
+            }
+        } else {
+            *req.uri_mut() = Uri::from(path);
+            req.headers_mut().insert(header::HOST, target.host.clone());
+            let pooled = target.pool.get_or_init(|| pool.target(&target.authority));
+            match tokio::time::timeout(timeout, pool.send(pooled, req, upgrade.is_some())).await {
+                Err(_) => return Err(GatewayError::UpstreamTimeout),
+                Ok(Err(e)) => return Err(failed(api, target, &e, matches!(e, SendError::Connect(_)))),
+                Ok(Ok((resp, lease))) => (resp, Some(lease)),
+            }
         };
-        match tokio::time::timeout(timeout, sent).await {
-            Err(_) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => return Err(failed(api, target, &e, e.is_connect())),
-            Ok(Ok(resp)) => (resp, None),
+        let took = started.elapsed();
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Only the upgrade the client asked for, and the gateway passed on, may happen.
+            let Some((to, key)) = upgrade else {
+                tracing::warn!(api = %api.id, "upstream switched protocols on a request that did not ask to");
+                return Err(GatewayError::UpstreamUnreachable);
+            };
+            if !tunnel::completes_handshake(key.as_ref(), resp.headers()) {
+                tracing::warn!(api = %api.id, "upstream answered 101 without completing the WebSocket handshake");
+                return Err(GatewayError::UpstreamUnreachable);
+            }
+            let mut resp = resp;
+            let upstream = hyper::upgrade::on(&mut resp);
+            strip_hop_by_hop(resp.headers_mut());
+            tunnel::set_upgrade_headers(resp.headers_mut());
+            // The tunnel holds the target's slot for as long as it is open; the upgraded
+            // connection is the tunnel's, never the pool's again.
+            drop(lease);
+            to.0.leave(Tunnel { upstream, slot });
+            return Ok((resp.map(ProxyBody::Stream), took));
         }
-    } else {
-        *req.uri_mut() = Uri::from(path);
-        req.headers_mut().insert(header::HOST, target.host.clone());
-        let pooled = target.pool.get_or_init(|| pool.target(&target.authority));
-        match tokio::time::timeout(timeout, pool.send(pooled, req, upgrade.is_some())).await {
-            Err(_) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => return Err(failed(api, target, &e, matches!(e, SendError::Connect(_)))),
-            Ok(Ok((resp, lease))) => (resp, Some(lease)),
-        }
-    };
-    let took = started.elapsed();
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // Only the upgrade the client asked for, and the gateway passed on, may happen.
-        let Some((to, key)) = upgrade else {
-            tracing::warn!(api = %api.id, "upstream switched protocols on a request that did not ask to");
-            return Err(GatewayError::UpstreamUnreachable);
+        // The slot stays taken, and the connection out of the pool, until the body has been
+        // read: the connection is busy till then.
+        let mut resp = match (slot, lease) {
+            (None, None) => resp.map(ProxyBody::Stream),
+            (slot, lease) => resp.map(|b| ProxyBody::upstream(b, Hold { slot, lease })),
         };
-        if !tunnel::completes_handshake(key.as_ref(), resp.headers()) {
-            tracing::warn!(api = %api.id, "upstream answered 101 without completing the WebSocket handshake");
-            return Err(GatewayError::UpstreamUnreachable);
-        }
-        let mut resp = resp;
-        let upstream = hyper::upgrade::on(&mut resp);
         strip_hop_by_hop(resp.headers_mut());
-        tunnel::set_upgrade_headers(resp.headers_mut());
-        // The tunnel holds the target's slot for as long as it is open; the upgraded
-        // connection is the tunnel's, never the pool's again.
-        drop(lease);
-        to.0.leave(Tunnel { upstream, slot });
-        return Ok((resp.map(ProxyBody::Stream), took));
+        Ok((resp, took))
     }
-    // The slot stays taken, and the connection out of the pool, until the body has been
-    // read: the connection is busy till then.
-    let mut resp = match (slot, lease) {
-        (None, None) => resp.map(ProxyBody::Stream),
-        (slot, lease) => resp.map(|b| ProxyBody::upstream(b, Hold { slot, lease })),
-    };
-    strip_hop_by_hop(resp.headers_mut());
-    Ok((resp, took))
 }
 
 /// The gateway's answer to a request the upstream did not answer, logged with why.
