@@ -228,7 +228,7 @@ impl<B: SendBody> Pool<B> {
     /// never reached the upstream, so this is not a retry of anything it saw. An
     /// `upgrade` request goes on a new connection that is never pooled. (An `async move`
     /// block, so that the request is kept once: see `Gateway::handle`.)
-    #[expect(clippy::manual_async_fn, reason = "an async fn would keep the request twice")]
+    #[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
     pub fn send(
         &self,
         target: &Arc<TargetPool<B>>,

@@ -85,7 +85,7 @@ impl TargetSlots {
 ///
 /// An `async move` block rather than an `async fn`, so that the request is kept once, not
 /// twice (see `Gateway::handle`).
-#[expect(clippy::manual_async_fn, reason = "an async fn would keep the request twice")]
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice")]
 pub fn forward(
     pool: &Pool<ProxyBody>,
     slots: &TargetSlots,
