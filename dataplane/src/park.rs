@@ -25,6 +25,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use slab::Slab;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How often idle connections are looked at; one is parked at the second tick it is seen
@@ -206,6 +207,72 @@ impl Idle {
     }
 }
 
+/// The parked connections of one listener, so that a drain reaches them: each waits with
+/// its waker in a shared slab (a key of its own) rather than on the stop signal's
+/// `changed()`, whose future (120 B) would sit in every parked task.
+#[derive(Default)]
+pub struct Parked {
+    inner: Mutex<Waiters>,
+}
+
+#[derive(Default)]
+struct Waiters {
+    draining: bool,
+    wakers: Slab<Waker>,
+}
+
+impl Parked {
+    /// Wakes every connection waiting, and ends every wait from now on at once.
+    pub fn drain(&self) {
+        let wakers = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner.draining = true;
+            std::mem::take(&mut inner.wakers)
+        };
+        for (_, w) in wakers {
+            w.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One parked connection's place among [`Parked`]'s waiters, given up when dropped.
+pub struct Waiting<'a> {
+    parked: &'a Parked,
+    key: Option<usize>,
+}
+
+impl<'a> Waiting<'a> {
+    pub fn new(parked: &'a Parked) -> Self {
+        Self { parked, key: None }
+    }
+
+    /// Whether the listener drains; if not, `cx` is woken when it starts to.
+    pub fn draining(&mut self, cx: &Context<'_>) -> bool {
+        let mut inner = self.parked.lock();
+        if inner.draining {
+            return true;
+        }
+        match self.key.and_then(|k| inner.wakers.get_mut(k)) {
+            Some(w) => w.clone_from(cx.waker()),
+            None => self.key = Some(inner.wakers.insert(cx.waker().clone())),
+        }
+        false
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key {
+            // Gone already if a drain took the waiters.
+            self.parked.lock().wakers.try_remove(k);
+        }
+    }
+}
+
 /// A stream with bytes already read from it put back in front: what a parked connection
 /// read while waiting, and what hyper had read past its last request, go to the next
 /// reader first.
@@ -303,6 +370,31 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    #[test]
+    fn a_drain_wakes_each_parked_connection_once_and_ends_every_later_wait() {
+        let parked = Parked::default();
+        let woken = Arc::new(Count(AtomicU32::new(0)));
+        let waker = Waker::from(woken.clone());
+        let cx = Context::from_waker(&waker);
+        let (mut a, mut b) = (Waiting::new(&parked), Waiting::new(&parked));
+        // Polled again and again while parked: one waker each, not one per poll.
+        for _ in 0..3 {
+            assert!(!a.draining(&cx) && !b.draining(&cx));
+        }
+        assert_eq!(parked.lock().wakers.len(), 2);
+        // One that unparks gives its place up.
+        drop(b);
+        assert_eq!(parked.lock().wakers.len(), 1);
+        parked.drain();
+        assert_eq!(woken.0.load(Ordering::Relaxed), 1);
+        assert!(a.draining(&cx));
+        // One that parks after the drain began does not wait.
+        assert!(Waiting::new(&parked).draining(&cx));
+        drop(a);
+        assert_eq!(parked.lock().wakers.len(), 0);
+        assert_eq!(woken.0.load(Ordering::Relaxed), 1);
     }
 
     #[test]
