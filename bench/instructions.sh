@@ -31,22 +31,6 @@ nginx_conf proxy "upstream up { server $UP; keepalive 128; }
   server { listen $NGX; $NGINX_PROXY_LOCATION }"
 plain_api "$work/gh"
 
-# count NAME URL PID-PATTERN: warm up, zero, drive, dump; prints instructions per request.
-count() {
-  local pid reqs total
-  for _ in $(seq 200); do curl -fs "$2" >/dev/null 2>&1 && break; sleep 0.2; done
-  expect_1k "$2"
-  pid=$(pgrep -f "$3" | head -1)
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d3s "$2" >/dev/null
-  callgrind_control -z "$pid" >/dev/null
-  reqs=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" "$2" | awk '/requests in/ { print $1 }')
-  callgrind_control -d "$pid" >/dev/null
-  sleep 1
-  total=$(callgrind_annotate "$(ls -t "$out/$1".out.* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
-  kill "$pid"
-  awk -v t="$total" -v r="$reqs" -v n="$1" 'BEGIN { printf "%s: %.0f instructions per request (%d over %d requests)\n", n, t / r, t, r }' | tee -a "$work/counts.txt"
-}
-
 taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$out/nginx.out" \
   nginx -c "$work/proxy.conf" -e "$work/proxy.error.log" >"$work/vg-nginx.log" 2>&1 &
 pids+=($!)

@@ -89,7 +89,7 @@ YAML
 
 # expect_1k URL: the proxy under test really returns the 1 KiB body.
 expect_1k() {
-  [ "$(curl -fs "$1" | wc -c)" = 1024 ] || { echo "$1 does not return the 1 KiB body" >&2; exit 1; }
+  [ "$(curl -fs ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$1" | wc -c)" = 1024 ] || { echo "$1 does not return the 1 KiB body" >&2; exit 1; }
 }
 
 # cpu_ticks N: busy and total jiffies of CPU N so far, from /proc/stat.
@@ -158,4 +158,22 @@ stringData:
     per: 1s
     accessRights: [$1]
 YAML
+}
+
+# count NAME URL PID-PATTERN: for a process under callgrind writing $out/NAME.out.*: warm up,
+# zero, drive with wrk (WRK_ARGS too), dump; prints instructions per request and appends the
+# line to $work/counts.txt.
+count() {
+  local pid reqs total
+  for _ in $(seq 200); do curl -fs ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$2" >/dev/null 2>&1 && break; sleep 0.2; done
+  expect_1k "$2"
+  pid=$(pgrep -f "$3" | head -1)
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d3s ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$2" >/dev/null
+  callgrind_control -z "$pid" >/dev/null
+  reqs=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$2" | awk '/requests in/ { print $1 }')
+  callgrind_control -d "$pid" >/dev/null
+  sleep 1
+  total=$(callgrind_annotate "$(ls -t "$out/$1".out.* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+  kill "$pid"
+  awk -v t="$total" -v r="$reqs" -v n="$1" 'BEGIN { printf "%s: %.0f instructions per request (%d over %d requests)\n", n, t / r, t, r }' | tee -a "$work/counts.txt"
 }

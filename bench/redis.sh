@@ -7,6 +7,8 @@
 #   bash bench/redis.sh
 #   ROUNDS=5 DURATION=10s bash bench/redis.sh
 #   BIN=OTHER-BUILD bash bench/redis.sh     # another build; nothing is built
+#   COUNT=1 bash bench/redis.sh             # user-space instructions per request instead,
+#                                           # each gateway under callgrind (CONNS=64 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -36,11 +38,29 @@ spec:
   auth: {type: authToken, authToken: {header: X-Api-Key}}
 YAML
 bench_key bench > "$work/gh/key.yaml"
+WRK_ARGS=(-H "X-Api-Key: bench-token")
+if [ -n "${COUNT:-}" ]; then
+  # A count, not a time: what Redis adds to each request's own work, whatever else the
+  # machine runs (the kernel's share is not counted).
+  apt_install valgrind
+  out=$work
+  for mode in memory redis; do
+    [ "$mode" = redis ] && more=(--counters "redis://127.0.0.1:$REDIS_PORT") || more=()
+    RUST_LOG=warn TOKIO_WORKER_THREADS=1 GATEHOUSE_WORKERS=1 taskset -c "$PROXY_CPU" valgrind --tool=callgrind \
+      --callgrind-out-file="$out/$mode.out" "$BIN" --listen "$MEM" --admin-listen 127.0.0.1:28096 \
+      --config "$work/gh" --plugin-dir "$work/plugin-cache-$mode" --key-id-secret-file "$work/key-id-secret" \
+      ${more[@]+"${more[@]}"} >"$work/vg-$mode.log" 2>&1 &
+    pids+=($!)
+    count "$mode" "http://$MEM/" "callgrind-out-file=$out/$mode.out"
+    wait "${pids[-1]}" 2>/dev/null || true
+  done
+  awk '{ v[$1] = $2 } END { printf "Redis adds %.0f instructions per request (%.1f%%)\n", v["redis:"] - v["memory:"], 100 * (v["redis:"] / v["memory:"] - 1) }' "$work/counts.txt"
+  exit 0
+fi
 start_gatehouse "$MEM" 127.0.0.1:28096 "$work/gh" "$BIN" \
   --key-id-secret-file "$work/key-id-secret"
 start_gatehouse "$RED" 127.0.0.1:28097 "$work/gh" "$BIN" \
   --key-id-secret-file "$work/key-id-secret" --counters "redis://127.0.0.1:$REDIS_PORT"
-WRK_ARGS=(-H "X-Api-Key: bench-token")
 for a in "$MEM" "$RED"; do
   [ "$(curl -fs -H 'X-Api-Key: bench-token' "http://$a/" | wc -c)" = 1024 ] || { echo "$a does not return the 1 KiB body" >&2; exit 1; }
 done
