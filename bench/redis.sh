@@ -54,6 +54,9 @@ if [ -n "${COUNT:-}" ]; then
     count "$mode" "http://$MEM/" "callgrind-out-file=$out/$mode.out"
     wait "${pids[-1]}" 2>/dev/null || true
   done
+  # Counted in Redis, not let through by the failure policy.
+  calls=$(redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ { print $3 }')
+  [ "${calls:-0}" -ge 100 ] || { echo "${calls:-0} script calls: the Redis gateway did not count in Redis" >&2; exit 1; }
   awk '{ v[$1] = $2 } END { printf "Redis adds %.0f instructions per request (%.1f%%)\n", v["redis:"] - v["memory:"], 100 * (v["redis:"] / v["memory:"] - 1) }' "$work/counts.txt"
   exit 0
 fi

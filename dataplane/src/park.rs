@@ -225,7 +225,7 @@ impl Parked {
     /// Wakes every connection waiting, and ends every wait from now on at once.
     pub fn drain(&self) {
         let wakers = {
-            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut inner = self.lock();
             inner.draining = true;
             std::mem::take(&mut inner.wakers)
         };
@@ -372,11 +372,16 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes.
+    fn counting() -> (Arc<Count>, Waker) {
+        let woken = Arc::new(Count(AtomicU32::new(0)));
+        (woken.clone(), Waker::from(woken))
+    }
+
     #[test]
     fn a_drain_wakes_each_parked_connection_once_and_ends_every_later_wait() {
         let parked = Parked::default();
-        let woken = Arc::new(Count(AtomicU32::new(0)));
-        let waker = Waker::from(woken.clone());
+        let (woken, waker) = counting();
         let cx = Context::from_waker(&waker);
         let (mut a, mut b) = (Waiting::new(&parked), Waiting::new(&parked));
         // Polled again and again while parked: one waker each, not one per poll.
@@ -400,8 +405,7 @@ mod tests {
     #[test]
     fn a_connection_parks_at_the_second_tick_it_stays_idle_through_and_asks_once_a_tick() {
         let ticks = Ticks::default();
-        let woken = Arc::new(Count(AtomicU32::new(0)));
-        let waker = Waker::from(woken.clone());
+        let (woken, waker) = counting();
         let cx = Context::from_waker(&waker);
         let mut idle = Idle::default();
         // Many polls within one tick: one waker left.

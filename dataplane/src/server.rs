@@ -156,8 +156,9 @@ pub async fn serve<H, F>(
         conns.spawn(connection(shared, draining, stream, peer, tls, timing, handler, slot));
     }
     drop(listener);
-    // Each connection sees `stop` too: an idle or parked one closes, a busy one after its
-    // response (HTTP/2: GOAWAY, then its streams finish). A WebSocket ends with its tunnel.
+    // Each connection sees `stop` too, a parked one through `parked`, woken here: an idle or
+    // parked one closes, a busy one after its response (HTTP/2: GOAWAY, then its streams
+    // finish). A WebSocket ends with its tunnel.
     shared.parked.drain();
     let drained = async { while conns.join_next().await.is_some() {} };
     tokio::select! {
@@ -440,11 +441,8 @@ where
             }
             let parked = shared.gauges.as_ref().map(|g| Counted::new(&g.parked));
             let mut waiting = Waiting::new(&shared.parked);
-            let more = poll_fn(|cx| match waiting.draining(cx) {
-                true => Poll::Ready(Ok(0)),
-                false => poll_read_more(&mut io, cx),
-            })
-            .await;
+            let more =
+                poll_fn(|cx| if waiting.draining(cx) { Poll::Ready(Ok(0)) } else { poll_read_more(&mut io, cx) }).await;
             drop((waiting, parked));
             match more {
                 Ok(0) => return,

@@ -270,10 +270,7 @@ impl RedisStore {
         }
         let (reply, answer) = oneshot::channel();
         // Not `format!`: its machinery costs several times the copy (measured).
-        let mut prefixed = String::with_capacity(PREFIX.len() + key.len());
-        prefixed.push_str(PREFIX);
-        prefixed.push_str(key);
-        let check = Check { kind, key: prefixed, args, reply };
+        let check = Check { kind, key: [PREFIX, key].concat(), args, reply };
         if let Some(full) = self.queue.push(check) {
             self.queue.batches.send(full);
         }
