@@ -9,6 +9,7 @@
 #   BIN=OTHER-BUILD bash bench/redis.sh     # another build; nothing is built
 #   COUNT=1 bash bench/redis.sh             # user-space instructions per request instead,
 #                                           # each gateway under callgrind (CONNS=64 by default)
+#   COUNT=1 KEEP=1 bash bench/redis.sh      # and keep the callgrind files in bench-callgrind/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -43,7 +44,9 @@ if [ -n "${COUNT:-}" ]; then
   # A count, not a time: what Redis adds to each request's own work, whatever else the
   # machine runs (the kernel's share is not counted).
   apt_install valgrind
-  out=$work
+  out=${KEEP:+bench-callgrind}
+  out=${out:-$work}
+  mkdir -p "$out"
   for mode in memory redis; do
     [ "$mode" = redis ] && more=(--counters "redis://127.0.0.1:$REDIS_PORT") || more=()
     RUST_LOG=warn TOKIO_WORKER_THREADS=1 GATEHOUSE_WORKERS=1 taskset -c "$PROXY_CPU" valgrind --tool=callgrind \
@@ -57,6 +60,7 @@ if [ -n "${COUNT:-}" ]; then
   # Counted in Redis, not let through by the failure policy.
   calls=$(redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ { print $3 }')
   [ "${calls:-0}" -ge 100 ] || { echo "${calls:-0} script calls: the Redis gateway did not count in Redis" >&2; exit 1; }
+  [ -n "${KEEP:-}" ] && echo "callgrind files in $out/ (redis.out.1, memory.out.1)"
   awk '{ v[$1] = $2 } END { printf "Redis adds %.0f instructions per request (%.1f%%)\n", v["redis:"] - v["memory:"], 100 * (v["redis:"] / v["memory:"] - 1) }' "$work/counts.txt"
   exit 0
 fi

@@ -29,46 +29,52 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use fred::{
     clients::{Client, Pool},
     prelude::{ClientLike, Config, LuaInterface, ReconnectPolicy},
-    types::{Builder, Value, scripts::Script},
+    types::{Builder, Key, Value, scripts::Script},
 };
 use tokio::sync::{Notify, oneshot};
 
 use super::{Decision, StoreError};
 
 /// Every check of a batch, in order, in one atomic step. `KEYS[i]` is check i's counter;
-/// `ARGV[3i-2]` its kind, `ARGV[3i-1]` and `ARGV[3i]` its two numbers. Returns two integers
-/// per check.
+/// `ARGV[1]` holds every check's kind and two numbers as `K A B ` (a letter, two decimals),
+/// in the order of `KEYS`: one argument per batch rather than three per check, because
+/// encoding and decoding each argument and each answer on its own cost 7% of what a
+/// request costs the gateway (measured). The answer is one string too, `ALLOWED N` per
+/// check, space-separated.
 ///
 /// Kind `r`, a rate: GCRA, as the in-memory store, with one "theoretical arrival time" per
 /// key in microseconds of the server's clock; the numbers are the interval between
-/// requests and the window, both in µs; the answer `1, remaining` or `0, retry_after_µs`.
+/// requests and the window, both in µs; the answer `1 remaining` or `0 retry_after_µs`.
 ///
 /// Kind `q`, a quota: a fixed window that starts with the first request after the previous
 /// one ended, the key's TTL being the window; the numbers are the maximum and the window in
-/// ms; the answer `1, remaining` or `0, retry_after_ms`. Refused requests are not counted,
+/// ms; the answer `1 remaining` or `0 retry_after_ms`. Refused requests are not counted,
 /// as in memory.
+///
+/// `%d`, not `tostring`: Lua would write a large number with an exponent.
 const CHECKS: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
-for i, key in ipairs(KEYS) do
-  local kind = ARGV[3 * i - 2]
-  local a = tonumber(ARGV[3 * i - 1])
-  local b = tonumber(ARGV[3 * i])
+local i = 0
+for kind, a, b in string.gmatch(ARGV[1], '(%a)(%d+) (%d+) ') do
+  i = i + 1
+  local key = KEYS[i]
+  a = tonumber(a)
+  b = tonumber(b)
   if kind == 'r' then
     local tat = tonumber(redis.call('GET', key)) or 0
     if tat < now then tat = now end
     local next = tat + a
     if next - now > b then
-      out[#out + 1] = 0
-      out[#out + 1] = next - b - now
+      out[i] = string.format('0 %d', next - b - now)
     else
       redis.call('SET', key, string.format('%d', next), 'PX', math.ceil((next - now) / 1000) + 1)
-      out[#out + 1] = 1
-      out[#out + 1] = math.floor((b - (next - now)) / a)
+      out[i] = string.format('1 %d', math.floor((b - (next - now)) / a))
     end
   else
     local used = tonumber(redis.call('GET', key)) or 0
@@ -78,19 +84,17 @@ for i, key in ipairs(KEYS) do
         redis.call('PEXPIRE', key, b)
         ttl = b
       end
-      out[#out + 1] = 0
-      out[#out + 1] = ttl
+      out[i] = string.format('0 %d', ttl)
     else
       used = redis.call('INCR', key)
       if used == 1 or redis.call('PTTL', key) < 0 then
         redis.call('PEXPIRE', key, b)
       end
-      out[#out + 1] = 1
-      out[#out + 1] = a - used
+      out[i] = string.format('1 %d', a - used)
     end
   end
 end
-return out
+return table.concat(out, ' ')
 ";
 
 /// Every key the gateway writes starts with this, so its keys are easy to find and never
@@ -169,7 +173,8 @@ impl Drop for RedisStore {
 /// One check waiting for its batch.
 struct Check {
     kind: Kind,
-    key: String,
+    /// Made once: the script call takes it as it is, and a retry shares it.
+    key: Key,
     args: [u64; 2],
     reply: oneshot::Sender<Result<(i64, i64), StoreError>>,
 }
@@ -182,10 +187,10 @@ enum Kind {
 
 impl Kind {
     /// How the script tells them apart.
-    fn tag(self) -> &'static str {
+    fn tag(self) -> u8 {
         match self {
-            Kind::Rate => "r",
-            Kind::Quota => "q",
+            Kind::Rate => b'r',
+            Kind::Quota => b'q',
         }
     }
 }
@@ -270,7 +275,7 @@ impl RedisStore {
         }
         let (reply, answer) = oneshot::channel();
         // Not `format!`: its machinery costs several times the copy (measured).
-        let check = Check { kind, key: [PREFIX, key].concat(), args, reply };
+        let check = Check { kind, key: [PREFIX, key].concat().into(), args, reply };
         if let Some(full) = self.queue.push(check) {
             self.queue.batches.send(full);
         }
@@ -352,24 +357,44 @@ async fn send(client: Client, script: Arc<Script>, batch: Vec<Check>, timeout: D
 }
 
 async fn evalsha(client: &Client, script: &Script, batch: &[Check]) -> Result<Vec<i64>, StoreError> {
-    let keys: Vec<&str> = batch.iter().map(|c| c.key.as_str()).collect();
-    let mut args = Vec::with_capacity(batch.len() * 3);
-    for c in batch {
-        // Static: neither made nor cloned (for a `NOSCRIPT` retry) by copying.
-        args.push(Value::from_static_str(c.kind.tag()));
-        args.extend(c.args.map(|a| Value::Integer(i64::try_from(a).unwrap_or(i64::MAX))));
-    }
+    // Made again for the rare retry rather than cloned for it each time.
+    let keys = || batch.iter().map(|c| c.key.clone()).collect::<Vec<Key>>();
+    let args = Value::Bytes(checks_argument(batch));
     let sha = &**script.sha1();
-    let first: Result<Vec<i64>, _> = client.evalsha(sha, keys.clone(), args.clone()).await;
-    match first {
+    let first: Result<Bytes, _> = client.evalsha(sha, keys(), args.clone()).await;
+    let answer = match first {
         Err(e) if e.details().starts_with("NOSCRIPT") => {
             let lua = script.lua().map(|s| s.to_string()).unwrap_or_default();
             // In a cluster, on every primary: the next batch may go to another.
             let _: () = client.script_load_cluster(lua).await.map_err(store_error)?;
-            client.evalsha(sha, keys, args).await.map_err(store_error)
+            client.evalsha(sha, keys(), args).await.map_err(store_error)?
         }
-        other => other.map_err(store_error),
+        other => other.map_err(store_error)?,
+    };
+    numbers(&answer).ok_or_else(|| StoreError("redis: the script's answer is not a list of numbers".to_owned()))
+}
+
+/// The script's `ARGV[1]` for `batch`: `K A B ` per check.
+fn checks_argument(batch: &[Check]) -> Bytes {
+    let mut out = Vec::with_capacity(batch.len() * 24);
+    let mut digits = itoa::Buffer::new();
+    for c in batch {
+        out.push(c.kind.tag());
+        for a in c.args {
+            // The script reads numbers as doubles; capped as they were when sent as integers.
+            out.extend_from_slice(digits.format(a.min(i64::MAX as u64)).as_bytes());
+            out.push(b' ');
+        }
     }
+    out.into()
+}
+
+/// The script's answer, space-separated integers.
+fn numbers(answer: &[u8]) -> Option<Vec<i64>> {
+    if answer.is_empty() {
+        return Some(Vec::new());
+    }
+    answer.split(|&b| b == b' ').map(|n| std::str::from_utf8(n).ok()?.parse().ok()).collect()
 }
 
 fn store_error(e: fred::error::Error) -> StoreError {
@@ -382,4 +407,28 @@ fn micros(d: Duration) -> u64 {
 
 fn us(n: u64) -> Duration {
     Duration::from_micros(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(kind: Kind, args: [u64; 2]) -> Check {
+        Check { kind, key: Key::from("k"), args, reply: oneshot::channel().0 }
+    }
+
+    #[test]
+    fn a_batch_goes_out_as_one_argument_the_script_s_pattern_reads() {
+        let batch = [check(Kind::Rate, [10_000, 1_000_000]), check(Kind::Quota, [u64::MAX, 3_600_000])];
+        assert_eq!(&checks_argument(&batch)[..], b"r10000 1000000 q9223372036854775807 3600000 ");
+        assert!(CHECKS.contains("'(%a)(%d+) (%d+) '"), "the script reads the format written here");
+    }
+
+    #[test]
+    fn the_answer_is_read_as_numbers_or_refused() {
+        assert_eq!(numbers(b"1 99 0 4500"), Some(vec![1, 99, 0, 4500]));
+        assert_eq!(numbers(b""), Some(vec![]));
+        assert_eq!(numbers(b"1 x"), None);
+        assert_eq!(numbers(b"1  2"), None);
+    }
 }
