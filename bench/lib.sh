@@ -161,8 +161,8 @@ YAML
 }
 
 # count NAME URL PID-PATTERN: for a process under callgrind writing $out/NAME.out.*: warm up,
-# zero, drive with wrk (WRK_ARGS too), dump; prints instructions per request and appends the
-# line to $work/counts.txt.
+# zero (and call on_zero if the script defines it), drive with wrk (WRK_ARGS too), dump;
+# prints instructions per request and appends the line to $work/counts.txt.
 count() {
   local pid reqs total
   for _ in $(seq 200); do curl -fs ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$2" >/dev/null 2>&1 && break; sleep 0.2; done
@@ -170,6 +170,8 @@ count() {
   pid=$(pgrep -f "$3" | head -1)
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d3s ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$2" >/dev/null
   callgrind_control -z "$pid" >/dev/null
+  # A script's own counters to zero with the instructions' (optional).
+  if declare -F on_zero >/dev/null; then on_zero; fi
   reqs=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" ${WRK_ARGS[@]+"${WRK_ARGS[@]}"} "$2" | awk '/requests in/ { print $1 }')
   callgrind_control -d "$pid" >/dev/null
   sleep 1

@@ -44,6 +44,8 @@ if [ -n "${COUNT:-}" ]; then
   # A count, not a time: what Redis adds to each request's own work, whatever else the
   # machine runs (the kernel's share is not counted).
   apt_install valgrind
+  # Script calls counted over the same requests as the instructions.
+  on_zero() { redis-cli -p "$REDIS_PORT" config resetstat >/dev/null; }
   out=${KEEP:+bench-callgrind}
   out=${out:-$work}
   mkdir -p "$out"
@@ -60,6 +62,7 @@ if [ -n "${COUNT:-}" ]; then
   # Counted in Redis, not let through by the failure policy.
   calls=$(redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ { print $3 }')
   [ "${calls:-0}" -ge 100 ] || { echo "${calls:-0} script calls: the Redis gateway did not count in Redis" >&2; exit 1; }
+  echo "checks per script call: $(awk -v c="$calls" '/^redis:/ { printf "%.1f", $8 / c }' "$work/counts.txt")"
   [ -n "${KEEP:-}" ] && echo "callgrind files in $out/ (redis.out.1, memory.out.1)"
   awk '{ v[$1] = $2 } END { printf "Redis adds %.0f instructions per request (%.1f%%)\n", v["redis:"] - v["memory:"], 100 * (v["redis:"] / v["memory:"] - 1) }' "$work/counts.txt"
   exit 0
